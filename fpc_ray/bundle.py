@@ -1,0 +1,157 @@
+"""The model bundle: a folder (local or S3) holding a model and its machine-readable card.
+
+``model.safetensors``  the classifier's state dict
+``model.json``         the model card: versions, architecture, input/output contract, classes,
+                       parameter counts, resolved config, data fingerprint, val/test metrics
+``metrics.json``       the per-epoch training history
+
+:func:`write_card` is the one writer of model cards; :func:`load_bundle` the one reader.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import platform
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from fpc_ray import __version__
+from fpc_ray.config import Config, StorageConfig
+from fpc_ray.errors import UserError
+from fpc_ray.storage import Location, resolve
+
+BUNDLE_FORMAT = "fpc-ray-bundle/1"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model.json"
+HISTORY_FILE = "metrics.json"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of everything that shapes the model's numbers."""
+    import ray
+    import timm
+
+    return {"fpc_ray": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "ray": ray.__version__, "python": platform.python_version()}
+
+
+def weights_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
+    """A state dict as safetensors bytes (contiguous CPU copies)."""
+    return st_save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
+
+
+def input_contract(cfg: Config) -> dict:
+    """How to turn an image into the model's input: what labelling and evaluation replay."""
+    from fpc_ray.model import normalization
+
+    mean, std = normalization(cfg.model.backbone)
+    return {
+        "size": cfg.data.image_size,
+        "layout": "NCHW",
+        "dtype": "float32",
+        "channels": 3,
+        "color": "grayscale (ITU-R 601 luma for colour input) replicated to 3 channels",
+        "resize": "letterbox: long side to size (area interpolation), centred, black padding",
+        "value_range": "uint8 scaled by 1/255, then (x - mean) / std",
+        "mean": list(mean),
+        "std": list(std),
+    }
+
+
+def make_version(weights: bytes, created_at: dt.datetime) -> str:
+    """A sortable, content-addressed version: UTC timestamp plus the weights' hash prefix."""
+    return created_at.strftime("%Y%m%dT%H%M%SZ") + "-" + hashlib.sha256(weights).hexdigest()[:8]
+
+
+def write_card(cfg: Config, class_names: list[str], params: dict[str, int], weights: bytes,
+               **sections) -> dict:
+    """Assemble the model card; ``sections`` add data, metrics, training, lineage, ..."""
+    created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    card = {
+        "format": BUNDLE_FORMAT,
+        "name": "fpc-ray fetal plane classifier",
+        "version": make_version(weights, created),
+        "created_at": created.isoformat(),
+        "versions": library_versions(),
+        "architecture": {
+            "backbone": cfg.model.backbone,
+            "attention": cfg.model.attention.model_dump(),
+            "head": cfg.model.head.model_dump(),
+            "pretrained": cfg.model.pretrained,
+            "cam_target_layer": "attention",
+        },
+        "parameters": params,
+        "input": input_contract(cfg),
+        "output": {"type": "logits", "shape": ["N", len(class_names)], "softmax": "over classes"},
+        "class_names": list(class_names),
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "config": cfg.model_dump(mode="json"),
+    }
+    card.update(sections)
+    return card
+
+
+def save_bundle(out: Location, weights: bytes, card: dict, history: list[dict]) -> None:
+    """Write the three files; the card goes last so a bundle with a card is complete."""
+    out.makedirs()
+    out.join(WEIGHTS_FILE).write_bytes(weights)
+    out.join(HISTORY_FILE).write_text(json.dumps(history, indent=2))
+    out.join(CARD_FILE).write_text(json.dumps(card, indent=2))
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the model in eval mode, its card and its resolved config."""
+
+    model: torch.nn.Module
+    card: dict
+    config: Config
+    location: Location
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.card["class_names"]
+
+    @property
+    def version(self) -> str:
+        return self.card["version"]
+
+
+def read_card(uri: str, storage: StorageConfig | None = None) -> dict:
+    """Just the card of a bundle."""
+    loc = resolve(uri, storage)
+    card_loc = loc.join(CARD_FILE)
+    if not card_loc.exists():
+        raise UserError(f"{uri}: not a model bundle (no {CARD_FILE})")
+    try:
+        card = json.loads(card_loc.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{card_loc.uri}: not valid JSON ({e})") from None
+    if card.get("format") != BUNDLE_FORMAT:
+        raise UserError(f"{card_loc.uri}: unknown bundle format {card.get('format')!r}")
+    return card
+
+
+def load_bundle(uri: str, storage: StorageConfig | None = None) -> Bundle:
+    """Load a bundle's model (eval mode, CPU), card and config.
+
+    Raises:
+        UserError: when the folder is not a bundle or its weights do not fit its card.
+    """
+    from fpc_ray.model import build_model
+
+    loc = resolve(uri, storage)
+    card = read_card(uri, storage)
+    cfg = Config.model_validate(card["config"])
+    model = build_model(cfg.model, len(card["class_names"]), pretrained=False)
+    state = st_load(loc.join(WEIGHTS_FILE).read_bytes())
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{uri}: weights do not fit the card's architecture ({str(e)[:200]})") from None
+    return Bundle(model.eval(), card, cfg, loc)

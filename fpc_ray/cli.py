@@ -1,0 +1,199 @@
+"""The ``fpc-ray`` command line: thin typer commands over plain, testable functions.
+
+Heavy imports (torch, ray) live inside the command bodies so ``--help`` is instant. Mistakes a
+user can make end in one ``error: ...`` line and exit code 2; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.exceptions import TyperException
+
+from fpc_ray.errors import UserError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Ultrasound fetal plane classification at scale, on Ray.",
+)
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print measured ratios.")
+app.add_typer(bench_app, name="bench")
+
+class SplitName(str, Enum):
+    test = "test"
+    val = "val"
+    train = "train"
+
+
+# Shared options.
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a config value: key.path=value (repeatable)."),
+]
+DataOpt = Annotated[str, typer.Option("--data", help="FETAL_PLANES_DB-layout folder or s3:// prefix.")]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one error line to stderr and return the Exit to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def user_errors(fn):
+    """Turn a UserError raised by a command into one line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            raise fail(str(e)) from None
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def synth(
+    out: Annotated[str, typer.Argument(help="Destination folder or s3:// prefix.")],
+    per_class: Annotated[int, typer.Option("--per-class", min=1, help="Images per plane.")] = 50,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    width: Annotated[int, typer.Option("--width", min=64, max=4096)] = 512,
+    height: Annotated[int, typer.Option("--height", min=64, max=4096)] = 384,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write a phantom dataset in the exact FETAL_PLANES_DB layout."""
+    from fpc_ray.config import load_config
+    from fpc_ray.data.synth import synthesize
+
+    cfg = load_config(config, set_)
+    records = synthesize(out, per_class, seed=seed, width=width, height=height, storage=cfg.storage)
+    n_train = sum(r.official_train for r in records)
+    patients = len({r.patient for r in records})
+    typer.echo(f"wrote {len(records)} images of {patients} patients to {out} "
+               f"({n_train} official train, {len(records) - n_train} official test)")
+
+
+@app.command()
+@user_errors
+def train(
+    data: DataOpt,
+    output: Annotated[str, typer.Option("--output", "-o", help="Bundle folder or s3:// prefix.")],
+    config: ConfigOpt = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Per worker.")] = None,
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="0 = in-process.")] = None,
+    use_gpu: Annotated[Optional[bool], typer.Option("--use-gpu/--no-gpu")] = None,
+    init_from: Annotated[Optional[str], typer.Option("--init-from", help="Bundle to continue from.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a bundle at --output.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Fine-tune the model with Ray Train and write a model bundle."""
+    from fpc_ray.config import load_config
+
+    cfg = load_config(config, set_, {
+        "train.epochs": epochs, "data.image_size": image_size, "train.batch_size": batch_size,
+        "train.num_workers": num_workers, "train.use_gpu": use_gpu, "train.init_from": init_from,
+    })
+    if cfg.train.use_gpu:
+        import torch
+
+        if cfg.train.num_workers == 0 and not torch.cuda.is_available():
+            raise fail("--use-gpu: no CUDA device is visible to this process")
+
+    from ray.train import TrainingFailedError
+
+    from fpc_ray.train.driver import run_training
+
+    try:
+        outcome = run_training(cfg, data, output, overwrite=overwrite)
+    except TrainingFailedError as e:
+        raise fail(f"training failed after {cfg.train.max_failures} restart(s): "
+                   f"{str(e).strip().splitlines()[0]}", code=1) from None
+    card = outcome.card
+    test = card["metrics"]["test"]
+    val = card["metrics"]["val"]
+    typer.echo(f"best epoch {val['epoch']}: val_top1 {val['val_top1']:.4f}  val_top2 {val['val_top2']:.4f}")
+    if test:
+        typer.echo(f"test: top1 {test['top1']:.4f}  top2 {test['top2']:.4f}  macro_f1 {test['macro_f1']:.4f}  "
+                   f"ece {test['ece']:.4f}  (n={test['n']})")
+    typer.echo(f"parameters: {card['parameters']['total']:,} total, {card['parameters']['trainable']:,} trainable")
+    typer.echo(f"bundle: {outcome.bundle_uri}  (version {card['version']})")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model bundle folder or s3:// URI.")],
+    data: DataOpt,
+    split: Annotated[SplitName, typer.Option("--split")] = SplitName.test,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    output: Annotated[Optional[str], typer.Option("--output", help="Also write metrics.json and confusion_matrix.png here.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    use_gpu: Annotated[bool, typer.Option("--use-gpu/--no-gpu")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Score a bundle on a split: top-1/2, macro-F1, per-class metrics, confusion matrix, ECE."""
+    from fpc_ray.config import load_config
+    from fpc_ray.evaluate import evaluate_bundle, save_report, summary_lines
+
+    cfg = load_config(config, set_)
+    report = evaluate_bundle(model, data, split.value, batch_size, use_gpu, cfg.storage)
+    written = save_report(report, output, cfg.storage) if output else []
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    for line in summary_lines(report):
+        typer.echo(line)
+    for uri in written:
+        typer.echo(f"wrote {uri}")
+
+
+@bench_app.command("train")
+@user_errors
+def bench_train(
+    data: DataOpt,
+    image_size: Annotated[int, typer.Option("--image-size")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    epochs: Annotated[int, typer.Option("--epochs", min=2)] = 3,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Training images/s of `fpc-ray train` (1 Ray worker) over a plain PyTorch loop."""
+    from fpc_ray.bench.train_speed import run_benchmark
+    from fpc_ray.config import load_config
+
+    cfg = load_config(config, set_, {"data.image_size": image_size, "train.batch_size": batch_size,
+                                     "train.epochs": epochs})
+    for line in run_benchmark(cfg, data):
+        typer.echo(line)
+
+
+def main() -> None:
+    """Console entry point: click's usage errors become one line, like every other error."""
+    try:
+        rc = app(standalone_mode=False)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except TyperException as e:  # bad flags and arguments (typer's own click)
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        typer.echo(f"error: {message}", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""The configuration tree: one pydantic model per section, loaded from YAML plus overrides.
+
+Every command resolves a :class:`Config` once, then hands plain dicts (``cfg.model_dump()``) to
+Ray workers, which rebuild it with :meth:`Config.model_validate`. Nothing downstream reads
+environment variables except the standard AWS ones (see :mod:`fpc_ray.storage`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fpc_ray.errors import UserError
+
+AttentionType = Literal["none", "se", "eca", "cbam", "mhsa"]
+Activation = Literal["relu", "gelu", "silu"]
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AttentionConfig(StrictModel):
+    """The attention block that refines the backbone's last feature map."""
+
+    type: AttentionType = "cbam"
+    reduction: int = Field(16, ge=1, le=256, description="channel reduction of se / cbam")
+    heads: int = Field(4, ge=1, le=32, description="heads of mhsa")
+    dim: int = Field(256, ge=8, le=2048, description="token width of mhsa")
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> AttentionConfig:
+        if self.type == "mhsa" and self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class HeadConfig(StrictModel):
+    """The 3-layer MLP classifier head: two hidden layers, then the class logits."""
+
+    hidden: tuple[int, int] = (512, 256)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    activation: Activation = "gelu"
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 1:
+            raise ValueError("hidden sizes must be positive")
+        return v
+
+
+class ModelConfig(StrictModel):
+    """Backbone, attention and head; ``pretrained`` says where backbone weights come from."""
+
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: str = Field(
+        "lite0-in1k",
+        description="none | hub | lite0-in1k | path or s3:// URI of a .safetensors file",
+    )
+    attention: AttentionConfig = AttentionConfig()
+    head: HeadConfig = HeadConfig()
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the head")
+
+    @model_validator(mode="after")
+    def _pretrained_fits_backbone(self) -> ModelConfig:
+        if self.pretrained == "lite0-in1k" and self.backbone != "tf_efficientnet_lite0":
+            raise ValueError(
+                f"pretrained 'lite0-in1k' only fits backbone 'tf_efficientnet_lite0', "
+                f"not '{self.backbone}'"
+            )
+        return self
+
+
+class AugmentConfig(StrictModel):
+    """Training augmentation; every probability 0 turns that transform off."""
+
+    rotate_limit: float = Field(10.0, ge=0, le=45, description="degrees")
+    scale_limit: float = Field(0.1, ge=0, le=0.5)
+    shift_limit: float = Field(0.05, ge=0, le=0.3)
+    hflip_p: float = Field(0.5, ge=0, le=1)
+    brightness_contrast_p: float = Field(0.5, ge=0, le=1)
+    gamma_p: float = Field(0.3, ge=0, le=1)
+    noise_p: float = Field(0.3, ge=0, le=1)
+    blur_p: float = Field(0.2, ge=0, le=1)
+
+
+class DataConfig(StrictModel):
+    """Where images come from and how they become tensors."""
+
+    image_size: int = Field(224, ge=32, le=1024)
+    val_fraction: float = Field(0.15, gt=0, lt=0.9, description="of train patients")
+    split_seed: int = 0
+    augment: AugmentConfig = AugmentConfig()
+    loader_workers: int = Field(0, ge=0, le=32, description="torch DataLoader processes")
+    decode_threads: int = Field(4, ge=1, le=64, description="threads that decode images once")
+
+
+class TrainConfig(StrictModel):
+    """The recipe: frozen warm-up, AdamW + cosine, label smoothing, class balance."""
+
+    epochs: int = Field(20, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=4096, description="per worker")
+    lr: float = Field(1e-3, gt=0, le=1)
+    weight_decay: float = Field(0.05, ge=0, le=1)
+    warmup_epochs: float = Field(1.0, ge=0, description="linear learning-rate warm-up")
+    frozen_epochs: int = Field(1, ge=0, description="epochs with the backbone frozen")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    class_balance: Literal["loss", "none"] = "loss"
+    grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables")
+    seed: int = 0
+    num_workers: int = Field(0, ge=0, le=1024, description="Ray Train workers; 0 = in-process")
+    cpus_per_worker: float = Field(1.0, gt=0, le=256)
+    use_gpu: bool = False
+    amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from checkpoint")
+    keep_checkpoints: int = Field(2, ge=1)
+    init_from: str | None = Field(None, description="bundle to continue from (retraining)")
+
+    @model_validator(mode="after")
+    def _frozen_within_epochs(self) -> TrainConfig:
+        if self.frozen_epochs >= self.epochs and self.epochs > 1:
+            raise ValueError(
+                f"frozen_epochs ({self.frozen_epochs}) must be below epochs ({self.epochs})"
+            )
+        return self
+
+
+class StorageConfig(StrictModel):
+    """S3 endpoint settings. Credentials never live here: they come from the AWS chain."""
+
+    endpoint_url: str | None = Field(
+        None, description="default: AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL, then AWS"
+    )
+    region: str | None = Field(None, description="default: AWS_REGION / AWS_DEFAULT_REGION")
+
+
+class Config(StrictModel):
+    """The root of every fpc-ray configuration."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    storage: StorageConfig = StorageConfig()
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem, ``field.path: message``, the way users read them."""
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value``; the value is parsed as YAML so ``1e-3``, ``true``, ``[1,2]`` work."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise UserError(f"--set {item!r}: value is not valid YAML ({e.problem})") from None
+    return key.strip().split("."), value
+
+
+def _set_path(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {'.'.join(path)}: '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; ``base:`` names another file (relative to this one) to overlay."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _deep_merge(read_yaml(path.parent / base), data)
+    return data
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> Config:
+    """Build the config: defaults < YAML file < ``values`` (CLI flags) < ``--set`` overrides.
+
+    Args:
+        path: a YAML file, optionally overlaying another through ``base:``.
+        overrides: ``key.path=value`` strings from ``--set``.
+        values: dotted keys from typed CLI flags, e.g. ``{"train.epochs": 4}``; None values are
+            skipped so that unset flags leave the file's values alone.
+
+    Raises:
+        UserError: on a missing file, bad YAML or any validation error (one line).
+    """
+    tree: dict = read_yaml(path) if path else {}
+    for dotted, value in (values or {}).items():
+        if value is not None:
+            _set_path(tree, dotted.split("."), value)
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        _set_path(tree, keys, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e)) from None

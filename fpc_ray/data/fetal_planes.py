@@ -1,0 +1,164 @@
+"""Reader for FETAL_PLANES_DB exactly as published (Burgos-Artizzu et al. 2020, Zenodo 3904280).
+
+Layout: ``Images/<Image_name>.png`` and ``FETAL_PLANES_DB_data.csv`` — semicolon separated, header
+``Image_name;Patient_num;Plane;Brain_plane;Operator;US_Machine;Train `` (note the trailing space
+after ``Train``), ``Image_name`` without extension, ``Train`` 1 for the official train split.
+Works on a local folder or an ``s3://`` prefix.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+from fpc_ray.config import StorageConfig
+from fpc_ray.errors import UserError
+from fpc_ray.storage import Location, resolve
+
+CSV_NAME = "FETAL_PLANES_DB_data.csv"
+IMAGES_DIR = "Images"
+IMAGE_EXT = ".png"
+# Column names as published, the last with its trailing space: the writer reproduces it exactly.
+CSV_COLUMNS = ("Image_name", "Patient_num", "Plane", "Brain_plane", "Operator", "US_Machine", "Train ")
+# The six `Plane` values, in the order the model's outputs use.
+CLASS_NAMES = (
+    "Fetal abdomen",
+    "Fetal brain",
+    "Fetal femur",
+    "Fetal thorax",
+    "Maternal cervix",
+    "Other",
+)
+BRAIN_PLANES = ("Trans-thalamic", "Trans-cerebellum", "Trans-ventricular", "Other", "Not A Brain")
+
+Split = Literal["train", "val", "test"]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row of the CSV."""
+
+    image_name: str
+    patient: int
+    plane: str
+    brain_plane: str
+    operator: str
+    machine: str
+    official_train: bool
+
+    @property
+    def label(self) -> int:
+        return CLASS_NAMES.index(self.plane)
+
+
+@dataclass
+class FetalPlanesDB:
+    """The dataset's records and where its images are."""
+
+    root: Location
+    records: list[Record]
+    fingerprint: str
+
+    def image_location(self, record: Record) -> Location:
+        return self.root.join(IMAGES_DIR, record.image_name + IMAGE_EXT)
+
+    def split(self, name: Split, val_fraction: float, seed: int = 0) -> list[Record]:
+        """The official test split, or the official train split cut by patient into train / val.
+
+        Validation patients are drawn with ``seed`` from the official train patients, so no
+        patient ever appears in two splits.
+        """
+        if name == "test":
+            return [r for r in self.records if not r.official_train]
+        train = [r for r in self.records if r.official_train]
+        patients = sorted({r.patient for r in train})
+        random.Random(seed).shuffle(patients)
+        n_val = min(len(patients) - 1, math.ceil(val_fraction * len(patients))) if patients else 0
+        val_patients = set(patients[:n_val])
+        if name == "val":
+            return [r for r in train if r.patient in val_patients]
+        if name == "train":
+            return [r for r in train if r.patient not in val_patients]
+        raise UserError(f"unknown split {name!r}: expected train, val or test")
+
+
+def _parse_bool01(value: str, where: str) -> bool:
+    value = value.strip()
+    if value not in ("0", "1"):
+        raise UserError(f"{where}: Train must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def parse_csv(text: str, source: str = CSV_NAME) -> list[Record]:
+    """Parse the dataset CSV text into records, with one-line errors naming the row."""
+    reader = csv.reader(io.StringIO(text), delimiter=";")
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise UserError(f"{source}: empty file") from None
+    names = [h.strip() for h in header]
+    wanted = [c.strip() for c in CSV_COLUMNS]
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        raise UserError(f"{source}: missing column(s) {', '.join(missing)} (is it ';'-separated?)")
+    col = {name: names.index(name) for name in wanted}
+    records = []
+    for lineno, row in enumerate(reader, start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        where = f"{source} line {lineno}"
+        if len(row) < len(names):
+            raise UserError(f"{where}: expected {len(names)} fields, got {len(row)}")
+        plane = row[col["Plane"]].strip()
+        if plane not in CLASS_NAMES:
+            raise UserError(f"{where}: unknown Plane {plane!r}")
+        try:
+            patient = int(row[col["Patient_num"]].strip())
+        except ValueError:
+            raise UserError(f"{where}: Patient_num is not an integer") from None
+        records.append(
+            Record(
+                image_name=row[col["Image_name"]].strip(),
+                patient=patient,
+                plane=plane,
+                brain_plane=row[col["Brain_plane"]].strip(),
+                operator=row[col["Operator"]].strip(),
+                machine=row[col["US_Machine"]].strip(),
+                official_train=_parse_bool01(row[col["Train"]], where),
+            )
+        )
+    if not records:
+        raise UserError(f"{source}: no rows")
+    return records
+
+
+def read_fetal_planes(uri: str, storage: StorageConfig | None = None) -> FetalPlanesDB:
+    """Read the dataset at a local folder or ``s3://`` prefix.
+
+    Raises:
+        UserError: when the folder, the CSV or a column is missing or malformed.
+    """
+    root = resolve(uri, storage)
+    csv_loc = root.join(CSV_NAME)
+    if not csv_loc.exists():
+        raise UserError(f"{uri}: no {CSV_NAME} here; expected the FETAL_PLANES_DB layout")
+    raw = csv_loc.read_bytes()
+    records = parse_csv(raw.decode("utf-8-sig"), csv_loc.uri)
+    return FetalPlanesDB(root=root, records=records, fingerprint=hashlib.sha256(raw).hexdigest())
+
+
+def write_csv(records: list[Record]) -> str:
+    """The CSV text for records, in the published format (used by the phantom generator)."""
+    out = io.StringIO()
+    writer = csv.writer(out, delimiter=";", lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in records:
+        writer.writerow(
+            [r.image_name, r.patient, r.plane, r.brain_plane, r.operator, r.machine, int(r.official_train)]
+        )
+    return out.getvalue()

@@ -1,0 +1,127 @@
+"""Image preprocessing: decode to grayscale, letterbox, augment, normalise.
+
+Training, evaluation and labelling share these functions, so a bundle's model always sees its
+input prepared the same way. Ultrasound is grayscale; every image becomes one 8-bit channel
+here, and :func:`_to_model_channels` is the one place it is expanded to the backbone's three.
+"""
+
+from __future__ import annotations
+
+import io
+
+import albumentations as A
+import cv2
+import numpy as np
+from albumentations.pytorch import ToTensorV2
+from PIL import Image
+
+from fpc_ray.config import AugmentConfig
+
+# PIL refuses images above this many pixels (a decompression bomb guard); 16k x 16k is far
+# above any ultrasound frame.
+Image.MAX_IMAGE_PIXELS = 16384 * 16384
+
+
+def to_gray_u8(image: np.ndarray) -> np.ndarray:
+    """Any HxW / HxWxC array (8- or 16-bit, gray, RGB, RGBA) as an HxW uint8 image."""
+    arr = np.asarray(image)
+    if arr.ndim == 3:
+        if arr.shape[2] == 4:
+            arr = arr[..., :3]
+        if arr.shape[2] == 3:
+            arr = arr.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        elif arr.shape[2] == 1:
+            arr = arr[..., 0]
+        else:
+            raise ValueError(f"unsupported channel count {arr.shape[2]}")
+    elif arr.ndim != 2:
+        raise ValueError(f"unsupported image shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        return arr
+    if np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize == 1:
+        return arr.astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.integer):
+        # 16-bit and wider: scale by the type's range, not the image's, so brightness is kept.
+        top = float(np.iinfo(arr.dtype).max) if arr.max() > 255 else 255.0
+        return np.clip(arr.astype(np.float32) * (255.0 / top), 0, 255).round().astype(np.uint8)
+    return np.clip(arr, 0, 255).round().astype(np.uint8)
+
+
+def decode_image_bytes(data: bytes) -> np.ndarray:
+    """PNG / JPEG bytes to an HxW uint8 grayscale array."""
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode == "P":
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        elif im.mode in ("I;16", "I;16B", "I;16L"):
+            return to_gray_u8(np.asarray(im).astype(np.uint16))
+        elif im.mode == "I":
+            return to_gray_u8(np.asarray(im))
+        elif im.mode not in ("L", "RGB", "RGBA", "LA"):
+            im = im.convert("RGB")
+        arr = np.asarray(im)
+        if im.mode == "LA":
+            arr = arr[..., 0]
+    return to_gray_u8(arr)
+
+
+def letterbox(gray: np.ndarray, size: int) -> np.ndarray:
+    """Resize so the long side is ``size``, keeping the aspect ratio, and pad to a square.
+
+    Padding is black, like the background of an ultrasound sector, and centred.
+    """
+    h, w = gray.shape[:2]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(gray, (nw, nh), interpolation=interp)
+    out = np.zeros((size, size), dtype=np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top : top + nh, left : left + nw] = resized
+    return out
+
+
+def _to_model_channels(mean, std) -> list:
+    """The one place grayscale becomes the backbone's three channels, then is normalised."""
+    return [
+        A.ToRGB(num_output_channels=3),
+        A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
+        ToTensorV2(),
+    ]
+
+
+def eval_transform(mean, std) -> A.Compose:
+    """Letterboxed HxW uint8 -> normalised 3xHxW float tensor, deterministic."""
+    return A.Compose(_to_model_channels(mean, std))
+
+
+def train_transform(aug: AugmentConfig, mean, std, seed: int | None = None) -> A.Compose:
+    """Ultrasound-sensible augmentation on the letterboxed image, then the eval steps.
+
+    Small rotations, scale and shifts (probe position), horizontal flips (probe orientation),
+    brightness / contrast / gamma (gain and machine presets), noise (speckle) and blur.
+    """
+    steps = []
+    if aug.rotate_limit or aug.scale_limit or aug.shift_limit:
+        steps.append(
+            A.Affine(
+                rotate=(-aug.rotate_limit, aug.rotate_limit),
+                scale=(1 - aug.scale_limit, 1 + aug.scale_limit),
+                translate_percent=(-aug.shift_limit, aug.shift_limit),
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                p=0.8,
+            )
+        )
+    steps += [
+        A.HorizontalFlip(p=aug.hflip_p),
+        A.RandomBrightnessContrast(0.2, 0.2, p=aug.brightness_contrast_p),
+        A.RandomGamma((80, 120), p=aug.gamma_p),
+        A.GaussNoise(std_range=(0.02, 0.08), p=aug.noise_p),
+        A.GaussianBlur(blur_limit=(3, 5), p=aug.blur_p),
+    ]
+    return A.Compose(steps + _to_model_channels(mean, std), seed=seed)
+
+
+def preprocess(gray: np.ndarray, size: int, transform: A.Compose):
+    """Letterbox then transform: the full eval preprocessing for one decoded frame."""
+    return transform(image=letterbox(gray, size))["image"]

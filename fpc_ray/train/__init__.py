@@ -1,0 +1,1 @@
+"""Training: the per-worker loop (`loop`), the recipe (`recipe`) and the driver (`driver`)."""

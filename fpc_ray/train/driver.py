@@ -1,0 +1,191 @@
+"""``fpc-ray train``'s driver: read and decode the data once, run Ray Train, write the bundle."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from fpc_ray.bundle import CARD_FILE, load_bundle, save_bundle, weights_bytes, write_card
+from fpc_ray.config import Config
+from fpc_ray.data.dataset import SplitArrays, decode_split
+from fpc_ray.data.fetal_planes import CLASS_NAMES, FetalPlanesDB, read_fetal_planes
+from fpc_ray.errors import UserError
+from fpc_ray.storage import Location, is_remote, resolve
+
+RAY_DIR = "ray"  # Ray Train's run storage (checkpoints, state), inside the output folder
+
+
+@dataclass
+class TrainingOutcome:
+    """What a finished training run produced."""
+
+    bundle_uri: str
+    card: dict
+    history: list[dict]
+
+
+def init_ray() -> None:
+    """Connect to the cluster in ``RAY_ADDRESS``, or start a quiet local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # The dashboard stays on: Ray Train's placement-group cleaner asks the state API it serves.
+    ray.init(log_to_driver=True, logging_level="WARNING")
+
+
+def _split_summary(db: FetalPlanesDB, splits: dict) -> str:
+    parts = []
+    for name, records in splits.items():
+        parts.append(f"{name} {len(records)} images / {len({r.patient for r in records})} patients")
+    return f"data: {db.root.uri}: " + ", ".join(parts)
+
+
+def _load_checkpoint_weights(checkpoint) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    from fpc_ray.train.loop import HISTORY, WEIGHTS
+
+    with checkpoint.as_directory() as path:
+        weights = load_file(os.path.join(path, WEIGHTS))
+        with open(os.path.join(path, HISTORY)) as f:
+            saved = json.load(f)
+    return weights, saved
+
+
+def _best_checkpoint(result):
+    """The kept checkpoint that ranks best by :func:`selection_score`."""
+    candidates = result.best_checkpoints or []
+    if not candidates:
+        return result.checkpoint
+    from fpc_ray.train.loop import selection_score
+
+    return max(candidates, key=lambda cm: selection_score(cm[1]))[0]
+
+
+def _run_storage(out: Location) -> tuple[str, object]:
+    """Ray's storage_path and filesystem for the run folder under the output."""
+    ray_loc = out.join(RAY_DIR)
+    if is_remote(out.uri):
+        return ray_loc.path, ray_loc.fs
+    return ray_loc.path, None
+
+
+def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = False) -> TrainingOutcome:
+    """Train on a FETAL_PLANES_DB-layout dataset and write a model bundle to ``output_uri``.
+
+    Raises:
+        UserError: on bad data, output or init bundle; ``ray.train.TrainingFailedError`` when
+            the run fails more often than ``train.max_failures`` allows.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from fpc_ray.evaluate import evaluate_arrays
+    from fpc_ray.model import build_model, count_parameters, normalization
+    from fpc_ray.train.loop import train_loop_per_worker
+
+    tc = cfg.train
+    out = resolve(output_uri, cfg.storage)
+    if out.join(CARD_FILE).exists() and not overwrite:
+        raise UserError(f"{out.uri} already holds a model bundle; choose another --output or pass --overwrite")
+
+    parent = None
+    if tc.init_from:
+        parent = load_bundle(tc.init_from, cfg.storage)
+        if parent.class_names != list(CLASS_NAMES):
+            raise UserError(f"{tc.init_from}: its classes {parent.class_names} differ from {list(CLASS_NAMES)}")
+        # Continuing means the same architecture: the parent's model section wins.
+        cfg = cfg.model_copy(update={"model": parent.config.model})
+
+    started = time.perf_counter()
+    db = read_fetal_planes(data_uri, cfg.storage)
+    splits = {name: db.split(name, cfg.data.val_fraction, cfg.data.split_seed) for name in ("train", "val", "test")}
+    for name in ("train", "val"):
+        if not splits[name]:
+            raise UserError(f"{data_uri}: the {name} split is empty (too few patients with Train=1?)")
+    print(_split_summary(db, splits), flush=True)
+    arrays = {name: decode_split(db, recs, cfg.data.image_size, cfg.data.decode_threads)
+              for name, recs in splits.items()}
+    print(f"decoded {sum(len(a) for a in arrays.values())} images at {cfg.data.image_size} px "
+          f"in {time.perf_counter() - started:.1f}s", flush=True)
+
+    in_process = tc.num_workers == 0
+    if not in_process:
+        init_ray()
+    share = (lambda x: x) if in_process else ray.put
+    init_weights = parent.model.state_dict() if parent else None
+    loop_config = {
+        "cfg": cfg.model_dump(mode="json"),
+        "train": share(arrays["train"]),
+        "val": share(arrays["val"]),
+        "class_names": list(CLASS_NAMES),
+        "init_weights": share(init_weights) if init_weights is not None else None,
+    }
+    storage_path, storage_fs = _run_storage(out)
+    run_name = "train-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+            resources_per_worker=None if in_process else {"CPU": tc.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),
+            # Ray Train's print patch would echo each progress line twice on the driver.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=tc.keep_checkpoints,
+                checkpoint_score_attribute="val_top1", checkpoint_score_order="max",
+            ),
+        ),
+    )
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # in-process runs log each report
+    result = trainer.fit()
+
+    weights, _ = _load_checkpoint_weights(_best_checkpoint(result))
+    _, saved = _load_checkpoint_weights(result.checkpoint)
+    history, best = saved["history"], saved["best"]
+    model = build_model(cfg.model, len(CLASS_NAMES), pretrained=False)
+    model.load_state_dict(weights)
+    model.eval()
+
+    mean, std = normalization(cfg.model.backbone)
+    test: SplitArrays = arrays["test"]
+    test_report = None
+    if len(test):
+        args = (model, test.images, test.labels, list(CLASS_NAMES), mean, std, 2 * tc.batch_size, tc.use_gpu)
+        if in_process:
+            test_report = evaluate_arrays(*args)
+        else:  # on the cluster, where the workers' resources (and GPUs) are
+            remote = ray.remote(evaluate_arrays).options(num_cpus=tc.cpus_per_worker,
+                                                         num_gpus=1 if tc.use_gpu else 0)
+            test_report = ray.get(remote.remote(*args))
+
+    blob = weights_bytes(model.state_dict())
+    class_counts = {name: dict(zip(CLASS_NAMES, np.bincount(a.labels, minlength=len(CLASS_NAMES)).tolist()))
+                    for name, a in arrays.items()}
+    lineage = {"parent_version": parent.version, "parent_uri": tc.init_from} if parent else None
+    card = write_card(
+        cfg, list(CLASS_NAMES), count_parameters(model), blob,
+        data={"uri": data_uri, "fingerprint": db.fingerprint, "images": class_counts,
+              "patients": {n: len({r.patient for r in recs}) for n, recs in splits.items()}},
+        metrics={"val": {k: best[k] for k in ("epoch", "val_top1", "val_top2", "val_loss")},
+                 "test": test_report},
+        training={"epochs": len(history), "best_epoch": best["epoch"], "num_workers": tc.num_workers,
+                  "use_gpu": tc.use_gpu, "wall_s": round(time.perf_counter() - started, 1),
+                  "ray_run": out.join(RAY_DIR, run_name).uri},
+        lineage=lineage,
+    )
+    save_bundle(out, blob, card, history)
+    return TrainingOutcome(out.uri, card, history)

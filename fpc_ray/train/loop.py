@@ -1,0 +1,197 @@
+"""The per-worker training function that Ray Train runs (and Tune trials reuse).
+
+Each epoch ends with ``ray.train.report(metrics, checkpoint)``: the checkpoint carries weights,
+optimizer and scheduler state and the history, so a worker group that fails resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from fpc_ray.config import Config
+from fpc_ray.data.dataset import PlaneDataset, SplitArrays
+from fpc_ray.data.transforms import train_transform
+from fpc_ray.evaluate import autocast, predict_probs
+from fpc_ray.model import build_model, normalization
+from fpc_ray.train.recipe import build_loss, build_optimizer, build_scheduler, seed_everything
+
+WEIGHTS = "model.safetensors"
+STATE = "state.pt"
+HISTORY = "history.json"
+
+
+def selection_score(metrics: dict) -> tuple[float, float]:
+    """How checkpoints are ranked: val top-1, then lower val loss breaks ties."""
+    return metrics["val_top1"], -metrics["val_loss"]
+
+
+def _get(value):
+    """Data arrive as Ray object refs on a cluster and as plain objects in-process."""
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _wrap(model: torch.nn.Module, world_size: int) -> torch.nn.Module:
+    """DDP over the parameters that are trainable now (re-wrapped when the backbone thaws)."""
+    if world_size <= 1:
+        return model
+    device = ray.train.torch.get_device()
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def _validate(model, val: SplitArrays, mean, std, batch_size, device, amp, rank, world) -> dict:
+    """Each worker scores every world-th validation image; sums are all-reduced, so it is exact."""
+    idx = np.arange(rank, len(val), world)
+    probs = predict_probs(model, val.images[idx], mean, std, batch_size, device, amp)
+    labels = val.labels[idx]
+    if len(idx):
+        top2 = np.argsort(-probs, axis=1)[:, :2]
+        sums = [float((top2[:, 0] == labels).sum()), float((top2 == labels[:, None]).any(1).sum()),
+                float(-np.log(np.clip(probs[np.arange(len(idx)), labels], 1e-12, 1)).sum()), len(idx)]
+    else:
+        sums = [0.0, 0.0, 0.0, 0.0]
+    top1, top2_, nll, n = _all_reduce_sum(sums, device)
+    n = max(n, 1)
+    return {"val_top1": top1 / n, "val_top2": top2_ / n, "val_loss": nll / n}
+
+
+def _save_checkpoint(model, optimizer, scheduler, epoch: int, history: list[dict], best: dict) -> str:
+    path = tempfile.mkdtemp(prefix="fpc-ckpt-")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              os.path.join(path, WEIGHTS))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch}, os.path.join(path, STATE))
+    with open(os.path.join(path, HISTORY), "w") as f:
+        json.dump({"history": history, "best": best}, f)
+    return path
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Train on one worker. ``config`` holds plain values and (on a cluster) object refs.
+
+    Keys: ``cfg`` (a Config dump), ``train`` / ``val`` (SplitArrays), ``class_names``,
+    ``init_weights`` (optional state dict to start from, for retraining).
+    """
+    cfg = Config.model_validate(config["cfg"])
+    tc = cfg.train
+    # Ray Train logs every report at INFO; the progress line below says the same once.
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    amp = tc.amp and on_gpu
+    seed_everything(tc.seed)  # same on every rank: identical initial heads before DDP's broadcast
+
+    train: SplitArrays = _get(config["train"])
+    val: SplitArrays = _get(config["val"])
+    class_names = config["class_names"]
+    mean, std = normalization(cfg.model.backbone)
+
+    init_weights = _get(config.get("init_weights"))
+    model = build_model(cfg.model, len(class_names), cfg.storage, pretrained=init_weights is None)
+    if init_weights is not None:
+        model.load_state_dict(init_weights)
+    model.to(device)
+    if on_gpu:
+        model.to(memory_format=torch.channels_last)
+
+    sampler = DistributedSampler(range(len(train)), num_replicas=world, rank=rank, shuffle=True,
+                                 seed=tc.seed, drop_last=len(train) >= world * tc.batch_size)
+    steps_per_epoch = max(1, len(sampler) // tc.batch_size)
+    optimizer = build_optimizer(model, tc)
+    scheduler = build_scheduler(optimizer, tc, steps_per_epoch)
+    loss_fn = build_loss(tc, train.labels, len(class_names)).to(device)
+
+    start_epoch, history, best = 0, [], {}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as path:
+            model.load_state_dict(load_file(os.path.join(path, WEIGHTS), device=str(device)))
+            state = torch.load(os.path.join(path, STATE), map_location=device, weights_only=True)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            with open(os.path.join(path, HISTORY)) as f:
+                saved = json.load(f)
+        start_epoch, history, best = state["epoch"] + 1, saved["history"], saved["best"]
+        if rank == 0:
+            print(f"resumed from the checkpoint of epoch {start_epoch} of {tc.epochs}", flush=True)
+
+    wrapped, frozen = None, None
+    for epoch in range(start_epoch, tc.epochs):
+        want_frozen = epoch < tc.frozen_epochs
+        if want_frozen != frozen:
+            model.set_backbone_trainable(not want_frozen)
+            wrapped, frozen = _wrap(model, world), want_frozen
+        sampler.set_epoch(epoch)
+        # A fresh, epoch-seeded augmentation per epoch makes a resumed run replay the same draws.
+        transform = train_transform(cfg.data.augment, mean, std, seed=tc.seed * 100003 + epoch * 1009 + rank)
+        loader = DataLoader(PlaneDataset(train, transform), batch_size=tc.batch_size, sampler=sampler,
+                            drop_last=True, num_workers=cfg.data.loader_workers,
+                            pin_memory=on_gpu, persistent_workers=False)
+        wrapped.train()
+        t0 = time.perf_counter()
+        loss_sum, seen = 0.0, 0
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if on_gpu:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp):
+                logits = wrapped(images)
+            loss = loss_fn(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += float(loss.detach()) * len(labels)
+            seen += len(labels)
+        train_time = time.perf_counter() - t0
+        loss_total, seen_total = _all_reduce_sum([loss_sum, seen], device)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": loss_total / max(seen_total, 1),
+            "images_per_s": seen_total / max(train_time, 1e-9),
+            "lr": scheduler.get_last_lr()[0],
+            "backbone_frozen": want_frozen,
+        }
+        metrics.update(_validate(model, val, mean, std, 2 * tc.batch_size, device, amp, rank, world))
+        metrics["elapsed_s"] = (history[-1]["elapsed_s"] if history else 0.0) + time.perf_counter() - t0
+        history.append(metrics)
+        if not best or selection_score(metrics) > selection_score(best):
+            best = dict(metrics)
+
+        if rank == 0:
+            print(
+                f"epoch {epoch + 1}/{tc.epochs}  loss {metrics['train_loss']:.4f}  "
+                f"val_top1 {metrics['val_top1']:.4f}  val_top2 {metrics['val_top2']:.4f}  "
+                f"{metrics['images_per_s']:.1f} img/s  {metrics['elapsed_s']:.0f}s"
+                + ("  (backbone frozen)" if want_frozen else ""),
+                flush=True,
+            )
+            path = _save_checkpoint(model, optimizer, scheduler, epoch, history, best)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(path),
+                             delete_local_checkpoint_after_upload=True)
+        else:
+            ray.train.report(metrics)
