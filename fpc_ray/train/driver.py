@@ -47,26 +47,18 @@ def _split_summary(db: FetalPlanesDB, splits: dict) -> str:
     return f"data: {db.root.uri}: " + ", ".join(parts)
 
 
-def _load_checkpoint_weights(checkpoint) -> tuple[dict, dict]:
+def _best_weights(checkpoint) -> tuple[dict, dict]:
+    """The best epoch's weights and the history, from the run's latest checkpoint."""
     from safetensors.torch import load_file
 
-    from fpc_ray.train.loop import HISTORY, WEIGHTS
+    from fpc_ray.train.loop import BEST_WEIGHTS, HISTORY, WEIGHTS
 
     with checkpoint.as_directory() as path:
-        weights = load_file(os.path.join(path, WEIGHTS))
+        best_path = os.path.join(path, BEST_WEIGHTS)
+        weights = load_file(best_path if os.path.exists(best_path) else os.path.join(path, WEIGHTS))
         with open(os.path.join(path, HISTORY)) as f:
             saved = json.load(f)
     return weights, saved
-
-
-def _best_checkpoint(result):
-    """The kept checkpoint that ranks best by :func:`selection_score`."""
-    candidates = result.best_checkpoints or []
-    if not candidates:
-        return result.checkpoint
-    from fpc_ray.train.loop import selection_score
-
-    return max(candidates, key=lambda cm: selection_score(cm[1]))[0]
 
 
 def _run_storage(out: Location) -> tuple[str, object]:
@@ -153,8 +145,7 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # in-process runs log each report
     result = trainer.fit()
 
-    weights, _ = _load_checkpoint_weights(_best_checkpoint(result))
-    _, saved = _load_checkpoint_weights(result.checkpoint)
+    weights, saved = _best_weights(result.checkpoint)
     history, best = saved["history"], saved["best"]
     model = build_model(cfg.model, len(CLASS_NAMES), pretrained=False)
     model.load_state_dict(weights)
@@ -184,7 +175,7 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
                  "test": test_report},
         training={"epochs": len(history), "best_epoch": best["epoch"], "num_workers": tc.num_workers,
                   "use_gpu": tc.use_gpu, "wall_s": round(time.perf_counter() - started, 1),
-                  "ray_run": out.join(RAY_DIR, run_name).uri},
+                  "ray_run": None if in_process else out.join(RAY_DIR, run_name).uri},
         lineage=lineage,
     )
     save_bundle(out, blob, card, history)

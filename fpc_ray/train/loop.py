@@ -28,6 +28,7 @@ from fpc_ray.model import build_model, normalization
 from fpc_ray.train.recipe import build_loss, build_optimizer, build_scheduler, seed_everything
 
 WEIGHTS = "model.safetensors"
+BEST_WEIGHTS = "best.safetensors"  # only when the best epoch is not the checkpoint's own
 STATE = "state.pt"
 HISTORY = "history.json"
 
@@ -35,6 +36,18 @@ HISTORY = "history.json"
 def selection_score(metrics: dict) -> tuple[float, float]:
     """How checkpoints are ranked: val top-1, then lower val loss breaks ties."""
     return metrics["val_top1"], -metrics["val_loss"]
+
+
+def _quiet_report_logs() -> None:
+    """Ray Train logs every report at INFO, metrics and all; our progress line says it once.
+
+    That logger is named by its file path, so it is reached through its module.
+    """
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a Ray release that moved it: its lines are noise, not an error
+        return
+    context.logger.setLevel(logging.WARNING)
 
 
 def _get(value):
@@ -74,10 +87,21 @@ def _validate(model, val: SplitArrays, mean, std, batch_size, device, amp, rank,
     return {"val_top1": top1 / n, "val_top2": top2_ / n, "val_loss": nll / n}
 
 
-def _save_checkpoint(model, optimizer, scheduler, epoch: int, history: list[dict], best: dict) -> str:
+def _cpu_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def _save_checkpoint(model, optimizer, scheduler, epoch: int, history: list[dict], best: dict,
+                     best_state: dict | None) -> str:
+    """Weights, optimizer/scheduler state and history; plus the best weights when they differ.
+
+    Carrying the best weights in the latest checkpoint makes the run's result independent of
+    which checkpoints Ray keeps (in-process runs keep only the last one).
+    """
     path = tempfile.mkdtemp(prefix="fpc-ckpt-")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              os.path.join(path, WEIGHTS))
+    save_file(_cpu_state(model), os.path.join(path, WEIGHTS))
+    if best_state is not None and best["epoch"] != epoch + 1:
+        save_file(best_state, os.path.join(path, BEST_WEIGHTS))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch}, os.path.join(path, STATE))
     with open(os.path.join(path, HISTORY), "w") as f:
@@ -93,8 +117,7 @@ def train_loop_per_worker(config: dict) -> None:
     """
     cfg = Config.model_validate(config["cfg"])
     tc = cfg.train
-    # Ray Train logs every report at INFO; the progress line below says the same once.
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    _quiet_report_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -122,11 +145,13 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = build_scheduler(optimizer, tc, steps_per_epoch)
     loss_fn = build_loss(tc, train.labels, len(class_names)).to(device)
 
-    start_epoch, history, best = 0, [], {}
+    start_epoch, history, best, best_state = 0, [], {}, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as path:
             model.load_state_dict(load_file(os.path.join(path, WEIGHTS), device=str(device)))
+            best_path = os.path.join(path, BEST_WEIGHTS)
+            best_state = load_file(best_path) if os.path.exists(best_path) else _cpu_state(model)
             state = torch.load(os.path.join(path, STATE), map_location=device, weights_only=True)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -181,6 +206,7 @@ def train_loop_per_worker(config: dict) -> None:
         history.append(metrics)
         if not best or selection_score(metrics) > selection_score(best):
             best = dict(metrics)
+            best_state = _cpu_state(model) if rank == 0 else None
 
         if rank == 0:
             print(
@@ -190,7 +216,7 @@ def train_loop_per_worker(config: dict) -> None:
                 + ("  (backbone frozen)" if want_frozen else ""),
                 flush=True,
             )
-            path = _save_checkpoint(model, optimizer, scheduler, epoch, history, best)
+            path = _save_checkpoint(model, optimizer, scheduler, epoch, history, best, best_state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(path),
                              delete_local_checkpoint_after_upload=True)
         else:
