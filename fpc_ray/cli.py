@@ -161,6 +161,21 @@ def evaluate(
         typer.echo(f"wrote {uri}")
 
 
+@app.command()
+@user_errors
+def demo(
+    workdir: Annotated[str, typer.Option("--workdir", help="Where data, bundle and evaluation go.")] = "demo",
+    per_class: Annotated[int, typer.Option("--per-class", min=6)] = 100,
+    epochs: Annotated[int, typer.Option("--epochs", min=2)] = 6,
+    image_size: Annotated[int, typer.Option("--image-size", min=32)] = 128,
+    num_workers: Annotated[int, typer.Option("--num-workers", min=0)] = 2,
+) -> None:
+    """Run the main job end to end on embedded defaults: phantom data, local Ray, evaluation."""
+    from fpc_ray.demo import run_demo
+
+    run_demo(workdir, per_class, epochs, image_size, num_workers, echo=typer.echo)
+
+
 @bench_app.command("train")
 @user_errors
 def bench_train(
