@@ -105,10 +105,10 @@ class TrainConfig(StrictModel):
     """The recipe: frozen warm-up, AdamW + cosine, label smoothing, class balance."""
 
     epochs: int = Field(20, ge=1, le=1000)
-    batch_size: int = Field(32, ge=1, le=4096, description="per worker")
-    lr: float = Field(1e-3, gt=0, le=1)
+    batch_size: int = Field(16, ge=1, le=4096, description="per worker")
+    lr: float = Field(2e-3, gt=0, le=1)
     weight_decay: float = Field(0.05, ge=0, le=1)
-    warmup_epochs: float = Field(1.0, ge=0, description="linear learning-rate warm-up")
+    warmup_epochs: float = Field(0.5, ge=0, description="linear learning-rate warm-up")
     frozen_epochs: int = Field(1, ge=0, description="epochs with the backbone frozen")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     class_balance: Literal["loss", "none"] = "loss"

@@ -28,7 +28,7 @@ def run_demo(workdir: str, per_class: int = 100, epochs: int = 6, image_size: in
     echo(f"[2/3] training on local Ray: {num_workers} workers, {epochs} epochs at {image_size} px")
     cfg = load_config(None, [
         f"train.num_workers={num_workers}", "train.cpus_per_worker=1", f"train.epochs={epochs}",
-        f"data.image_size={image_size}", "train.batch_size=16",
+        f"data.image_size={image_size}",
     ])
     outcome = run_training(cfg, data, bundle, overwrite=True)
 

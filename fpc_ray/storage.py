@@ -99,6 +99,18 @@ class Location:
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))
 
+    def delete(self) -> None:
+        """Delete the file at this location."""
+        _guard(self.uri, lambda: self.fs.delete_file(self.path))
+
+    def check_writable(self) -> None:
+        """Write and delete a probe under this directory: fails early on a wrong bucket,
+        endpoint or credentials, before any work is done."""
+        self.makedirs()
+        probe = self.join(".fpc-ray-write-probe")
+        probe.write_bytes(b"ok")
+        probe.delete()
+
     def makedirs(self) -> None:
         """Create the directory (a no-op on S3, where prefixes need no creation)."""
         _guard(self.uri, lambda: self.fs.create_dir(self.path, recursive=True))

@@ -94,6 +94,7 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
     out = resolve(output_uri, cfg.storage)
     if out.join(CARD_FILE).exists() and not overwrite:
         raise UserError(f"{out.uri} already holds a model bundle; choose another --output or pass --overwrite")
+    out.check_writable()
 
     parent = None
     if tc.init_from:
