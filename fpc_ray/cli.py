@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 from typer.exceptions import TyperException
 
-from fpc_ray.errors import UserError
+from fpc_ray.errors import RunFailed, UserError
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -57,6 +57,8 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except UserError as e:
             raise fail(str(e)) from None
+        except RunFailed as e:
+            raise fail(str(e), code=1) from None
 
     return wrapper
 
@@ -159,6 +161,48 @@ def evaluate(
         typer.echo(line)
     for uri in written:
         typer.echo(f"wrote {uri}")
+
+
+class CamMethod(str, Enum):
+    gradcam = "gradcam"
+    gradcam_pp = "gradcam++"
+    eigencam = "eigencam"
+    none = "none"
+
+
+@app.command()
+@user_errors
+def label(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model bundle folder or s3:// URI.")],
+    input: Annotated[str, typer.Option("--input", "-i", help="Archive prefix (local or s3://), any depth.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output prefix for run=<id>/ folders.")],
+    run_id: Annotated[Optional[str], typer.Option("--run-id", help="Default: UTC timestamp.")] = None,
+    cam: Annotated[CamMethod, typer.Option("--cam")] = CamMethod.gradcam,
+    thumb_size: Annotated[int, typer.Option("--thumb-size", min=16, max=1024, help="Long side, px.")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Predictor actors.")] = 1,
+    use_gpu: Annotated[bool, typer.Option("--use-gpu/--no-gpu")] = False,
+    frame_stride: Annotated[int, typer.Option("--frame-stride", min=1, help="Every K-th cine frame.")] = 1,
+    full: Annotated[bool, typer.Option("--full", help="Relabel objects already in committed runs.")] = False,
+    max_error_rate: Annotated[float, typer.Option("--max-error-rate", min=0.0, max=1.0)] = 0.5,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="At most N new objects.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Label an ultrasound archive (PNG, JPEG, DICOM) into Parquet with GradCAM thumbnails."""
+    from fpc_ray.config import load_config
+    from fpc_ray.label.pipeline import LabelOptions, run_labelling
+
+    cfg = load_config(config, set_)
+    opts = LabelOptions(run_id=run_id, cam=cam.value, thumb_size=thumb_size, batch_size=batch_size,
+                        workers=workers, use_gpu=use_gpu, frame_stride=frame_stride, full=full,
+                        max_error_rate=max_error_rate, limit=limit)
+    summary = run_labelling(model, input, output, opts, cfg.storage, echo=typer.echo)
+    typer.echo(f"committed {summary['output']}: {summary['objects']['labelled']} objects, "
+               f"{summary['rows']} rows, {summary['labelled']} labelled, {summary['errors']} errors "
+               f"{summary['errors_by_kind'] or ''}".rstrip())
+    if summary["by_class"]:
+        typer.echo("by class: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["by_class"].items())))
 
 
 @app.command()

@@ -7,3 +7,8 @@ else is a bug and keeps its traceback.
 
 class UserError(Exception):
     """A problem the user can fix: bad config, missing file, unreadable data, bad credentials."""
+
+
+class RunFailed(Exception):
+    """A run that could not finish for reasons outside the user's input (storage outage,
+    lost workers); it committed nothing and may simply be run again. The CLI exits 1."""

@@ -133,8 +133,11 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def resolve(uri: str | os.PathLike, storage: StorageConfig | None = None) -> Location:
+def resolve(uri: str | os.PathLike, storage: StorageConfig | None = None,
+            filesystem: pafs.FileSystem | None = None) -> Location:
     """Turn a local path or ``s3://bucket/key`` into a :class:`Location`.
+
+    ``filesystem`` reuses an already built filesystem of the right kind (hot loops).
 
     Raises:
         UserError: for unsupported schemes.
@@ -145,8 +148,8 @@ def resolve(uri: str | os.PathLike, storage: StorageConfig | None = None) -> Loc
         if not parsed.netloc:
             raise UserError(f"{uri}: an s3:// URI needs a bucket")
         path = (parsed.netloc + "/" + parsed.path.lstrip("/")).rstrip("/")
-        return Location(s3_filesystem(storage), path, uri.rstrip("/"))
+        return Location(filesystem or s3_filesystem(storage), path, uri.rstrip("/"))
     if "://" in uri:
         raise UserError(f"{uri}: only local paths and s3:// URIs are supported")
     path = os.path.abspath(os.path.expanduser(uri))
-    return Location(pafs.LocalFileSystem(), path, path)
+    return Location(filesystem or pafs.LocalFileSystem(), path, path)

@@ -25,23 +25,26 @@ Image.MAX_IMAGE_PIXELS = 16384 * 16384
 def to_gray_u8(image: np.ndarray) -> np.ndarray:
     """Any HxW / HxWxC array (8- or 16-bit, gray, RGB, RGBA) as an HxW uint8 image."""
     arr = np.asarray(image)
-    if arr.ndim == 3:
-        if arr.shape[2] == 4:
-            arr = arr[..., :3]
-        if arr.shape[2] == 3:
-            arr = arr.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-        elif arr.shape[2] == 1:
-            arr = arr[..., 0]
-        else:
-            raise ValueError(f"unsupported channel count {arr.shape[2]}")
-    elif arr.ndim != 2:
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[..., :3]
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
         raise ValueError(f"unsupported image shape {arr.shape}")
+    arr = _to_u8_range(arr)
+    if arr.ndim == 3:
+        luma = arr.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        arr = np.clip(luma, 0, 255).round().astype(np.uint8)
+    return arr
+
+
+def _to_u8_range(arr: np.ndarray) -> np.ndarray:
+    """Scale to 0..255 by the type's range (16-bit and wider), not the image's, keeping brightness."""
     if arr.dtype == np.uint8:
         return arr
     if np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize == 1:
         return arr.astype(np.uint8)
     if np.issubdtype(arr.dtype, np.integer):
-        # 16-bit and wider: scale by the type's range, not the image's, so brightness is kept.
         top = float(np.iinfo(arr.dtype).max) if arr.max() > 255 else 255.0
         return np.clip(arr.astype(np.float32) * (255.0 / top), 0, 255).round().astype(np.uint8)
     return np.clip(arr, 0, 255).round().astype(np.uint8)

@@ -1,0 +1,1 @@
+"""Batch labelling of ultrasound archives with Ray Data: decode, classify, GradCAM, Parquet."""

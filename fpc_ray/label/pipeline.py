@@ -1,0 +1,231 @@
+"""``fpc-ray label``: list -> read + decode -> predict + CAM -> Parquet, committed atomically.
+
+Layout under OUTPUT::
+
+    run=<run_id>/part-*.parquet     the rows (LABEL_SCHEMA, model card in the metadata)
+    run=<run_id>/_objects.parquet   the objects this run accounted for (uri, size, mtime)
+    run=<run_id>/_SUCCESS.json      written last: a run without it is not committed
+    _staging/run=<run_id>/          where a run writes before it commits
+
+Rows are written to staging, moved into place, then ``_SUCCESS.json`` commits the run. A run
+that dies leaves only staging behind; the next run (the same run id clears its own staging)
+labels whatever is not in a committed run, so nothing is duplicated and nothing lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from fpc_ray.bundle import read_card
+from fpc_ray.config import StorageConfig
+from fpc_ray.errors import RunFailed, UserError
+from fpc_ray.label.schema import schema_with_metadata
+from fpc_ray.storage import Location, resolve
+
+SUCCESS = "_SUCCESS.json"
+OBJECTS = "_objects.parquet"
+STAGING = "_staging"
+OBJECTS_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64())])
+
+
+@dataclass
+class LabelOptions:
+    """Everything `fpc-ray label` takes besides the locations."""
+
+    run_id: str | None = None
+    cam: str = "gradcam"
+    thumb_size: int = 128
+    batch_size: int = 32
+    workers: int = 1
+    use_gpu: bool = False
+    frame_stride: int = 1
+    full: bool = False
+    max_error_rate: float = 0.5
+    limit: int | None = None
+
+
+def default_run_id() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def list_objects(prefix: Location) -> list[dict]:
+    """Every object under the prefix, sorted by URI (skipping fpc-ray's own outputs)."""
+    info = prefix.info()
+    if info.type == pafs.FileType.NotFound:
+        raise UserError(f"{prefix.uri}: no such input prefix")
+    if info.type == pafs.FileType.File:
+        entries = [info]
+    else:
+        entries = prefix.fs.get_file_info(pafs.FileSelector(prefix.path, recursive=True))
+    out = []
+    for e in entries:
+        if e.type != pafs.FileType.File:
+            continue
+        rel = e.path[len(prefix.path):].lstrip("/")
+        uri = prefix.join(rel).uri if rel else prefix.uri
+        out.append({"uri": uri, "size": int(e.size or 0),
+                    "mtime_ns": int(e.mtime_ns or 0) if e.mtime_ns is not None else 0})
+    return sorted(out, key=lambda o: o["uri"])
+
+
+def committed_runs(output: Location) -> list[Location]:
+    """Run folders under OUTPUT that hold a _SUCCESS.json."""
+    if output.info().type != pafs.FileType.Directory and not output.uri.startswith("s3://"):
+        return []
+    try:
+        entries = output.fs.get_file_info(pafs.FileSelector(output.path, allow_not_found=True))
+    except OSError as e:
+        raise UserError(f"cannot list {output.uri}: {e}") from None
+    runs = []
+    for e in entries:
+        name = e.path.rstrip("/").rsplit("/", 1)[-1]
+        if e.type == pafs.FileType.Directory and name.startswith("run="):
+            run = output.join(name)
+            if run.join(SUCCESS).exists():
+                runs.append(run)
+    return runs
+
+
+def already_labelled(output: Location) -> set[tuple[str, int, int]]:
+    """(uri, size, mtime) of every object in a committed run."""
+    seen = set()
+    for run in committed_runs(output):
+        table = pq.read_table(run.join(OBJECTS).path, filesystem=run.fs)
+        seen.update(zip(table["uri"].to_pylist(), table["size"].to_pylist(), table["mtime_ns"].to_pylist()))
+    return seen
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [ln for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else type(err).__name__
+
+
+def _init_ray() -> None:
+    from fpc_ray.train.driver import init_ray
+
+    init_ray()
+
+
+def _summarise(staged: Location) -> tuple[int, int, Counter, Counter]:
+    import pyarrow.dataset as pads
+
+    files = [f for f in staged.fs.get_file_info(pafs.FileSelector(staged.path, recursive=True))
+             if f.type == pafs.FileType.File and f.path.endswith(".parquet")]
+    if not files:
+        return 0, 0, Counter(), Counter()
+    table = pads.dataset([f.path for f in files], filesystem=staged.fs, format="parquet").to_table(
+        columns=["label", "error"])
+    errors = Counter(e.split(":", 1)[0] for e in table["error"].to_pylist() if e)
+    labels = Counter(v for v in table["label"].to_pylist() if v)
+    return table.num_rows, sum(labels.values()), labels, errors
+
+
+def run_labelling(model_uri: str, input_uri: str, output_uri: str, opts: LabelOptions,
+                  storage: StorageConfig | None = None, echo=print) -> dict:
+    """Label every new object under ``input_uri`` and commit a run under ``output_uri``.
+
+    Returns:
+        The run's summary (the content of ``_SUCCESS.json``).
+
+    Raises:
+        UserError: bad locations or model; too many per-object errors (nothing is committed).
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from fpc_ray.label.predictor import Predictor, ReadDecode
+
+    started = time.perf_counter()
+    storage = storage or StorageConfig()
+    card = read_card(model_uri, storage)
+    run_id = opts.run_id or default_run_id()
+    if "/" in run_id or not run_id:
+        raise UserError(f"--run-id {run_id!r}: must be non-empty and contain no '/'")
+    source, output = resolve(input_uri, storage), resolve(output_uri, storage)
+    run_dir, staged = output.join(f"run={run_id}"), output.join(STAGING, f"run={run_id}")
+    if run_dir.join(SUCCESS).exists():
+        raise UserError(f"run {run_id} is already committed under {output.uri}; choose another --run-id")
+    output.check_writable()
+
+    listed = list_objects(source)
+    seen = set() if opts.full else already_labelled(output)
+    todo = [o for o in listed if (o["uri"], o["size"], o["mtime_ns"]) not in seen]
+    if opts.limit is not None:
+        todo = todo[: opts.limit]
+    echo(f"run {run_id}: {len(listed)} objects under {source.uri}, {len(listed) - len(todo)} already "
+         f"labelled, {len(todo)} to label with model {card['version']}")
+    list_s = time.perf_counter() - started
+
+    if staged.exists():  # an earlier attempt at this run id that never committed
+        staged.fs.delete_dir(staged.path)
+    staged.makedirs()
+    t0 = time.perf_counter()
+    if todo:
+        _init_ray()
+        storage_dict = storage.model_dump()
+        ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 200)))
+        # On 2 CPUs: reads/decodes take half a CPU each, predictors one CPU each, so reading,
+        # decoding and inference overlap without the actor pool starving the read tasks.
+        ds = ds.flat_map(ReadDecode, fn_constructor_kwargs={
+            "storage": storage_dict, "input_size": card["input"]["size"],
+            "thumb_size": opts.thumb_size, "frame_stride": opts.frame_stride}, num_cpus=0.5,
+            compute=ActorPoolStrategy(min_size=1, max_size=2))
+        ds = ds.map_batches(
+            Predictor,
+            fn_constructor_kwargs={"model_uri": model_uri, "storage": storage_dict, "cam": opts.cam,
+                                   "use_gpu": opts.use_gpu, "run_id": run_id},
+            batch_size=opts.batch_size, batch_format="numpy",
+            compute=ActorPoolStrategy(size=opts.workers),
+            num_cpus=0 if opts.use_gpu else 1, num_gpus=1 if opts.use_gpu else 0,
+        )
+        try:
+            ds.write_parquet(staged.path, filesystem=staged.fs, schema=schema_with_metadata(card))
+        except Exception as e:  # storage outage or lost workers, after Ray's and S3's retries
+            raise RunFailed(f"labelling run {run_id} failed, nothing committed: "
+                            f"{_first_line(e)}") from e
+    label_s = time.perf_counter() - t0
+
+    rows, labelled, by_class, errors = _summarise(staged)
+    n_errors = sum(errors.values())
+    summary = {
+        "run_id": run_id, "model_version": card["version"], "model_uri": model_uri,
+        "input": source.uri, "output": run_dir.uri,
+        "objects": {"listed": len(listed), "skipped": len(listed) - len(todo), "labelled": len(todo)},
+        "rows": rows, "labelled": labelled, "errors": n_errors,
+        "errors_by_kind": dict(errors), "by_class": dict(by_class),
+        "options": {"cam": opts.cam, "thumb_size": opts.thumb_size, "frame_stride": opts.frame_stride,
+                    "full": opts.full, "workers": opts.workers, "use_gpu": opts.use_gpu},
+    }
+    if rows and n_errors / rows > opts.max_error_rate:
+        raise UserError(f"{n_errors} of {rows} rows failed to decode ({dict(errors)}), above "
+                        f"--max-error-rate {opts.max_error_rate}; nothing committed")
+
+    t0 = time.perf_counter()
+    if run_dir.exists():  # parts of an earlier attempt whose commit was cut short
+        run_dir.fs.delete_dir_contents(run_dir.path)
+    run_dir.makedirs()
+    parts = sorted(f.path for f in staged.fs.get_file_info(pafs.FileSelector(staged.path, recursive=True))
+                   if f.type == pafs.FileType.File and f.path.endswith(".parquet"))
+    for i, path in enumerate(parts):
+        staged.fs.move(path, run_dir.join(f"part-{i:05d}.parquet").path)
+    pq.write_table(pa.Table.from_pylist(todo, schema=OBJECTS_SCHEMA), run_dir.join(OBJECTS).path,
+                   filesystem=run_dir.fs)
+    summary["timings"] = {"list_s": round(list_s, 3), "label_s": round(label_s, 3),
+                          "commit_s": round(time.perf_counter() - t0, 3),
+                          "total_s": round(time.perf_counter() - started, 3),
+                          "rows_per_s": round(rows / label_s, 2) if label_s > 0 and rows else None}
+    summary["committed_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
+    run_dir.join(SUCCESS).write_text(json.dumps(summary, indent=2))
+    try:
+        staged.fs.delete_dir(staged.path)
+    except OSError:
+        pass
+    return summary

@@ -1,0 +1,155 @@
+"""The two per-row stages of the labelling pipeline.
+
+:class:`ReadDecode` (Ray tasks) reads an object and yields one row per frame, already
+letterboxed to the model's input size and shrunk to thumbnail size, so only small arrays travel
+between stages. :class:`Predictor` (a pool of Ray actors, model loaded once per actor) turns
+batches of those rows into :data:`LABEL_SCHEMA` rows with probabilities and a CAM thumbnail.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import torch
+
+from fpc_ray.data.transforms import eval_transform, letterbox
+from fpc_ray.label.decode import DecodeError, decode_object
+from fpc_ray.label.schema import LABEL_SCHEMA
+
+_EMPTY = b""
+
+
+def _thumb_dims(width: int, height: int, long_side: int) -> tuple[int, int]:
+    scale = long_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+class ReadDecode:
+    """Object listing row -> frame rows (flat_map). Storage errors raise; decode errors are rows."""
+
+    def __init__(self, storage: dict | None, input_size: int, thumb_size: int, frame_stride: int):
+        self.storage = storage
+        self.input_size = input_size
+        self.thumb_size = thumb_size
+        self.frame_stride = frame_stride
+        self._fs = None  # built on first use, in the worker process
+
+    def _read(self, uri: str) -> bytes:
+        from fpc_ray.config import StorageConfig
+        from fpc_ray.storage import resolve
+
+        loc = resolve(uri, StorageConfig.model_validate(self.storage or {}), self._fs)
+        self._fs = loc.fs
+        with loc.fs.open_input_stream(loc.path) as f:  # errors propagate: see __call__
+            return f.read()
+
+    def __call__(self, obj: dict) -> list[dict]:
+        uri = obj["uri"]
+        data = self._read(uri)  # infrastructure errors propagate: the run must not commit
+        base = {"source_uri": uri, "content_sha256": hashlib.sha256(data).hexdigest(),
+                "study_uid": None, "series_uid": None, "sop_uid": None}
+        try:
+            decoded = decode_object(uri, data, self.frame_stride)
+        except DecodeError as e:
+            return [{**base, "frame": 0, "width": None, "height": None, "error": str(e),
+                     "pixels": _EMPTY, "thumb": _EMPTY, "thumb_w": 0, "thumb_h": 0}]
+        rows = []
+        for index, gray in decoded.frames:
+            h, w = gray.shape
+            tw, th = _thumb_dims(w, h, self.thumb_size)
+            thumb = cv2.resize(gray, (tw, th), interpolation=cv2.INTER_AREA)
+            rows.append({**base, **decoded.uids, "frame": index, "width": w, "height": h, "error": None,
+                         "pixels": letterbox(gray, self.input_size).tobytes(),
+                         "thumb": thumb.tobytes(), "thumb_w": tw, "thumb_h": th})
+        return rows
+
+
+def cam_thumbnail(cam: np.ndarray, thumb: np.ndarray, width: int, height: int, size: int) -> bytes:
+    """Overlay a CAM (any resolution, over the letterboxed input) on the frame's thumbnail; PNG.
+
+    The CAM is brought to the letterboxed input size, cropped to where the frame lies inside
+    the padding, and resized onto the thumbnail, so the heat lies on the anatomy it explains.
+    """
+    cam_full = cv2.resize(cam.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+    scale = size / max(width, height)
+    nh, nw = max(1, round(height * scale)), max(1, round(width * scale))
+    top, left = (size - nh) // 2, (size - nw) // 2
+    region = cam_full[top:top + nh, left:left + nw]
+    th, tw = thumb.shape
+    heat = cv2.resize(region, (tw, th), interpolation=cv2.INTER_LINEAR)
+    color = cv2.applyColorMap(np.uint8(255 * np.clip(heat, 0, 1)), cv2.COLORMAP_JET)
+    base = cv2.cvtColor(thumb, cv2.COLOR_GRAY2BGR)
+    ok, png = cv2.imencode(".png", cv2.addWeighted(base, 0.55, color, 0.45, 0))
+    return png.tobytes()
+
+
+class Predictor:
+    """Batch of frame rows -> a LABEL_SCHEMA table. Loads the bundle once per actor."""
+
+    def __init__(self, model_uri: str, storage: dict | None, cam: str, use_gpu: bool, run_id: str):
+        from fpc_ray.bundle import load_bundle
+        from fpc_ray.config import StorageConfig
+
+        bundle = load_bundle(model_uri, StorageConfig.model_validate(storage or {}))
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = bundle.model.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.class_names = bundle.class_names
+        self.version = bundle.version
+        self.size = bundle.card["input"]["size"]
+        self.transform = eval_transform(bundle.card["input"]["mean"], bundle.card["input"]["std"])
+        self.cam = cam
+        self.run_id = run_id
+
+    def _infer(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        from fpc_ray.evaluate import autocast
+        from fpc_ray.label.cam import predict_with_gradcam, predict_with_library_cam
+
+        batch = torch.stack([self.transform(image=im)["image"] for im in images]).to(self.device)
+        if self.device.type == "cuda":
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        if self.cam == "none":
+            with torch.inference_mode(), autocast(self.device):
+                probs = self.model(batch).float().softmax(dim=1)
+            return probs.cpu().numpy(), None
+        if self.cam == "gradcam":
+            with autocast(self.device):
+                probs, cams = predict_with_gradcam(self.model, batch)
+            return probs.float().cpu().numpy(), list(cams.float().cpu().numpy())
+        probs, maps = predict_with_library_cam(self.model, batch, self.cam)
+        return probs.float().cpu().numpy(), list(maps)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["source_uri"])
+        # An all-null column can arrive as NaNs, so "no error" means "not a string".
+        ok = [i for i in range(n) if not isinstance(batch["error"][i], str)]
+        images = [np.frombuffer(batch["pixels"][i], np.uint8).reshape(self.size, self.size) for i in ok]
+        probs, cams = self._infer(images) if ok else (np.zeros((0, len(self.class_names))), None)
+        now = dt.datetime.now(dt.timezone.utc)
+        cols = {f.name: [None] * n for f in LABEL_SCHEMA}
+        for key in ("source_uri", "frame", "study_uid", "series_uid", "sop_uid", "width", "height",
+                    "content_sha256", "error"):
+            cols[key] = [None if v is None or (isinstance(v, float) and np.isnan(v)) else v
+                         for v in batch[key].tolist()]
+        cols["model_version"] = [self.version] * n
+        cols["run_id"] = [self.run_id] * n
+        cols["labelled_at"] = [now] * n
+        for j, i in enumerate(ok):
+            order = np.argsort(-probs[j])
+            cols["label"][i] = self.class_names[order[0]]
+            cols["label_index"][i] = int(order[0])
+            cols["confidence"][i] = float(probs[j, order[0]])
+            cols["top2_label"][i] = self.class_names[order[1]] if len(order) > 1 else None
+            cols["top2_confidence"][i] = float(probs[j, order[1]]) if len(order) > 1 else None
+            cols["probabilities"][i] = probs[j].astype(np.float32).tolist()
+            if cams is not None:
+                thumb = np.frombuffer(batch["thumb"][i], np.uint8).reshape(int(batch["thumb_h"][i]),
+                                                                            int(batch["thumb_w"][i]))
+                cols["gradcam_png"][i] = cam_thumbnail(cams[j], thumb, int(batch["width"][i]),
+                                                       int(batch["height"][i]), self.size)
+        return pa.table(cols, schema=LABEL_SCHEMA)

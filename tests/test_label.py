@@ -1,0 +1,203 @@
+"""`fpc-ray label` against a real S3 server (SeaweedFS on loopback) and a real local Ray."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+from PIL import Image
+
+from fpc_ray.config import load_config
+from fpc_ray.data.fetal_planes import CLASS_NAMES, read_fetal_planes
+from fpc_ray.data.synth import synthesize
+from fpc_ray.label.pipeline import LabelOptions, run_labelling
+from fpc_ray.label.schema import LABEL_SCHEMA
+from fpc_ray.storage import resolve
+from fpc_ray.train.driver import run_training
+from tests import fixtures_archive as fx
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3]
+
+
+@pytest.fixture(scope="module")
+def env(s3_server, tmp_path_factory):
+    """Ray (started after the S3 variables are set), a trained bundle on S3, and phantom data."""
+    import ray
+
+    ray.init(num_cpus=2, logging_level="WARNING")
+    data = tmp_path_factory.mktemp("label-data")
+    synthesize(str(data), per_class=40, seed=8, width=192, height=144)
+    cfg = load_config(None, ["train.epochs=6", "data.image_size=128", "train.num_workers=0"])
+    run_training(cfg, str(data), "s3://test/models/label")
+    yield {"s3": s3_server, "data": str(data), "model": "s3://test/models/label"}
+    ray.shutdown()
+
+
+def _put(client, key: str, body: bytes) -> None:
+    client.put_object(Bucket="test", Key=key, Body=body)
+
+
+def _committed_rows(output: str):
+    loc = resolve(output)
+    runs = [r for r in loc.fs.get_file_info(__import__("pyarrow.fs").fs.FileSelector(loc.path))
+            if r.base_name.startswith("run=")]
+    tables = []
+    for r in runs:
+        if resolve(f"{output}/{r.base_name}/_SUCCESS.json").exists():
+            tables.append(pads.dataset(r.path, filesystem=loc.fs, format="parquet").to_table())
+    return tables
+
+
+def test_archive_with_every_kind_of_input(env, tmp_path):
+    client = env["s3"].client()
+    db = read_fetal_planes(env["data"])
+    gray = np.asarray(Image.open(io.BytesIO(db.image_location(db.records[0]).read_bytes())))
+    truth = {}
+    prefix = "archive/2026/11/24/"
+    for r in db.records[:12]:  # phantom PNGs with known planes, in study folders
+        key = f"{prefix}study-{r.patient}/{r.image_name}.png"
+        _put(client, key, db.image_location(r).read_bytes())
+        truth[f"s3://test/{key}"] = r.plane
+    cine = [np.roll(gray, k, axis=1) for k in range(4)]
+    inputs = {
+        "pacs/IM000001": (fx.dicom_mono(gray), 1),                       # no extension, identifiers
+        "pacs/cine_rgb.dcm": (fx.dicom_rgb_multiframe(cine), 4),
+        "pacs/cine_jpeg.dcm": (fx.dicom_jpeg_ybr_cine(cine), 4),
+        "pacs/rle.dcm": (fx.dicom_rle(gray), 1),
+        "pacs/j2k.dcm": (fx.dicom_j2k(gray), 1),
+        "pacs/big_endian.dcm": (fx.dicom_big_endian_16bit(gray), 1),
+        "pacs/palette.dcm": (fx.dicom_palette(gray), 1),
+        "raster/frame.jpg": (fx.jpeg(gray), 1),
+        "raster/deep.png": (fx.png(gray.astype(np.uint16) * 257), 1),
+        "raster/rgba.png": (fx.png(np.dstack([gray, gray, gray, np.full_like(gray, 255)])), 1),
+    }
+    broken = {
+        "broken/empty.png": (b"", "empty"),
+        "broken/readme.txt": (b"not an image", "not_an_image"),
+        "broken/cut.png": (fx.png(gray)[:80], "truncated"),
+        "broken/nopixels.dcm": (fx.dicom_without_pixels(), "no_pixels"),
+        "broken/bomb.png": (fx.png_bomb(), "too_large"),
+    }
+    for key, (body, _) in {**inputs, **broken}.items():
+        _put(client, prefix + key, body)
+
+    output = "s3://test/labels"
+    summary = run_labelling(env["model"], "s3://test/archive/2026/11/24/", output, LabelOptions(run_id="first"))
+    expected_rows = len(truth) + sum(n for _, n in inputs.values()) + len(broken)
+    assert summary["objects"]["labelled"] == len(truth) + len(inputs) + len(broken)
+    assert summary["rows"] == expected_rows
+    assert summary["errors_by_kind"] == {kind: 1 for _, kind in broken.values()}
+
+    table = pads.dataset("test/labels/run=first", filesystem=resolve(output).fs, format="parquet").to_table()
+    assert table.schema.remove_metadata() == LABEL_SCHEMA
+    assert json.loads(table.schema.metadata[b"fpc_ray.class_names"]) == list(CLASS_NAMES)
+    rows = table.to_pylist()
+    assert len(rows) == expected_rows
+    by_uri = {}
+    for row in rows:
+        by_uri.setdefault(row["source_uri"], []).append(row)
+    # Every object accounted for, with the right number of frames.
+    for key, (_, n) in inputs.items():
+        frames = sorted(r["frame"] for r in by_uri[f"s3://test/{prefix}{key}"])
+        assert frames == list(range(n)), key
+    for key, (_, kind) in broken.items():
+        (row,) = by_uri[f"s3://test/{prefix}{key}"]
+        assert row["error"].startswith(kind + ":") and row["label"] is None and row["gradcam_png"] is None
+    # Phantoms labelled right; thumbnails decode; probabilities are a distribution.
+    right = sum(by_uri[uri][0]["label"] == plane for uri, plane in truth.items())
+    assert right >= 0.8 * len(truth), (right, len(truth))
+    for row in rows:
+        if row["error"] is None:
+            assert Image.open(io.BytesIO(row["gradcam_png"])).size[0] == 128 or \
+                Image.open(io.BytesIO(row["gradcam_png"])).size[1] == 128
+            assert abs(sum(row["probabilities"]) - 1) < 1e-3
+            assert row["label"] == CLASS_NAMES[row["label_index"]]
+    dicom = by_uri[f"s3://test/{prefix}pacs/IM000001"][0]
+    assert dicom["study_uid"] and dicom["sop_uid"] and dicom["error"] is None
+    # No patient identifier anywhere: rows, Parquet metadata, the run summary.
+    success = resolve(f"{output}/run=first/_SUCCESS.json").read_text()
+    blob = repr(rows) + repr(table.schema.metadata) + success
+    for value in fx.PATIENT.values():
+        assert value not in blob and value.replace("^", " ") not in blob
+
+    # The nightly rerun adds nothing.
+    again = run_labelling(env["model"], "s3://test/archive/2026/11/24/", output, LabelOptions(run_id="second"))
+    assert again["objects"]["labelled"] == 0 and again["rows"] == 0
+
+
+def _label_cmd(model, archive, output, *extra):
+    return [sys.executable, "-m", "fpc_ray.cli", "label", "--model", model, "--input", archive,
+            "--output", output, "--cam", "gradcam", *extra]
+
+
+def _start(cmd):
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+
+
+def _wait_for_line(proc, needle: str, timeout: float = 120) -> str:
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"no {needle!r} in output: {''.join(seen)[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def big_archive(env):
+    """60 phantom PNGs, enough for a run to be interrupted midway."""
+    client = env["s3"].client()
+    db = read_fetal_planes(env["data"])
+    for r in db.records[:60]:
+        _put(client, f"big/{r.image_name}.png", db.image_location(r).read_bytes())
+    return "s3://test/big/", 60
+
+
+def test_killed_run_commits_nothing_and_rerun_completes(env, big_archive):
+    archive, n = big_archive
+    output = "s3://test/labels-kill"
+    proc = _start(_label_cmd(env["model"], archive, output, "--batch-size", "4"))
+    _wait_for_line(proc, "to label")
+    time.sleep(6)  # Ray is up and labelling
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not _committed_rows(output)
+    done = subprocess.run(_label_cmd(env["model"], archive, output), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (table,) = _committed_rows(output)
+    uris = table["source_uri"].to_pylist()
+    assert len(uris) == n and len(set(uris)) == n
+
+
+def test_s3_outage_mid_run_fails_cleanly_or_retries_then_rerun_completes(env, big_archive):
+    archive, n = big_archive
+    output = "s3://test/labels-outage"
+    proc = _start(_label_cmd(env["model"], archive, output, "--batch-size", "4"))
+    _wait_for_line(proc, "to label")
+    time.sleep(4)
+    env["s3"].stop()
+    time.sleep(3)
+    env["s3"].start()
+    out, _ = proc.communicate(timeout=300)
+    if proc.returncode != 0:  # failed cleanly: one error line, nothing committed
+        errors = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+        assert len(errors) == 1, out[-3000:]
+        assert not _committed_rows(output)
+        done = subprocess.run(_label_cmd(env["model"], archive, output), capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+    (table,) = _committed_rows(output)
+    assert sorted(set(table["source_uri"].to_pylist())) == sorted(table["source_uri"].to_pylist())
+    assert table.num_rows == n
