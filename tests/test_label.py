@@ -201,3 +201,47 @@ def test_s3_outage_mid_run_fails_cleanly_or_retries_then_rerun_completes(env, bi
     (table,) = _committed_rows(output)
     assert sorted(set(table["source_uri"].to_pylist())) == sorted(table["source_uri"].to_pylist())
     assert table.num_rows == n
+
+
+def test_nightly_job_labels_the_day_and_is_idempotent(env, tmp_path):
+    db = read_fetal_planes(env["data"])
+    day = tmp_path / "archive" / "2026" / "11" / "24"
+    day.mkdir(parents=True)
+    for r in db.records[:3]:
+        (day / f"{r.image_name}.png").write_bytes(db.image_location(r).read_bytes())
+    (day / "broken.png").write_bytes(b"\x89PNG")
+    other_day = tmp_path / "archive" / "2026" / "11" / "23"
+    other_day.mkdir(parents=True)
+    (other_day / "not-today.png").write_bytes(db.image_location(db.records[4]).read_bytes())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "jobs", "nightly_label.py"), "--model", env["model"],
+           "--archive", str(tmp_path / "archive"), "--output", str(tmp_path / "out"), "--date", "2026-11-24"]
+    first = subprocess.run(cmd, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout + first.stderr
+    summary = json.loads((tmp_path / "out" / "run=nightly-2026-11-24" / "_SUCCESS.json").read_text())
+    assert summary["objects"]["labelled"] == 4 and summary["rows"] == 4 and summary["errors"] == 1
+    second = subprocess.run(cmd, capture_output=True, text=True)
+    assert second.returncode == 0 and "already committed" in second.stdout
+
+
+def test_label_user_errors_are_one_line(env, tmp_path):
+    from typer.testing import CliRunner
+
+    from fpc_ray.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["label", "--model", env["model"], "--input", str(tmp_path / "nope"),
+                                 "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2 and result.output.strip().startswith("error: ")
+    assert "no such input prefix" in result.output and len(result.output.strip().splitlines()) == 1
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for i in range(3):
+        (junk / f"{i}.txt").write_text("not an image")
+    result = runner.invoke(app, ["label", "--model", env["model"], "--input", str(junk),
+                                 "--output", str(tmp_path / "out2")])
+    assert result.exit_code == 2 and "above --max-error-rate" in result.output
+    assert not list((tmp_path / "out2").glob("run=*/_SUCCESS.json"))
+    result = runner.invoke(app, ["label", "--model", str(tmp_path), "--input", str(junk),
+                                 "--output", str(tmp_path / "out3")])
+    assert result.exit_code == 2 and "not a model bundle" in result.output

@@ -179,3 +179,24 @@ class EmbeddedS3:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def main() -> None:
+    """``python -m fpc_ray.devtools.s3server DIR [PORT]``: serve DIR until Ctrl-C."""
+    if len(sys.argv) < 2:
+        print("usage: python -m fpc_ray.devtools.s3server DIR [S3_PORT]", file=sys.stderr)
+        sys.exit(2)
+    port = int(sys.argv[2]) if len(sys.argv) > 2 else None
+    with EmbeddedS3(sys.argv[1], s3_port=port) as server:
+        print("S3 is up; point clients at it with:")
+        for key, value in server.env().items():
+            print(f"export {key}={value}")
+        try:
+            while server.proc.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -34,9 +34,10 @@ def predict_with_gradcam(model, batch: torch.Tensor) -> tuple[torch.Tensor, torc
     with torch.enable_grad():
         logits = model.head(model.head_drop(pooled))
         top1 = logits.argmax(dim=1)
-        # Samples are independent in eval mode, so one backward gives every row its gradient.
-        logits.gather(1, top1[:, None]).sum().backward()
-    weights = pooled.grad  # N x K, proportional to GradCAM's spatial mean of dlogit/dA
+        # Samples are independent in eval mode, so one backward gives every row its gradient;
+        # autograd.grad computes it for `pooled` alone, no parameter gradients.
+        (weights,) = torch.autograd.grad(logits.gather(1, top1[:, None]).sum(), pooled)
+    # weights: N x K, proportional to GradCAM's spatial mean of dlogit/dA
     cams = torch.relu(torch.einsum("nk,nkhw->nhw", weights, feats.float()))
     return logits.detach().softmax(dim=1), _minmax(cams)
 
