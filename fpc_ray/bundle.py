@@ -71,7 +71,7 @@ def make_version(weights: bytes, created_at: dt.datetime) -> str:
 def write_card(cfg: Config, class_names: list[str], params: dict[str, int], weights: bytes,
                **sections) -> dict:
     """Assemble the model card; ``sections`` add data, metrics, training, lineage, ..."""
-    created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    created = dt.datetime.now(dt.UTC).replace(microsecond=0)
     card = {
         "format": BUNDLE_FORMAT,
         "name": "fpc-ray fetal plane classifier",

@@ -9,9 +9,9 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from typer.exceptions import TyperException
@@ -27,16 +27,16 @@ app = typer.Typer(
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print measured ratios.")
 app.add_typer(bench_app, name="bench")
 
-class SplitName(str, Enum):
+class SplitName(StrEnum):
     test = "test"
     val = "val"
     train = "train"
 
 
 # Shared options.
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override a config value: key.path=value (repeatable)."),
 ]
 DataOpt = Annotated[str, typer.Option("--data", help="FETAL_PLANES_DB-layout folder or s3:// prefix.")]
@@ -92,12 +92,12 @@ def train(
     data: DataOpt,
     output: Annotated[str, typer.Option("--output", "-o", help="Bundle folder or s3:// prefix.")],
     config: ConfigOpt = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
-    image_size: Annotated[Optional[int], typer.Option("--image-size")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Per worker.")] = None,
-    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="0 = in-process.")] = None,
-    use_gpu: Annotated[Optional[bool], typer.Option("--use-gpu/--no-gpu")] = None,
-    init_from: Annotated[Optional[str], typer.Option("--init-from", help="Bundle to continue from.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Per worker.")] = None,
+    num_workers: Annotated[int | None, typer.Option("--num-workers", help="0 = in-process.")] = None,
+    use_gpu: Annotated[bool | None, typer.Option("--use-gpu/--no-gpu")] = None,
+    init_from: Annotated[str | None, typer.Option("--init-from", help="Bundle to continue from.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a bundle at --output.")] = False,
     set_: SetOpt = None,
 ) -> None:
@@ -141,7 +141,9 @@ def evaluate(
     data: DataOpt,
     split: Annotated[SplitName, typer.Option("--split")] = SplitName.test,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    output: Annotated[Optional[str], typer.Option("--output", help="Also write metrics.json and confusion_matrix.png here.")] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", help="Also write metrics.json and confusion_matrix.png here.")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     use_gpu: Annotated[bool, typer.Option("--use-gpu/--no-gpu")] = False,
     config: ConfigOpt = None,
@@ -163,7 +165,7 @@ def evaluate(
         typer.echo(f"wrote {uri}")
 
 
-class CamMethod(str, Enum):
+class CamMethod(StrEnum):
     gradcam = "gradcam"
     gradcam_pp = "gradcam++"
     eigencam = "eigencam"
@@ -176,7 +178,7 @@ def label(
     model: Annotated[str, typer.Option("--model", "-m", help="Model bundle folder or s3:// URI.")],
     input: Annotated[str, typer.Option("--input", "-i", help="Archive prefix (local or s3://), any depth.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Output prefix for run=<id>/ folders.")],
-    run_id: Annotated[Optional[str], typer.Option("--run-id", help="Default: UTC timestamp.")] = None,
+    run_id: Annotated[str | None, typer.Option("--run-id", help="Default: UTC timestamp.")] = None,
     cam: Annotated[CamMethod, typer.Option("--cam")] = CamMethod.gradcam,
     thumb_size: Annotated[int, typer.Option("--thumb-size", min=16, max=1024, help="Long side, px.")] = 128,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
@@ -185,7 +187,7 @@ def label(
     frame_stride: Annotated[int, typer.Option("--frame-stride", min=1, help="Every K-th cine frame.")] = 1,
     full: Annotated[bool, typer.Option("--full", help="Relabel objects already in committed runs.")] = False,
     max_error_rate: Annotated[float, typer.Option("--max-error-rate", min=0.0, max=1.0)] = 0.5,
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="At most N new objects.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most N new objects.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -237,6 +239,21 @@ def bench_train(
     cfg = load_config(config, set_, {"data.image_size": image_size, "train.batch_size": batch_size,
                                      "train.epochs": epochs})
     for line in run_benchmark(cfg, data):
+        typer.echo(line)
+
+
+@bench_app.command("label")
+@user_errors
+def bench_label(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model bundle folder.")],
+    data: Annotated[str, typer.Option("--data", help="A local FETAL_PLANES_DB-layout folder to draw images from.")],
+    images: Annotated[int, typer.Option("--images", min=100)] = 2000,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+) -> None:
+    """Labelling: GradCAM cost, fpc-ray label over a bare loop, memory at 10x the images."""
+    from fpc_ray.bench.label_speed import run_benchmark
+
+    for line in run_benchmark(model, data, images, batch_size):
         typer.echo(line)
 
 

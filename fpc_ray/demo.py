@@ -64,7 +64,7 @@ def run_demo(workdir: str, per_class: int = 100, epochs: int = 6, image_size: in
             echo("      " + line)
         written = save_report(report, evaluation)
 
-        day = dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=1)
+        day = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
         count = _upload_archive(server, data, day, n=60)
         echo(f"[4/4] labelling s3://archive/{day:%Y/%m/%d}/ ({count} objects, {len(BROKEN)} of them broken)")
         summary = run_labelling(bundle, f"s3://archive/{day:%Y/%m/%d}/", "s3://labels",

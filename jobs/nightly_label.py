@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--cam", default="gradcam", choices=["gradcam", "gradcam++", "eigencam", "none"])
     args = parser.parse_args(argv)
-    day = args.date or (dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=1))
+    day = args.date or (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1))
 
     from fpc_ray.cli import main as cli_main
     from fpc_ray.label.pipeline import SUCCESS

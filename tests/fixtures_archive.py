@@ -11,10 +11,10 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
     RLELossless,
     UltrasoundImageStorage,
     UltrasoundMultiFrameImageStorage,

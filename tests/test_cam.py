@@ -31,7 +31,7 @@ def test_gradcam_matches_pytorch_grad_cam(model_and_batch, attention):
     probs, cams = predict_with_gradcam(model, batch)
     ref_probs, ref_maps = predict_with_library_cam(model, batch, "gradcam")
     torch.testing.assert_close(probs, ref_probs, atol=1e-5, rtol=1e-4)
-    for cam, ref in zip(cams.numpy(), ref_maps):
+    for cam, ref in zip(cams.numpy(), ref_maps, strict=False):
         ours = cv2.resize(cam, ref.shape[::-1])
         if ref.std() < 1e-6 and ours.std() < 1e-6:
             continue  # both empty (ReLU killed every position)

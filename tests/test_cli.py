@@ -83,7 +83,8 @@ def test_init_from_continues_a_bundle(phantom_dir, tmp_path):
     ("args", "needle"),
     [
         (["train", "--data", "{missing}", "--output", "{tmp}/o"], "no FETAL_PLANES_DB_data.csv here"),
-        (["train", "--data", "{data}", "--output", "{tmp}/o", "--set", "train.lr=-1"], "train.lr: Input should be greater than 0"),
+        (["train", "--data", "{data}", "--output", "{tmp}/o", "--set", "train.lr=-1"],
+         "train.lr: Input should be greater than 0"),
         (["train", "--data", "{data}", "--output", "{tmp}/o", "--epochs", "0"], "train.epochs"),
         (["train", "--data", "{data}", "--output", "{tmp}/o", "--config", "{tmp}/nope.yaml"], "config file not found"),
         (["train", "--data", "gs://bucket/x", "--output", "{tmp}/o"], "only local paths and s3:// URIs"),

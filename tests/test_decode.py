@@ -56,4 +56,4 @@ def test_raster_formats():
     _close(decode_object("a.jpg", fx.jpeg(GRAY)).frames[0][1], GRAY, 8)
     rgba = np.concatenate([np.stack([GRAY] * 3, -1), np.full((48, 64, 1), 255, np.uint8)], -1)
     _close(decode_object("a.png", fx.png(rgba)).frames[0][1], GRAY, 1)
-    _close(decode_object("a.png", fx.png((GRAY.astype(np.uint16) * 257))).frames[0][1], GRAY, 1)
+    _close(decode_object("a.png", fx.png(GRAY.astype(np.uint16) * 257)).frames[0][1], GRAY, 1)

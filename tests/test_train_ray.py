@@ -1,7 +1,6 @@
 """Ray Train on a real local Ray cluster: DDP workers, checkpoints, and S3 storage (SeaweedFS)."""
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -53,7 +53,7 @@ class LabelOptions:
 
 
 def default_run_id() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
 def list_objects(prefix: Location) -> list[dict]:
@@ -99,13 +99,23 @@ def already_labelled(output: Location) -> set[tuple[str, int, int]]:
     seen = set()
     for run in committed_runs(output):
         table = pq.read_table(run.join(OBJECTS).path, filesystem=run.fs)
-        seen.update(zip(table["uri"].to_pylist(), table["size"].to_pylist(), table["mtime_ns"].to_pylist()))
+        columns = (table[name].to_pylist() for name in ("uri", "size", "mtime_ns"))
+        seen.update(zip(*columns, strict=True))
     return seen
 
 
 def _first_line(err: BaseException) -> str:
     lines = [ln for ln in str(err).splitlines() if ln.strip()]
     return lines[-1][:300] if lines else type(err).__name__
+
+
+def _predictor_threads(workers: int) -> int:
+    """Torch threads per CPU predictor: the cluster's CPUs per node shared among the actors."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    cpus = min(int(n["Resources"].get("CPU", 1)) for n in nodes) if nodes else 1
+    return max(1, cpus // max(1, min(workers, cpus)))
 
 
 def _init_ray() -> None:
@@ -171,17 +181,19 @@ def run_labelling(model_uri: str, input_uri: str, output_uri: str, opts: LabelOp
     if todo:
         _init_ray()
         storage_dict = storage.model_dump()
-        ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 200)))
+        ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // 8, 200)))
         # On 2 CPUs: reads/decodes take half a CPU each, predictors one CPU each, so reading,
         # decoding and inference overlap without the actor pool starving the read tasks.
-        ds = ds.flat_map(ReadDecode, fn_constructor_kwargs={
+        ds = ds.map_batches(ReadDecode, fn_constructor_kwargs={
             "storage": storage_dict, "input_size": card["input"]["size"],
-            "thumb_size": opts.thumb_size, "frame_stride": opts.frame_stride}, num_cpus=0.5,
+            "thumb_size": opts.thumb_size, "frame_stride": opts.frame_stride},
+            batch_size=8, batch_format="numpy", num_cpus=0.5,
             compute=ActorPoolStrategy(min_size=1, max_size=2))
         ds = ds.map_batches(
             Predictor,
             fn_constructor_kwargs={"model_uri": model_uri, "storage": storage_dict, "cam": opts.cam,
-                                   "use_gpu": opts.use_gpu, "run_id": run_id},
+                                   "use_gpu": opts.use_gpu, "run_id": run_id,
+                                   "threads": None if opts.use_gpu else _predictor_threads(opts.workers)},
             batch_size=opts.batch_size, batch_format="numpy",
             compute=ActorPoolStrategy(size=opts.workers),
             num_cpus=0 if opts.use_gpu else 1, num_gpus=1 if opts.use_gpu else 0,
@@ -222,7 +234,7 @@ def run_labelling(model_uri: str, input_uri: str, output_uri: str, opts: LabelOp
                           "commit_s": round(time.perf_counter() - t0, 3),
                           "total_s": round(time.perf_counter() - started, 3),
                           "rows_per_s": round(rows / label_s, 2) if label_s > 0 and rows else None}
-    summary["committed_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
+    summary["committed_at"] = dt.datetime.now(dt.UTC).isoformat()
     run_dir.join(SUCCESS).write_text(json.dumps(summary, indent=2))
     try:
         staged.fs.delete_dir(staged.path)

@@ -129,7 +129,7 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
         "init_weights": share(init_weights) if init_weights is not None else None,
     }
     storage_path, storage_fs = _run_storage(out)
-    run_name = "train-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    run_name = "train-" + dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -171,8 +171,10 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
             test_report = ray.get(remote.remote(*args))
 
     blob = weights_bytes(model.state_dict())
-    class_counts = {name: dict(zip(CLASS_NAMES, np.bincount(a.labels, minlength=len(CLASS_NAMES)).tolist()))
-                    for name, a in arrays.items()}
+    class_counts = {
+        name: dict(zip(CLASS_NAMES, np.bincount(a.labels, minlength=len(CLASS_NAMES)).tolist(), strict=True))
+        for name, a in arrays.items()
+    }
     lineage = {"parent_version": parent.version, "parent_uri": tc.init_from} if parent else None
     card = write_card(
         cfg, list(CLASS_NAMES), count_parameters(model), blob,
