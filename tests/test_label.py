@@ -158,12 +158,24 @@ def _wait_for_line(proc, needle: str, timeout: float = 120) -> str:
 
 @pytest.fixture(scope="module")
 def big_archive(env):
-    """60 phantom PNGs, enough for a run to be interrupted midway."""
+    """150 phantom PNGs, enough for a run to be interrupted midway."""
     client = env["s3"].client()
     db = read_fetal_planes(env["data"])
-    for r in db.records[:60]:
+    for r in db.records[:150]:
         _put(client, f"big/{r.image_name}.png", db.image_location(r).read_bytes())
-    return "s3://test/big/", 60
+    return "s3://test/big/", 150
+
+
+def _wait_for_staged_part(server, output_key: str, proc, timeout: float = 180) -> None:
+    """Block until the run has written at least one Parquet part to its staging area."""
+    client = server.client()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        listing = client.list_objects_v2(Bucket="test", Prefix=f"{output_key}/_staging/")
+        if any(o["Key"].endswith(".parquet") for o in listing.get("Contents", [])):
+            return
+        time.sleep(0.2)
+    raise AssertionError("the run never staged a part (or ended first)")
 
 
 def test_killed_run_commits_nothing_and_rerun_completes(env, big_archive):
@@ -171,7 +183,7 @@ def test_killed_run_commits_nothing_and_rerun_completes(env, big_archive):
     output = "s3://test/labels-kill"
     proc = _start(_label_cmd(env["model"], archive, output, "--batch-size", "4"))
     _wait_for_line(proc, "to label")
-    time.sleep(6)  # Ray is up and labelling
+    _wait_for_staged_part(env["s3"], "labels-kill", proc)  # midway: some rows written, not committed
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not _committed_rows(output)
@@ -187,7 +199,7 @@ def test_s3_outage_mid_run_fails_cleanly_or_retries_then_rerun_completes(env, bi
     output = "s3://test/labels-outage"
     proc = _start(_label_cmd(env["model"], archive, output, "--batch-size", "4"))
     _wait_for_line(proc, "to label")
-    time.sleep(4)
+    _wait_for_staged_part(env["s3"], "labels-outage", proc)
     env["s3"].stop()
     time.sleep(3)
     env["s3"].start()

@@ -151,7 +151,7 @@ def run_labelling(model_uri: str, input_uri: str, output_uri: str, opts: LabelOp
     import ray
     from ray.data import ActorPoolStrategy
 
-    from fpc_ray.label.predictor import Predictor, ReadDecode
+    from fpc_ray.label.predictor import Predictor
 
     started = time.perf_counter()
     storage = storage or StorageConfig()
@@ -180,19 +180,14 @@ def run_labelling(model_uri: str, input_uri: str, output_uri: str, opts: LabelOp
     t0 = time.perf_counter()
     if todo:
         _init_ray()
-        storage_dict = storage.model_dump()
-        ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // 8, 200)))
-        # On 2 CPUs: reads/decodes take half a CPU each, predictors one CPU each, so reading,
-        # decoding and inference overlap without the actor pool starving the read tasks.
-        ds = ds.map_batches(ReadDecode, fn_constructor_kwargs={
-            "storage": storage_dict, "input_size": card["input"]["size"],
-            "thumb_size": opts.thumb_size, "frame_stride": opts.frame_stride},
-            batch_size=8, batch_format="numpy", num_cpus=0.5,
-            compute=ActorPoolStrategy(min_size=1, max_size=2))
+        ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // opts.batch_size, 200)))
+        # One stage of actors that read + decode on threads and classify: on 2 CPUs the pool's
+        # actor takes one CPU and its torch threads use the node's cores, leaving the writer a CPU.
         ds = ds.map_batches(
             Predictor,
-            fn_constructor_kwargs={"model_uri": model_uri, "storage": storage_dict, "cam": opts.cam,
-                                   "use_gpu": opts.use_gpu, "run_id": run_id,
+            fn_constructor_kwargs={"model_uri": model_uri, "storage": storage.model_dump(), "cam": opts.cam,
+                                   "use_gpu": opts.use_gpu, "run_id": run_id, "thumb_size": opts.thumb_size,
+                                   "frame_stride": opts.frame_stride,
                                    "threads": None if opts.use_gpu else _predictor_threads(opts.workers)},
             batch_size=opts.batch_size, batch_format="numpy",
             compute=ActorPoolStrategy(size=opts.workers),
