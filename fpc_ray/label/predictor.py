@@ -23,7 +23,6 @@ from fpc_ray.data.transforms import eval_transform, letterbox
 from fpc_ray.label.decode import DecodeError, decode_object
 from fpc_ray.label.schema import LABEL_SCHEMA
 
-_EMPTY = b""
 _PASSED_THROUGH = ("source_uri", "frame", "study_uid", "series_uid", "sop_uid", "width", "height",
                    "content_sha256", "error")
 
@@ -49,7 +48,7 @@ class ReadDecode:
 
         loc = resolve(uri, StorageConfig.model_validate(self.storage or {}), self._fs)
         self._fs = loc.fs
-        with loc.fs.open_input_stream(loc.path) as f:  # errors propagate: see __call__
+        with loc.fs.open_input_stream(loc.path) as f:
             return f.read()
 
     def frames(self, uri: str) -> list[dict]:
@@ -61,15 +60,13 @@ class ReadDecode:
             decoded = decode_object(uri, data, self.frame_stride)
         except DecodeError as e:
             return [{**base, "frame": 0, "width": None, "height": None, "error": str(e),
-                     "pixels": _EMPTY, "thumb": _EMPTY, "thumb_w": 0, "thumb_h": 0}]
+                     "pixels": None, "thumb": None}]
         rows = []
         for index, gray in decoded.frames:
             h, w = gray.shape
-            tw, th = _thumb_dims(w, h, self.thumb_size)
-            thumb = cv2.resize(gray, (tw, th), interpolation=cv2.INTER_AREA)
+            thumb = cv2.resize(gray, _thumb_dims(w, h, self.thumb_size), interpolation=cv2.INTER_AREA)
             rows.append({**base, **decoded.uids, "frame": index, "width": w, "height": h, "error": None,
-                         "pixels": letterbox(gray, self.input_size).tobytes(),
-                         "thumb": thumb.tobytes(), "thumb_w": tw, "thumb_h": th})
+                         "pixels": letterbox(gray, self.input_size), "thumb": thumb})
         return rows
 
 
@@ -143,7 +140,7 @@ class Predictor:
         frames = [row for rows in self.pool.map(self.reader.frames, uris) for row in rows]
         n = len(frames)
         ok = [i for i, row in enumerate(frames) if row["error"] is None]
-        images = [np.frombuffer(frames[i]["pixels"], np.uint8).reshape(self.size, self.size) for i in ok]
+        images = [frames[i]["pixels"] for i in ok]
         probs, cams = self._infer(images) if ok else (np.zeros((0, len(self.class_names))), None)
         now = dt.datetime.now(dt.UTC)
         cols = {f.name: [None] * n for f in LABEL_SCHEMA}
@@ -162,6 +159,5 @@ class Predictor:
             cols["probabilities"][i] = probs[j].astype(np.float32).tolist()
             if cams is not None:
                 row = frames[i]
-                thumb = np.frombuffer(row["thumb"], np.uint8).reshape(row["thumb_h"], row["thumb_w"])
-                cols["gradcam_png"][i] = cam_thumbnail(cams[j], thumb, row["width"], row["height"], self.size)
+                cols["gradcam_png"][i] = cam_thumbnail(cams[j], row["thumb"], row["width"], row["height"], self.size)
         return pa.table(cols, schema=LABEL_SCHEMA)
