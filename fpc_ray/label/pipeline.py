@@ -28,7 +28,7 @@ from fpc_ray.bundle import read_card
 from fpc_ray.config import StorageConfig
 from fpc_ray.errors import RunFailed, UserError
 from fpc_ray.label.schema import schema_with_metadata
-from fpc_ray.storage import Location, resolve
+from fpc_ray.storage import Location, is_remote, resolve
 
 SUCCESS = "_SUCCESS.json"
 OBJECTS = "_objects.parquet"
@@ -57,7 +57,7 @@ def default_run_id() -> str:
 
 
 def list_objects(prefix: Location) -> list[dict]:
-    """Every object under the prefix, sorted by URI (skipping fpc-ray's own outputs)."""
+    """Every object under the prefix (or the one object it names), sorted by URI."""
     info = prefix.info()
     if info.type == pafs.FileType.NotFound:
         raise UserError(f"{prefix.uri}: no such input prefix")
@@ -71,14 +71,13 @@ def list_objects(prefix: Location) -> list[dict]:
             continue
         rel = e.path[len(prefix.path):].lstrip("/")
         uri = prefix.join(rel).uri if rel else prefix.uri
-        out.append({"uri": uri, "size": int(e.size or 0),
-                    "mtime_ns": int(e.mtime_ns or 0) if e.mtime_ns is not None else 0})
+        out.append({"uri": uri, "size": int(e.size or 0), "mtime_ns": int(e.mtime_ns or 0)})
     return sorted(out, key=lambda o: o["uri"])
 
 
 def committed_runs(output: Location) -> list[Location]:
     """Run folders under OUTPUT that hold a _SUCCESS.json."""
-    if output.info().type != pafs.FileType.Directory and not output.uri.startswith("s3://"):
+    if output.info().type != pafs.FileType.Directory and not is_remote(output.uri):
         return []
     try:
         entries = output.fs.get_file_info(pafs.FileSelector(output.path, allow_not_found=True))
@@ -118,21 +117,19 @@ def _predictor_threads(workers: int) -> int:
     return max(1, cpus // max(1, min(workers, cpus)))
 
 
-def _init_ray() -> None:
-    from fpc_ray.train.driver import init_ray
-
-    init_ray()
+def _staged_parts(staged: Location) -> list[str]:
+    """The Parquet parts a run has written to its staging folder, in a stable order."""
+    return sorted(f.path for f in staged.fs.get_file_info(pafs.FileSelector(staged.path, recursive=True))
+                  if f.type == pafs.FileType.File and f.path.endswith(".parquet"))
 
 
 def _summarise(staged: Location) -> tuple[int, int, Counter, Counter]:
     import pyarrow.dataset as pads
 
-    files = [f for f in staged.fs.get_file_info(pafs.FileSelector(staged.path, recursive=True))
-             if f.type == pafs.FileType.File and f.path.endswith(".parquet")]
-    if not files:
+    parts = _staged_parts(staged)
+    if not parts:
         return 0, 0, Counter(), Counter()
-    table = pads.dataset([f.path for f in files], filesystem=staged.fs, format="parquet").to_table(
-        columns=["label", "error"])
+    table = pads.dataset(parts, filesystem=staged.fs, format="parquet").to_table(columns=["label", "error"])
     errors = Counter(e.split(":", 1)[0] for e in table["error"].to_pylist() if e)
     labels = Counter(v for v in table["label"].to_pylist() if v)
     return table.num_rows, sum(labels.values()), labels, errors
@@ -152,6 +149,7 @@ def run_labelling(model_uri: str, input_uri: str, output_uri: str, opts: LabelOp
     from ray.data import ActorPoolStrategy
 
     from fpc_ray.label.predictor import Predictor
+    from fpc_ray.train.driver import init_ray
 
     started = time.perf_counter()
     storage = storage or StorageConfig()
@@ -179,10 +177,10 @@ def run_labelling(model_uri: str, input_uri: str, output_uri: str, opts: LabelOp
     staged.makedirs()
     t0 = time.perf_counter()
     if todo:
-        _init_ray()
+        init_ray()
         ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // opts.batch_size, 200)))
-        # One stage of actors that read + decode on threads and classify: on 2 CPUs the pool's
-        # actor takes one CPU and its torch threads use the node's cores, leaving the writer a CPU.
+        # One stage of actors that read + decode on threads and classify: each CPU actor reserves
+        # one CPU while its torch threads share the node's cores (see _predictor_threads).
         ds = ds.map_batches(
             Predictor,
             fn_constructor_kwargs={"model_uri": model_uri, "storage": storage.model_dump(), "cam": opts.cam,
@@ -222,9 +220,7 @@ def run_labelling(model_uri: str, input_uri: str, output_uri: str, opts: LabelOp
     if run_dir.exists():  # parts of an earlier attempt whose commit was cut short
         run_dir.fs.delete_dir_contents(run_dir.path)
     run_dir.makedirs()
-    parts = sorted(f.path for f in staged.fs.get_file_info(pafs.FileSelector(staged.path, recursive=True))
-                   if f.type == pafs.FileType.File and f.path.endswith(".parquet"))
-    for i, path in enumerate(parts):
+    for i, path in enumerate(_staged_parts(staged)):
         staged.fs.move(path, run_dir.join(f"part-{i:05d}.parquet").path)
     pq.write_table(pa.Table.from_pylist(todo, schema=OBJECTS_SCHEMA), run_dir.join(OBJECTS).path,
                    filesystem=run_dir.fs)

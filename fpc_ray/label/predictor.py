@@ -36,17 +36,18 @@ class ReadDecode:
     """One listed object -> its frame rows. Storage errors raise; decode errors are rows."""
 
     def __init__(self, storage: dict | None, input_size: int, thumb_size: int, frame_stride: int):
-        self.storage = storage
+        from fpc_ray.config import StorageConfig
+
+        self.storage = StorageConfig.model_validate(storage or {})
         self.input_size = input_size
         self.thumb_size = thumb_size
         self.frame_stride = frame_stride
         self._fs = None  # built on first use, in the worker process
 
     def _read(self, uri: str) -> bytes:
-        from fpc_ray.config import StorageConfig
         from fpc_ray.storage import resolve
 
-        loc = resolve(uri, StorageConfig.model_validate(self.storage or {}), self._fs)
+        loc = resolve(uri, self.storage, self._fs)
         self._fs = loc.fs
         with loc.fs.open_input_stream(loc.path) as f:
             return f.read()
