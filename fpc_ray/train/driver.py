@@ -22,6 +22,33 @@ RAY_DIR = "ray"  # Ray Train's run storage (checkpoints, state), inside the outp
 
 
 @dataclass
+class PreparedData:
+    """A dataset read, split by patient and decoded once (a search shares it between trials)."""
+
+    data_uri: str
+    db: FetalPlanesDB
+    splits: dict
+    arrays: dict[str, SplitArrays]
+    image_size: int
+
+
+def prepare_data(cfg: Config, data_uri: str) -> PreparedData:
+    """Read the FETAL_PLANES_DB CSV, split train/val/test by patient, decode every image once."""
+    started = time.perf_counter()
+    db = read_fetal_planes(data_uri, cfg.storage)
+    splits = {name: db.split(name, cfg.data.val_fraction, cfg.data.split_seed) for name in ("train", "val", "test")}
+    for name in ("train", "val"):
+        if not splits[name]:
+            raise UserError(f"{data_uri}: the {name} split is empty (too few patients with Train=1?)")
+    print(_split_summary(db, splits), flush=True)
+    arrays = {name: decode_split(db, recs, cfg.data.image_size, cfg.data.decode_threads)
+              for name, recs in splits.items()}
+    print(f"decoded {sum(len(a) for a in arrays.values())} images at {cfg.data.image_size} px "
+          f"in {time.perf_counter() - started:.1f}s", flush=True)
+    return PreparedData(data_uri, db, splits, arrays, cfg.data.image_size)
+
+
+@dataclass
 class TrainingOutcome:
     """What a finished training run produced."""
 
@@ -44,6 +71,24 @@ def init_ray() -> None:
         # -10..30 % training throughput on 2 cores). A cluster's nodes keep Ray's default.
         kwargs["_system_config"] = {"worker_niceness": 0}
     ray.init(**kwargs)
+
+
+def check_workers_fit(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
+    """Fail fast where a local cluster can never place the workers (Ray would wait forever).
+
+    A cluster named by ``RAY_ADDRESS`` may autoscale, so only the local one is checked.
+    """
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    have = ray.cluster_resources()
+    cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
+    if num_workers * cpus_per_worker > cpus:
+        raise UserError(f"{num_workers} worker(s) x {cpus_per_worker:g} CPUs (train.cpus_per_worker) "
+                        f"do not fit this machine's {cpus:g} CPUs")
+    if use_gpu and num_workers > gpus:
+        raise UserError(f"{num_workers} GPU worker(s) do not fit this machine's {gpus:g} GPUs")
 
 
 def _split_summary(db: FetalPlanesDB, splits: dict) -> str:
@@ -75,8 +120,14 @@ def _run_storage(out: Location) -> tuple[str, object]:
     return ray_loc.path, None
 
 
-def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = False) -> TrainingOutcome:
+def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = False, *,
+                 prepared: PreparedData | None = None, run_name: str | None = None,
+                 callbacks: list | None = None) -> TrainingOutcome:
     """Train on a FETAL_PLANES_DB-layout dataset and write a model bundle to ``output_uri``.
+
+    ``prepared`` reuses data decoded by :func:`prepare_data`; ``run_name`` fixes Ray Train's run
+    folder (a rerun with the same name resumes from its checkpoints); ``callbacks`` go to Ray
+    Train's RunConfig (a search passes Tune's report callback).
 
     Raises:
         UserError: on bad data, output or init bundle; ``ray.train.TrainingFailedError`` when
@@ -105,20 +156,14 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
         cfg = cfg.model_copy(update={"model": parent.config.model})
 
     started = time.perf_counter()
-    db = read_fetal_planes(data_uri, cfg.storage)
-    splits = {name: db.split(name, cfg.data.val_fraction, cfg.data.split_seed) for name in ("train", "val", "test")}
-    for name in ("train", "val"):
-        if not splits[name]:
-            raise UserError(f"{data_uri}: the {name} split is empty (too few patients with Train=1?)")
-    print(_split_summary(db, splits), flush=True)
-    arrays = {name: decode_split(db, recs, cfg.data.image_size, cfg.data.decode_threads)
-              for name, recs in splits.items()}
-    print(f"decoded {sum(len(a) for a in arrays.values())} images at {cfg.data.image_size} px "
-          f"in {time.perf_counter() - started:.1f}s", flush=True)
+    if prepared is None or prepared.image_size != cfg.data.image_size:
+        prepared = prepare_data(cfg, data_uri)
+    db, splits, arrays = prepared.db, prepared.splits, prepared.arrays
 
     in_process = tc.num_workers == 0
     if not in_process:
         init_ray()
+        check_workers_fit(tc.num_workers, tc.cpus_per_worker, tc.use_gpu)
     share = (lambda x: x) if in_process else ray.put
     init_weights = parent.model.state_dict() if parent else None
     loop_config = {
@@ -129,7 +174,7 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
         "init_weights": share(init_weights) if init_weights is not None else None,
     }
     storage_path, storage_fs = _run_storage(out)
-    run_name = "train-" + dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    run_name = run_name or "train-" + dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -143,6 +188,7 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
             logging_config=LoggingConfig(log_level="WARNING"),
             # Ray Train's print patch would echo each progress line twice on the driver.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            callbacks=callbacks,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=tc.keep_checkpoints,
                 checkpoint_score_attribute="val_top1", checkpoint_score_order="max",
