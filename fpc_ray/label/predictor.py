@@ -158,7 +158,9 @@ class Predictor:
             cols["top2_label"][i] = self.class_names[order[1]] if len(order) > 1 else None
             cols["top2_confidence"][i] = float(probs[j, order[1]]) if len(order) > 1 else None
             cols["probabilities"][i] = probs[j].astype(np.float32).tolist()
-            if cams is not None:
-                row = frames[i]
-                cols["gradcam_png"][i] = cam_thumbnail(cams[j], row["thumb"], row["width"], row["height"], self.size)
+        if cams is not None:  # cv2 drops the GIL: thumbnails are drawn on the decode threads
+            pngs = self.pool.map(lambda j: cam_thumbnail(cams[j], frames[ok[j]]["thumb"], frames[ok[j]]["width"],
+                                                         frames[ok[j]]["height"], self.size), range(len(ok)))
+            for i, png in zip(ok, pngs, strict=True):
+                cols["gradcam_png"][i] = png
         return pa.table(cols, schema=LABEL_SCHEMA)
