@@ -29,6 +29,7 @@ BUNDLE_FORMAT = "fpc-ray-bundle/1"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
 HISTORY_FILE = "metrics.json"
+BUNDLE_FILES = (WEIGHTS_FILE, CARD_FILE, HISTORY_FILE)  # what a copy of a bundle must carry
 
 
 def library_versions() -> dict[str, str]:

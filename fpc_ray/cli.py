@@ -209,6 +209,42 @@ def label(
 
 @app.command()
 @user_errors
+def tune(
+    data: DataOpt,
+    output: Annotated[str, typer.Option("--output", "-o", help="Search folder or s3:// prefix.")],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Search YAML (default: the built-in "
+                                                 "search, written out in configs/tune.yaml).")] = None,
+    num_samples: Annotated[int | None, typer.Option("--num-samples", min=1, help="Trials.")] = None,
+    max_concurrent: Annotated[int | None, typer.Option("--max-concurrent", min=1)] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Per trial.")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size")] = None,
+    workers_per_trial: Annotated[int | None, typer.Option("--workers-per-trial", min=1)] = None,
+    use_gpu: Annotated[bool | None, typer.Option("--use-gpu/--no-gpu")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted search at --output.")] = False,
+) -> None:
+    """Search attention, MLP head and schedule with Ray Tune (Optuna TPE + ASHA)."""
+    from fpc_ray.tune.search import run_search
+    from fpc_ray.tune.space import load_tune_spec
+
+    spec = load_tune_spec(config, {
+        "train.epochs": epochs, "data.image_size": image_size, "train.use_gpu": use_gpu,
+        "search.num_samples": num_samples, "search.max_concurrent": max_concurrent,
+        "search.workers_per_trial": workers_per_trial,
+    })
+    outcome = run_search(spec, data, output, resume=resume, echo=typer.echo)
+    for line in outcome.leaderboard:
+        typer.echo(line)
+    counts = {s: sum(r["status"] == s for r in outcome.rows) for s in ("completed", "stopped", "error")}
+    typer.echo(f"{len(outcome.rows)} trials ({', '.join(f'{v} {k}' for k, v in counts.items() if v)}): "
+               f"{output.rstrip('/')}/trials.parquet")
+    if outcome.best is None:
+        raise fail("no trial ran to the end, so there is no best configuration", code=1)
+    typer.echo(f"best: {output.rstrip('/')}/best.yaml and {output.rstrip('/')}/best/ "
+               f"(fpc-ray train --config {output.rstrip('/')}/best.yaml --data ... --output ...)")
+
+
+@app.command()
+@user_errors
 def demo(
     workdir: Annotated[str, typer.Option("--workdir", help="Where data, bundle and evaluation go.")] = "demo",
     per_class: Annotated[int, typer.Option("--per-class", min=6)] = 100,

@@ -212,8 +212,10 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
         if in_process:
             test_report = evaluate_arrays(*args)
         else:  # on the cluster, where the workers' resources (and GPUs) are
+            # DEFAULT: not inside the placement group of a Tune trial that runs this driver
             remote = ray.remote(evaluate_arrays).options(num_cpus=tc.cpus_per_worker,
-                                                         num_gpus=1 if tc.use_gpu else 0)
+                                                         num_gpus=1 if tc.use_gpu else 0,
+                                                         scheduling_strategy="DEFAULT")
             test_report = ray.get(remote.remote(*args))
 
     blob = weights_bytes(model.state_dict())

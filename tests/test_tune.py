@@ -1,0 +1,180 @@
+"""fpc-ray tune: the space's validation, a real small search, and a killed search resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from fpc_ray.config import load_config
+from fpc_ray.data.synth import synthesize
+from fpc_ray.errors import UserError
+from fpc_ray.tune.space import load_tune_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A search small enough for 2 CPUs: 64 px, 2 epochs, four points.
+SMALL_SPACE = """
+base: {train}
+train: {{batch_size: 8, frozen_epochs: 0}}
+search: {{grace_period: 1}}
+space:
+  model.attention.type: {{choice: [cbam, se, eca]}}
+  model.head.hidden: {{choice: [[512, 256], [64, 32]]}}
+  train.lr: {{loguniform: [1.0e-3, 4.0e-3]}}
+"""
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fpc_ray", *args]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def search_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    synthesize(str(root / "data"), per_class=8, seed=11, width=128, height=96)
+    spec = root / "space.yaml"
+    spec.write_text(SMALL_SPACE.format(train=ROOT / "configs" / "train.yaml"))
+    return root / "data", spec
+
+
+# ---------------------------------------------------------------- the space
+def test_builtin_search_is_configs_tune_yaml():
+    assert load_tune_spec(ROOT / "configs" / "tune.yaml") == load_tune_spec(None)
+
+
+@pytest.mark.parametrize("space, field", [
+    ("model.attention.type: {choice: [cbam, transformer]}", "space.model.attention.type"),
+    ("model.head.hiden: {choice: [[64, 32]]}", "space.model.head.hiden"),
+    ("train.lr: {loguniform: [0, 0.1]}", "space.train.lr"),
+    ("train.lr: {uniform: [0.01, 0.001]}", "space.train.lr"),
+    ("model.head.dropout: {uniform: [0.1, 1.5]}", "space.model.head.dropout"),
+    ("train.batch_size: {choice: [8], uniform: [1, 2]}", "space.train.batch_size"),
+    ("data.image_size: {choice: [64, 128]}", "space.data.image_size"),
+])
+def test_bad_space_names_the_field(tmp_path, space, field):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"space:\n  {space}\n")
+    with pytest.raises(UserError) as err:
+        load_tune_spec(path)
+    assert str(err.value).startswith(field), str(err.value)
+
+
+def test_bad_space_exits_2_with_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("space:\n  model.attention.type: {choice: [cbam, transformer]}\n")
+    done = subprocess.run(_cli("tune", "--data", str(tmp_path), "--output", str(tmp_path / "o"),
+                               "--config", str(path)), capture_output=True, text=True, env=_env())
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: space.model.attention.type"), done.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_flags_override_the_spec():
+    spec = load_tune_spec(None, {"train.epochs": 3, "data.image_size": 64, "search.num_samples": 5,
+                                 "search.max_concurrent": None})
+    assert (spec.base.train.epochs, spec.base.data.image_size, spec.search.num_samples) == (3, 64, 5)
+    assert spec.search.max_concurrent == 1
+    assert spec.default_point()["model.attention.type"] == "cbam"
+
+
+# ---------------------------------------------------------------- real searches
+def _rows(out: Path) -> list[dict]:
+    return pq.read_table(out / "trials.parquet").to_pylist()
+
+
+def _check_finished_search(out: Path, n: int) -> list[dict]:
+    rows = _rows(out)
+    assert len(rows) == n and len({r["trial_id"] for r in rows}) == n
+    assert sum(r["is_default"] for r in rows) == 1
+    for r in rows:
+        assert r["status"] in ("completed", "stopped"), r
+        assert r["parameters"] > 0 and 1 <= r["epochs_run"] <= 2
+        assert 0.0 <= r["best_val_top1"] <= r["best_val_top2"] <= 1.0
+    completed = [r for r in rows if r["status"] == "completed"]
+    best = max(completed, key=lambda r: (r["best_val_top1"], r["best_val_top2"]))
+    card = json.loads((out / "best" / "model.json").read_text())
+    assert card["metrics"]["val"]["val_top1"] == best["best_val_top1"]
+    assert (out / "best" / "model.safetensors").stat().st_size > 0
+    return rows
+
+
+@pytest.mark.ray
+def test_search_of_4_trials_records_them_and_best_yaml_trains(search_inputs, tmp_path):
+    data, spec = search_inputs
+    out = tmp_path / "search"
+    done = subprocess.run(_cli("tune", "--data", str(data), "--output", str(out), "--config", str(spec),
+                               "--num-samples", "4", "--epochs", "2", "--image-size", "64"),
+                          capture_output=True, text=True, env=_env(), timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "(default)" in done.stdout and "vs the default configuration" in done.stdout
+    _check_finished_search(out, 4)
+
+    best_yaml = out / "best.yaml"
+    cfg = load_config(best_yaml)  # fpc-ray train reads it as it is
+    assert cfg.data.image_size == 64 and cfg.train.epochs == 2
+    trained = subprocess.run(_cli("train", "--config", str(best_yaml), "--data", str(data),
+                                  "--output", str(tmp_path / "from-best")),
+                             capture_output=True, text=True, env=_env(), timeout=600)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    card = json.loads((tmp_path / "from-best" / "model.json").read_text())
+    assert card["config"]["model"] == yaml.safe_load(best_yaml.read_text())["model"]
+
+    again = subprocess.run(_cli("tune", "--data", str(data), "--output", str(out), "--config", str(spec)),
+                           capture_output=True, text=True, env=_env())
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+@pytest.mark.ray
+def test_killed_search_resumes_without_rerunning_finished_trials(search_inputs, tmp_path):
+    data, spec = search_inputs
+    out = tmp_path / "search"
+    args = ("tune", "--data", str(data), "--output", str(out), "--config", str(spec),
+            "--num-samples", "4", "--epochs", "2", "--image-size", "64")
+    proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(), start_new_session=True)
+    finished: dict[str, float] = {}
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            cards = list(out.glob("trials/*/model.json"))
+            if cards:
+                time.sleep(0.5)  # let the bundle's last file land
+                finished = {c.parent.name: c.stat().st_mtime_ns for c in out.glob("trials/*/model.json")}
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert finished, "no trial finished before the search ended"
+    assert not (out / "trials.parquet").exists()
+
+    done = subprocess.run(_cli("tune", "--data", str(data), "--output", str(out), "--resume"),
+                          capture_output=True, text=True, env=_env(), timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resuming the search" in done.stdout
+    rows = _check_finished_search(out, 4)
+    for trial_id, mtime in finished.items():  # finished trials were not trained again
+        assert (out / "trials" / trial_id / "model.json").stat().st_mtime_ns == mtime
+        assert any(r["trial_id"] == trial_id and r["status"] == "completed" for r in rows)
+
+
+def test_resume_without_a_search_is_one_line(tmp_path):
+    done = subprocess.run(_cli("tune", "--data", str(tmp_path), "--output", str(tmp_path / "none"), "--resume"),
+                          capture_output=True, text=True, env=_env())
+    assert done.returncode == 2 and done.stderr.startswith("error: --resume: no search to resume"), done.stderr
