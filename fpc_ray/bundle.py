@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import platform
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from fpc_ray.errors import UserError
 from fpc_ray.storage import Location, resolve
 
 BUNDLE_FORMAT = "fpc-ray-bundle/1"
+POINTER_FORMAT = "fpc-ray-pointer/1"  # models/production.json: which bundle is in production
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
 HISTORY_FILE = "metrics.json"
@@ -123,8 +125,49 @@ class Bundle:
         return self.card["version"]
 
 
+def follow_pointer(uri: str, storage: StorageConfig | None = None) -> str:
+    """The bundle a promotion pointer (e.g. ``models/production.json``) names; a bundle URI as is."""
+    if not str(uri).rstrip("/").endswith(".json"):
+        return uri
+    loc = resolve(uri, storage)
+    if not loc.exists():
+        raise UserError(f"{uri}: no such model pointer")
+    try:
+        pointer = json.loads(loc.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{uri}: not valid JSON ({e})") from None
+    if not isinstance(pointer, dict) or pointer.get("format") != POINTER_FORMAT or "bundle" not in pointer:
+        raise UserError(f"{uri}: not an fpc-ray model pointer (format {POINTER_FORMAT})")
+    return pointer["bundle"]
+
+
+def read_pointer(uri: str, storage: StorageConfig | None = None) -> dict | None:
+    """A pointer's whole record, or None where there is none yet."""
+    loc = resolve(uri, storage)
+    if not loc.exists():
+        return None
+    follow_pointer(uri, storage)  # validates
+    return json.loads(loc.read_text())
+
+
+def write_pointer(uri: str, record: dict, storage: StorageConfig | None = None) -> None:
+    """Point ``uri`` at a bundle, atomically: readers see the old pointer or the new, never half.
+
+    Locally a temporary file is renamed over the pointer; on S3 a single PUT is atomic already.
+    """
+    loc = resolve(uri, storage)
+    body = json.dumps({"format": POINTER_FORMAT, **record}, indent=2)
+    if loc.uri.startswith("s3://"):
+        loc.write_text(body)
+        return
+    tmp = resolve(f"{loc.path}.tmp-{os.getpid()}", storage)
+    tmp.write_text(body)
+    os.replace(tmp.path, loc.path)
+
+
 def read_card(uri: str, storage: StorageConfig | None = None) -> dict:
-    """Just the card of a bundle."""
+    """Just the card of a bundle (or of the bundle a pointer names)."""
+    uri = follow_pointer(uri, storage)
     loc = resolve(uri, storage)
     card_loc = loc.join(CARD_FILE)
     if not card_loc.exists():
@@ -146,6 +189,7 @@ def load_bundle(uri: str, storage: StorageConfig | None = None) -> Bundle:
     """
     from fpc_ray.model import build_model
 
+    uri = follow_pointer(uri, storage)
     loc = resolve(uri, storage)
     card = read_card(uri, storage)
     cfg = Config.model_validate(card["config"])

@@ -245,6 +245,33 @@ def tune(
 
 @app.command()
 @user_errors
+def retrain(
+    data: DataOpt,
+    pointer: Annotated[str, typer.Option("--pointer", help="Promotion pointer, e.g. s3://models/production.json.")],
+    candidates: Annotated[str, typer.Option("--candidates", help="Prefix for candidate bundles (one per run).")],
+    margin: Annotated[float, typer.Option("--margin", min=0.0, max=1.0,
+                                          help="Promote unless top-1 drops by more than this.")] = 0.01,
+    test_data: Annotated[str | None, typer.Option("--test-data", help="Fixed test set (default: --data's "
+                                                                        "official test patients).")] = None,
+    config: ConfigOpt = None,
+    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size")] = None,
+    num_workers: Annotated[int | None, typer.Option("--num-workers", help="0 = in-process.")] = None,
+    use_gpu: Annotated[bool | None, typer.Option("--use-gpu/--no-gpu")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Fine-tune production on the latest data; promote the candidate only if it is not worse."""
+    from fpc_ray.config import load_config
+    from fpc_ray.train.retrain import retrain as run_retrain
+
+    cfg = load_config(config, set_, {"train.epochs": epochs, "data.image_size": image_size,
+                                     "train.num_workers": num_workers, "train.use_gpu": use_gpu})
+    decision = run_retrain(cfg, data, pointer, candidates, margin, test_data, echo=typer.echo)
+    typer.echo(decision.line)
+
+
+@app.command()
+@user_errors
 def demo(
     workdir: Annotated[str, typer.Option("--workdir", help="Where data, bundle and evaluation go.")] = "demo",
     per_class: Annotated[int, typer.Option("--per-class", min=6)] = 100,

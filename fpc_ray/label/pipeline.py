@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from fpc_ray.bundle import read_card
+from fpc_ray.bundle import follow_pointer, read_card
 from fpc_ray.config import StorageConfig
 from fpc_ray.errors import RunFailed, UserError
 from fpc_ray.label.schema import schema_with_metadata
@@ -178,6 +178,7 @@ def run_labelling(model_uri: str, input_uri: str, output_uri: str, opts: LabelOp
 
     started = time.perf_counter()
     storage = storage or StorageConfig()
+    model_uri = follow_pointer(model_uri, storage)  # once: every actor loads the same bundle
     card = read_card(model_uri, storage)
     run_id = opts.run_id or default_run_id()
     if "/" in run_id or not run_id:

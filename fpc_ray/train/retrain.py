@@ -1,0 +1,80 @@
+"""The retraining loop: fine-tune the production model on the latest data, promote only if not worse.
+
+1. Read the promotion pointer (``models/production.json``); its bundle is the current model.
+2. Train a candidate from it (``train.init_from``) on the latest data (``fpc-ray train``).
+3. Score the candidate and the current model on the same fixed test set: the official test
+   patients of ``--test-data`` (default: of ``--data``), which no training run ever sees.
+4. Promote (rewrite the pointer atomically) when the candidate's top-1 is at least the current
+   one's minus ``--margin``. The decision and both scores go into the candidate's card.
+
+With no pointer yet, the first candidate trains from the config alone and is promoted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fpc_ray.bundle import CARD_FILE, read_pointer, write_pointer
+from fpc_ray.config import Config
+from fpc_ray.evaluate import evaluate_bundle
+from fpc_ray.storage import resolve
+
+
+@dataclass
+class RetrainDecision:
+    promoted: bool
+    candidate_uri: str
+    candidate_top1: float
+    production_top1: float | None
+    line: str
+
+
+def retrain(cfg: Config, data_uri: str, pointer_uri: str, candidates_uri: str, margin: float = 0.01,
+            test_data_uri: str | None = None, echo: Callable[[str], None] = print) -> RetrainDecision:
+    """Train a candidate, compare it with production on one test set, promote it or not."""
+    from fpc_ray.train.driver import run_training
+
+    storage = cfg.storage
+    test_data_uri = test_data_uri or data_uri
+    pointer = read_pointer(pointer_uri, storage)
+    production = pointer["bundle"] if pointer else None
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.init_from = production
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    candidate_uri = resolve(candidates_uri, storage).join(stamp).uri
+    echo(f"retrain: production {production or '(none yet)'}; candidate -> {candidate_uri}")
+    outcome = run_training(cfg, data_uri, candidate_uri)
+
+    candidate = evaluate_bundle(candidate_uri, test_data_uri, "test", storage=storage, use_gpu=cfg.train.use_gpu)
+    current = (evaluate_bundle(production, test_data_uri, "test", storage=storage, use_gpu=cfg.train.use_gpu)
+               if production else None)
+    promoted = current is None or candidate["top1"] >= current["top1"] - margin
+    record = {
+        "decision": "promoted" if promoted else "refused",
+        "decided_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "margin": margin,
+        "test_data": {"uri": test_data_uri, "fingerprint": candidate["data_fingerprint"], "n": candidate["n"]},
+        "candidate": {"version": outcome.card["version"], "top1": candidate["top1"], "top2": candidate["top2"]},
+        "production": ({"uri": production, "version": current["model_version"], "top1": current["top1"],
+                        "top2": current["top2"]} if current else None),
+    }
+    # The card records the decision whichever way it went, so refused candidates explain themselves.
+    card_loc = resolve(candidate_uri, storage).join(CARD_FILE)
+    card = json.loads(card_loc.read_text())
+    card["promotion"] = record
+    card_loc.write_text(json.dumps(card, indent=2))
+
+    vs = f"{current['top1']:.4f}" if current else "none"
+    if promoted:
+        write_pointer(pointer_uri, {"bundle": candidate_uri, "version": outcome.card["version"],
+                                    "promoted_at": record["decided_at"], "test_top1": candidate["top1"],
+                                    "previous": ({"bundle": pointer["bundle"], "version": pointer.get("version")}
+                                                 if pointer else None)}, storage)
+        line = f"promoted {candidate_uri}: test top-1 {candidate['top1']:.4f} vs production {vs} (margin {margin})"
+    else:
+        line = (f"refused {candidate_uri}: test top-1 {candidate['top1']:.4f} is worse than production's {vs} "
+                f"by more than {margin}; {pointer_uri} unchanged")
+    return RetrainDecision(promoted, candidate_uri, candidate["top1"], current["top1"] if current else None, line)
