@@ -22,7 +22,7 @@ def day_prefix(archive: str, day: dt.date) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model bundle (folder or s3:// URI)")
+    parser.add_argument("--model", required=True, help="model bundle or promotion pointer (e.g. s3://bucket/models/production.json)")
     parser.add_argument("--archive", required=True, help="archive root holding YYYY/MM/DD/ folders")
     parser.add_argument("--output", required=True, help="labelling output prefix")
     parser.add_argument("--date", type=dt.date.fromisoformat, default=None,
