@@ -272,6 +272,29 @@ def retrain(
 
 @app.command()
 @user_errors
+def report(
+    target: Annotated[str, typer.Argument(help="A model bundle (or promotion pointer) or a committed run, "
+                                               "OUTPUT/run=<id>, local or s3://.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """One self-contained HTML page (pictures embedded) for a model bundle or a labelling run."""
+    from fpc_ray.config import load_config
+    from fpc_ray.report import build_report
+
+    cfg = load_config(config, set_)
+    if output.is_dir():
+        raise fail(f"--output {output}: is a folder; give a file name such as report.html")
+    if not output.parent.exists():
+        raise fail(f"--output {output}: folder {output.parent} does not exist")
+    kind, page = build_report(target, cfg.storage)
+    output.write_text(page, encoding="utf-8")
+    typer.echo(f"wrote the {kind} report of {target} to {output} ({len(page) / 1e6:.1f} MB)")
+
+
+@app.command()
+@user_errors
 def demo(
     workdir: Annotated[str, typer.Option("--workdir", help="Where data, bundle and evaluation go.")] = "demo",
     per_class: Annotated[int, typer.Option("--per-class", min=6)] = 100,

@@ -19,6 +19,7 @@ from fpc_ray.data.synth import synthesize
 from fpc_ray.devtools.s3server import EmbeddedS3
 from fpc_ray.evaluate import evaluate_bundle, save_report, summary_lines
 from fpc_ray.label.pipeline import LabelOptions, run_labelling
+from fpc_ray.report import build_report
 from fpc_ray.train.driver import run_training
 
 BROKEN = {"empty.png": b"", "notes.txt": b"scanner export log\n", "cut.png": None}
@@ -73,8 +74,16 @@ def run_demo(workdir: str, per_class: int = 100, epochs: int = 6, image_size: in
              f"{summary['errors_by_kind']}")
         echo("      by class: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["by_class"].items())))
 
+        # The pictures a person looks at: one page for the model, one for the night's run.
+        pages = {}
+        for name, target in (("model.html", bundle), ("run.html", summary["output"])):
+            pages[name] = os.path.join(workdir, name)
+            with open(pages[name], "w", encoding="utf-8") as f:
+                f.write(build_report(target, cfg.storage)[1])
+
     echo(f"bundle:     {outcome.bundle_uri}  (version {outcome.card['version']})")
     echo(f"evaluation: {', '.join(written)}")
+    echo(f"reports:    {pages['model.html']} and {pages['run.html']} (open them in a browser)")
     echo(f"parquet:    {summary['output']}/part-*.parquet  (SeaweedFS data in {workdir}/s3; "
          f"serve it again with python -m fpc_ray.devtools.s3server {workdir}/s3)")
     echo(f"demo finished in {time.perf_counter() - started:.0f}s")

@@ -1,0 +1,116 @@
+"""The report of a committed labelling run: counts, confidences, galleries, errors, timings."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from fpc_ray import plots
+from fpc_ray.config import StorageConfig
+from fpc_ray.label.pipeline import SUCCESS
+from fpc_ray.report.page import esc, page, section, table
+from fpc_ray.report.page import img as img_tag
+from fpc_ray.storage import Location
+
+SUMMARY_COLUMNS = ["source_uri", "frame", "study_uid", "label", "confidence", "error"]
+LEAST_CONFIDENT = 24
+PER_CLASS = 6
+ERRORS_SHOWN = 50
+
+
+def _parts(run: Location) -> list[str]:
+    import pyarrow.fs as pafs
+
+    infos = run.fs.get_file_info(pafs.FileSelector(run.path))
+    return sorted(i.path for i in infos if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
+
+
+def _figure(png: bytes | None, caption: str) -> str:
+    picture = img_tag(png, caption, cls="thumb") if png else "<div class=\"muted\">no thumbnail</div>"
+    return f"<figure>{picture}<figcaption>{esc(caption)}</figcaption></figure>"
+
+
+def run_report(run: Location, storage: StorageConfig) -> str:
+    summary = json.loads(run.join(SUCCESS).read_text())
+    parts = _parts(run)
+    tables = [pq.read_table(p, columns=SUMMARY_COLUMNS, filesystem=run.fs) for p in parts]
+    rows = [(pi, ri, r) for pi, t in enumerate(tables) for ri, r in enumerate(t.to_pylist())]
+    labelled = [x for x in rows if x[2]["label"] is not None]
+    sections = []
+
+    timings = summary.get("timings", {})
+    overview = [("run", summary["run_id"]), ("model", f"{summary['model_version']} ({summary['model_uri']})"),
+                ("input", summary["input"]), ("objects listed", summary["objects"]["listed"]),
+                ("skipped (already labelled)", summary["objects"]["skipped"]),
+                ("labelled objects", summary["objects"]["labelled"]), ("rows (frames)", summary["rows"]),
+                ("labelled frames", summary["labelled"]), ("errors", summary["errors"]),
+                *((f"time: {k}", v) for k, v in timings.items()),
+                ("options", json.dumps(summary.get("options", {})))]
+    sections.append(section("Run", table(["", "value"], overview)))
+
+    by_class = Counter(r["label"] for _, _, r in labelled)
+    if by_class:
+        names = sorted(by_class, key=lambda n: -by_class[n])
+        sections.append(section("Frames by class", img_tag(plots.bar_png(names, [by_class[n] for n in names],
+                                                                         "labelled frames per class"), "by class")))
+        conf = [r["confidence"] for _, _, r in labelled]
+        sections.append(section(
+            "Confidence", img_tag(plots.histogram_png(conf, "top-1 confidence", "confidence"), "confidence histogram"),
+            f"<p>median {np.median(conf):.3f}; below 0.5: {sum(c < 0.5 for c in conf)} of {len(conf)} frames</p>"))
+        studies = Counter(r["study_uid"] or "(not DICOM)" for _, _, r in labelled)
+        by_study = Counter()
+        for _, _, r in labelled:
+            by_study[(r["study_uid"] or "(not DICOM)", r["label"])] += 1
+        top = studies.most_common(30)
+        sections.append(section(
+            f"Studies ({len(studies)}; the {len(top)} largest)",
+            table(["study UID", "frames", "classes"],
+                  [(s, n, ", ".join(f"{lab} {c}" for (st, lab), c in sorted(by_study.items()) if st == s))
+                   for s, n in top], numeric={1})))
+
+        # Galleries: only the chosen rows' thumbnails are read, so memory stays small.
+        least = sorted(labelled, key=lambda x: x[2]["confidence"])[:LEAST_CONFIDENT]
+        sample: list = []
+        for name in sorted(by_class):
+            sample += [x for x in labelled if x[2]["label"] == name][:PER_CLASS]
+        pngs = _thumbnails(parts, run, least + sample)
+        sections.append(section(
+            "Least confident frames",
+            "<div class=\"gallery\">" + "".join(
+                _figure(pngs.get((p, i)), f"{r['label']} {r['confidence']:.2f} · {r['source_uri']}"
+                        + (f" [frame {r['frame']}]" if r["frame"] else "")) for p, i, r in least) + "</div>"))
+        per_class_html = []
+        for name in sorted(by_class):
+            chosen = [x for x in sample if x[2]["label"] == name]
+            per_class_html.append(f"<h3>{esc(name)}</h3><div class=\"gallery\">" + "".join(
+                _figure(pngs.get((p, i)), f"{r['confidence']:.2f} · {r['source_uri']}") for p, i, r in chosen)
+                + "</div>")
+        sections.append(section("A sample per class", *per_class_html))
+
+    errors = [r for _, _, r in rows if r["error"]]
+    if errors:
+        kinds = Counter(e["error"].split(":")[0] for e in errors)
+        blocks = [img_tag(plots.bar_png(list(kinds), list(kinds.values()), "errors by kind"), "errors by kind")]
+        for kind, n in kinds.most_common():
+            shown = [e for e in errors if e["error"].split(":")[0] == kind][:ERRORS_SHOWN]
+            blocks.append(f"<h3>{esc(kind)} ({n})</h3>" + table(["source", "error"],
+                                                                 [(e["source_uri"], e["error"]) for e in shown]))
+        sections.append(section(f"Errors ({len(errors)})", *blocks))
+    else:
+        sections.append(section("Errors", "<p>None: every object decoded.</p>"))
+    return page(f"fpc-ray labelling run {summary['run_id']}", esc(run.uri), sections)
+
+
+def _thumbnails(parts: list[str], run: Location, chosen: list) -> dict:
+    wanted: dict[int, list[int]] = {}
+    for p, i, _ in chosen:
+        wanted.setdefault(p, []).append(i)
+    out = {}
+    for p, indices in wanted.items():
+        column = pq.read_table(parts[p], columns=["gradcam_png"], filesystem=run.fs).column(0)
+        for i in set(indices):
+            out[(p, i)] = column[i].as_py()
+    return out
