@@ -125,17 +125,21 @@ class Bundle:
         return self.card["version"]
 
 
+def _read_json(loc: Location, missing: str) -> dict:
+    """A small JSON document (card or pointer); user errors for a missing or broken file."""
+    if not loc.exists():
+        raise UserError(missing)
+    try:
+        return json.loads(loc.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{loc.uri}: not valid JSON ({e})") from None
+
+
 def follow_pointer(uri: str, storage: StorageConfig | None = None) -> str:
     """The bundle a promotion pointer (e.g. ``models/production.json``) names; a bundle URI as is."""
     if not str(uri).rstrip("/").endswith(".json"):
         return uri
-    loc = resolve(uri, storage)
-    if not loc.exists():
-        raise UserError(f"{uri}: no such model pointer")
-    try:
-        pointer = json.loads(loc.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{uri}: not valid JSON ({e})") from None
+    pointer = _read_json(resolve(uri, storage), f"{uri}: no such model pointer")
     if not isinstance(pointer, dict) or pointer.get("format") != POINTER_FORMAT or "bundle" not in pointer:
         raise UserError(f"{uri}: not an fpc-ray model pointer (format {POINTER_FORMAT})")
     return pointer["bundle"]
@@ -170,12 +174,7 @@ def read_card(uri: str, storage: StorageConfig | None = None) -> dict:
     uri = follow_pointer(uri, storage)
     loc = resolve(uri, storage)
     card_loc = loc.join(CARD_FILE)
-    if not card_loc.exists():
-        raise UserError(f"{uri}: not a model bundle (no {CARD_FILE})")
-    try:
-        card = json.loads(card_loc.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{card_loc.uri}: not valid JSON ({e})") from None
+    card = _read_json(card_loc, f"{uri}: not a model bundle (no {CARD_FILE})")
     if card.get("format") != BUNDLE_FORMAT:
         raise UserError(f"{card_loc.uri}: unknown bundle format {card.get('format')!r}")
     return card
