@@ -239,8 +239,10 @@ def tune(
                f"{output.rstrip('/')}/trials.parquet")
     if outcome.best is None:
         raise fail("no trial ran to the end, so there is no best configuration", code=1)
-    typer.echo(f"best: {output.rstrip('/')}/best.yaml and {output.rstrip('/')}/best/ "
-               f"(fpc-ray train --config {output.rstrip('/')}/best.yaml --data ... --output ...)")
+    out = output.rstrip("/")
+    how = (f"fpc-ray train --config {out}/best.yaml --data ... --output ..." if "://" not in out
+           else "download best.yaml, then fpc-ray train --config best.yaml --data ... --output ...")
+    typer.echo(f"best: {out}/best.yaml and {out}/best/ ({how})")
 
 
 @app.command()

@@ -45,6 +45,8 @@ def ray_local():
     """A local Ray cluster with 2 CPUs, shared by a test module."""
     import ray
 
+    if ray.is_initialized():  # a cluster another module's in-process run left behind
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
     yield
     ray.shutdown()

@@ -51,8 +51,11 @@ def labelled(tmp_path_factory):
         shutil.copy(image, archive / image.name)
     (archive / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
     (archive / "notes.txt").write_text("not an image")
+    import ray
+
     run_labelling(str(root / "bundle"), str(archive), str(root / "labels"), LabelOptions(run_id="r1"),
                   echo=lambda s: None)
+    ray.shutdown()  # the in-process cluster run_labelling started; later modules start their own
     return root
 
 

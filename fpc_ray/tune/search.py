@@ -181,8 +181,9 @@ def _tuner(spec: TuneSpec, data_uri: str, out: Location, resume: bool, echo: Cal
     storage_path, storage_fs = (out.path, out.fs) if is_remote(out.uri) else (out.path, None)
     experiment = out.join(EXPERIMENT)
     if resume:
-        return tune.Tuner.restore(experiment.uri if is_remote(out.uri) else experiment.path, trainable,
-                                  resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs)
+        # With an explicit filesystem Ray wants the path inside it (bucket/key), not the URI.
+        return tune.Tuner.restore(experiment.path, trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=storage_fs)
     default = spec.default_point() if spec.search.include_default else None
     searcher = OptunaSearch(seed=spec.search.seed,
                             points_to_evaluate=[{k: _encode(v) for k, v in default.items()}] if default else None)
