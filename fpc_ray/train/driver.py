@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -188,6 +189,8 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
         "val": share(arrays["val"]),
         "class_names": list(CLASS_NAMES),
         "init_weights": share(init_weights) if init_weights is not None else None,
+        # In a terminal, a line at each quarter epoch too (epochs on real data take minutes).
+        "progress_within_epoch": sys.stdout.isatty(),
     }
     storage_path, storage_fs = _run_storage(out)
     run_name = run_name or "train-" + dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")

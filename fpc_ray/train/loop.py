@@ -176,7 +176,8 @@ def train_loop_per_worker(config: dict) -> None:
         wrapped.train()
         t0 = time.perf_counter()
         loss_sum, seen = 0.0, 0
-        for images, labels in loader:
+        quarter = max(1, len(loader) // 4) if config.get("progress_within_epoch") and rank == 0 else 0
+        for step, (images, labels) in enumerate(loader, 1):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             if on_gpu:
@@ -192,6 +193,9 @@ def train_loop_per_worker(config: dict) -> None:
             scheduler.step()
             loss_sum += float(loss.detach()) * len(labels)
             seen += len(labels)
+            if quarter and step % quarter == 0 and step < len(loader):
+                print(f"epoch {epoch + 1}/{tc.epochs}  {100 * step // len(loader)}%  loss {loss_sum / seen:.4f}  "
+                      f"{seen / (time.perf_counter() - t0):.1f} img/s (this worker)", flush=True)
         train_time = time.perf_counter() - t0
         loss_total, seen_total = _all_reduce_sum([loss_sum, seen], device)
         metrics = {
