@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fpc_ray.data.synth import synthesize
+from tests.phantom import phantom_bundle
 
 pytestmark = pytest.mark.ray
 
@@ -85,13 +85,8 @@ def _submit(address: str, *entrypoint: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    from fpc_ray.config import load_config
-    from fpc_ray.train.driver import run_training
-
     root = tmp_path_factory.mktemp("cluster")
-    synthesize(str(root / "data"), per_class=10, seed=4, width=128, height=96)
-    cfg = load_config(None, ["data.image_size=64", "train.epochs=1", "train.num_workers=0"])
-    run_training(cfg, str(root / "data"), str(root / "bundle"))
+    phantom_bundle(root, seed=4, epochs=1)
     return root
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fpc_ray.data.synth import synthesize
+from tests.phantom import phantom_bundle
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -37,14 +37,10 @@ def chromium() -> str:
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     """A trained phantom bundle and a committed labelling run over a folder with a broken file."""
-    from fpc_ray.config import load_config
     from fpc_ray.label.pipeline import LabelOptions, run_labelling
-    from fpc_ray.train.driver import run_training
 
     root = tmp_path_factory.mktemp("report")
-    synthesize(str(root / "data"), per_class=10, seed=8, width=128, height=96)
-    cfg = load_config(None, ["data.image_size=64", "train.epochs=2", "train.num_workers=0"])
-    run_training(cfg, str(root / "data"), str(root / "bundle"))
+    phantom_bundle(root, seed=8, epochs=2)
     archive = root / "archive"
     archive.mkdir()
     for image in sorted((root / "data" / "Images").glob("*.png"))[:30]:
