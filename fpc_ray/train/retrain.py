@@ -62,10 +62,8 @@ def retrain(cfg: Config, data_uri: str, pointer_uri: str, candidates_uri: str, m
                         "top2": current["top2"]} if current else None),
     }
     # The card records the decision whichever way it went, so refused candidates explain themselves.
-    card_loc = resolve(candidate_uri, storage).join(CARD_FILE)
-    card = json.loads(card_loc.read_text())
-    card["promotion"] = record
-    card_loc.write_text(json.dumps(card, indent=2))
+    card = {**outcome.card, "promotion": record}  # the card run_training just wrote, plus the decision
+    resolve(candidate_uri, storage).join(CARD_FILE).write_text(json.dumps(card, indent=2))
 
     vs = f"{current['top1']:.4f}" if current else "none"
     if promoted:

@@ -240,7 +240,8 @@ def run_search(spec: TuneSpec, data_uri: str, output_uri: str, resume: bool = Fa
         echo("note: the base configuration lies outside the space, so its score is not measured")
 
     grid = _tuner(spec, data_uri, out, resume, echo).fit()
-    rows = [_row(spec, result, out) for result in grid]
+    default_point = spec.default_point() or {}
+    rows = [_row(spec, result, out, default_point) for result in grid]
     rows.sort(key=lambda r: (r["best_val_top1"] is None, -(r["best_val_top1"] or 0), -(r["best_val_top2"] or 0)))
     _write_trials(out, rows)
     best = next((r for r in rows if r["status"] == "completed"), None)
@@ -251,20 +252,21 @@ def run_search(spec: TuneSpec, data_uri: str, output_uri: str, resume: bool = Fa
 
 
 # ---------------------------------------------------------------- results
-def _row(spec: TuneSpec, result, out: Location) -> dict:
+def _row(spec: TuneSpec, result, out: Location, default_point: dict) -> dict:
+    from fpc_ray.data.fetal_planes import CLASS_NAMES
     from fpc_ray.model import build_model, count_parameters
 
     params = {k: _decode(result.config[k]) for k in spec.space}
     trial_id = os.path.basename(result.path.rstrip("/")).split("_")[1] if result.path else None
     trial_id = (result.metrics or {}).get("trial_id") or trial_id
     history = result.metrics_dataframe
-    row: dict[str, Any] = {"trial_id": trial_id, "is_default": params == (spec.default_point() or {})}
+    row: dict[str, Any] = {"trial_id": trial_id, "is_default": params == default_point}
     row.update({f"param.{k}": json.dumps(v) if isinstance(v, list) else v for k, v in params.items()})
     try:
-        cfg = trial_config(spec, result.config)
-        row["parameters"] = count_parameters(build_model(cfg.model, 6, pretrained=False))["total"]
+        model_cfg = trial_config(spec, result.config).model
+        row["parameters"] = count_parameters(build_model(model_cfg, len(CLASS_NAMES), pretrained=False))["total"]
     except Exception:  # a point the config rejects: the trial errored on it too
-        cfg, row["parameters"] = None, None
+        row["parameters"] = None
     bundle = out.join(TRIALS_DIR, trial_id) if trial_id else None
     if bundle is not None and bundle.join(CARD_FILE).exists():
         card = read_card(bundle.uri, spec.base.storage)
