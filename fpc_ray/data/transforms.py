@@ -67,18 +67,26 @@ def decode_image_bytes(data: bytes) -> np.ndarray:
     return to_gray_u8(arr)
 
 
+def letterbox_box(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """Where an ``h x w`` frame lies in its ``size`` letterbox: ``(top, left, height, width)``.
+
+    The one definition of the geometry: CAM thumbnails crop the padding away with it.
+    """
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    return (size - nh) // 2, (size - nw) // 2, nh, nw
+
+
 def letterbox(gray: np.ndarray, size: int) -> np.ndarray:
     """Resize so the long side is ``size``, keeping the aspect ratio, and pad to a square.
 
     Padding is black, like the background of an ultrasound sector, and centred.
     """
     h, w = gray.shape[:2]
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    top, left, nh, nw = letterbox_box(h, w, size)
+    interp = cv2.INTER_AREA if size < max(h, w) else cv2.INTER_LINEAR
     resized = cv2.resize(gray, (nw, nh), interpolation=interp)
     out = np.zeros((size, size), dtype=np.uint8)
-    top, left = (size - nh) // 2, (size - nw) // 2
     out[top : top + nh, left : left + nw] = resized
     return out
 

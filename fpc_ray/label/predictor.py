@@ -19,17 +19,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from fpc_ray.data.transforms import eval_transform, letterbox
+from fpc_ray.data.transforms import eval_transform, letterbox, letterbox_box
 from fpc_ray.label.decode import DecodeError, decode_object
 from fpc_ray.label.schema import LABEL_SCHEMA
 
 _PASSED_THROUGH = ("source_uri", "frame", "study_uid", "series_uid", "sop_uid", "width", "height",
                    "content_sha256", "error")
-
-
-def _thumb_dims(width: int, height: int, long_side: int) -> tuple[int, int]:
-    scale = long_side / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 class ReadDecode:
@@ -65,7 +60,8 @@ class ReadDecode:
         rows = []
         for index, gray in decoded.frames:
             h, w = gray.shape
-            thumb = cv2.resize(gray, _thumb_dims(w, h, self.thumb_size), interpolation=cv2.INTER_AREA)
+            _, _, th, tw = letterbox_box(h, w, self.thumb_size)  # the frame's size, long side thumb_size
+            thumb = cv2.resize(gray, (tw, th), interpolation=cv2.INTER_AREA)
             rows.append({**base, **decoded.uids, "frame": index, "width": w, "height": h, "error": None,
                          "pixels": letterbox(gray, self.input_size), "thumb": thumb})
         return rows
@@ -78,9 +74,7 @@ def cam_thumbnail(cam: np.ndarray, thumb: np.ndarray, width: int, height: int, s
     the padding, and resized onto the thumbnail, so the heat lies on the anatomy it explains.
     """
     cam_full = cv2.resize(cam.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
-    scale = size / max(width, height)
-    nh, nw = max(1, round(height * scale)), max(1, round(width * scale))
-    top, left = (size - nh) // 2, (size - nw) // 2
+    top, left, nh, nw = letterbox_box(height, width, size)
     region = cam_full[top:top + nh, left:left + nw]
     th, tw = thumb.shape
     heat = cv2.resize(region, (tw, th), interpolation=cv2.INTER_LINEAR)
