@@ -143,16 +143,18 @@ def _decode_threads(opts: LabelOptions) -> int:
     return max(2, min(int(per_gpu * _gpu_share(opts.workers)), 16))
 
 
-def _staged_parts(staged: Location) -> list[str]:
-    """The Parquet parts a run has written to its staging folder, in a stable order."""
-    return sorted(f.path for f in staged.fs.get_file_info(pafs.FileSelector(staged.path, recursive=True))
-                  if f.type == pafs.FileType.File and f.path.endswith(".parquet"))
+def parquet_parts(folder: Location, prefix: str = "") -> list[str]:
+    """The Parquet files under a run's staging or committed folder (names starting with
+    ``prefix``: ``part-`` leaves out a committed run's ``_objects.parquet``), in a stable order."""
+    infos = folder.fs.get_file_info(pafs.FileSelector(folder.path, recursive=True))
+    return sorted(f.path for f in infos if f.type == pafs.FileType.File and f.base_name.startswith(prefix)
+                  and f.base_name.endswith(".parquet"))
 
 
 def _summarise(staged: Location) -> tuple[int, int, Counter, Counter]:
     import pyarrow.dataset as pads
 
-    parts = _staged_parts(staged)
+    parts = parquet_parts(staged)
     if not parts:
         return 0, 0, Counter(), Counter()
     table = pads.dataset(parts, filesystem=staged.fs, format="parquet").to_table(columns=["label", "error"])
@@ -224,7 +226,7 @@ def run_labelling(model_uri: str, input_uri: str, output_uri: str, opts: LabelOp
         try:
             # Parquet writes are light: a quarter CPU each, so they never queue behind the
             # predictors for a whole core (measured +20 % labelling throughput on 2 CPUs).
-            with StagedRowsWatcher(staged, len(todo), echo):
+            with StagedRowsWatcher(lambda: parquet_parts(staged), staged.fs, len(todo), echo):
                 ds.write_parquet(staged.path, filesystem=staged.fs, schema=schema_with_metadata(card),
                                  ray_remote_args={"num_cpus": 0.25})
         except Exception as e:  # storage outage or lost workers, after Ray's and S3's retries
@@ -251,7 +253,7 @@ def run_labelling(model_uri: str, input_uri: str, output_uri: str, opts: LabelOp
     if run_dir.exists():  # parts of an earlier attempt whose commit was cut short
         run_dir.fs.delete_dir_contents(run_dir.path)
     run_dir.makedirs()
-    for i, path in enumerate(_staged_parts(staged)):
+    for i, path in enumerate(parquet_parts(staged)):
         staged.fs.move(path, run_dir.join(f"part-{i:05d}.parquet").path)
     pq.write_table(pa.Table.from_pylist(todo, schema=OBJECTS_SCHEMA), run_dir.join(OBJECTS).path,
                    filesystem=run_dir.fs)

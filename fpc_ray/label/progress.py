@@ -17,8 +17,6 @@ from collections.abc import Callable
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from fpc_ray.storage import Location
-
 
 def interactive() -> bool:
     return sys.stdout.isatty()
@@ -38,8 +36,9 @@ def configure_ray_data() -> None:
 class StagedRowsWatcher:
     """Prints ``progress: N frames written (R/s)`` every ``every_s`` seconds while the run writes."""
 
-    def __init__(self, staged: Location, objects: int, echo: Callable[[str], None], every_s: float = 15.0):
-        self.staged, self.objects, self.echo, self.every_s = staged, objects, echo, every_s
+    def __init__(self, list_parts: Callable[[], list[str]], fs: pafs.FileSystem, objects: int,
+                 echo: Callable[[str], None], every_s: float = 15.0):
+        self.list_parts, self.fs, self.objects, self.echo, self.every_s = list_parts, fs, objects, echo, every_s
         self._rows: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="label-progress", daemon=True)
@@ -56,13 +55,13 @@ class StagedRowsWatcher:
 
     def _count(self) -> int:
         try:
-            infos = self.staged.fs.get_file_info(pafs.FileSelector(self.staged.path, recursive=True))
+            parts = self.list_parts()
         except OSError:
             return sum(self._rows.values())
-        for info in infos:
-            if info.path.endswith(".parquet") and info.path not in self._rows:
+        for path in parts:
+            if path not in self._rows:
                 try:
-                    self._rows[info.path] = pq.read_metadata(info.path, filesystem=self.staged.fs).num_rows
+                    self._rows[path] = pq.read_metadata(path, filesystem=self.fs).num_rows
                 except (OSError, ValueError):  # still being written
                     pass
         return sum(self._rows.values())

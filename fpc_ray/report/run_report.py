@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from fpc_ray import plots
 from fpc_ray.config import StorageConfig
-from fpc_ray.label.pipeline import SUCCESS
+from fpc_ray.label.pipeline import SUCCESS, parquet_parts
 from fpc_ray.report.page import esc, page, section, table
 from fpc_ray.report.page import img as img_tag
 from fpc_ray.storage import Location
@@ -21,13 +21,6 @@ PER_CLASS = 6
 ERRORS_SHOWN = 50
 
 
-def _parts(run: Location) -> list[str]:
-    import pyarrow.fs as pafs
-
-    infos = run.fs.get_file_info(pafs.FileSelector(run.path))
-    return sorted(i.path for i in infos if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
-
-
 def _figure(png: bytes | None, caption: str) -> str:
     picture = img_tag(png, caption, cls="thumb") if png else "<div class=\"muted\">no thumbnail</div>"
     return f"<figure>{picture}<figcaption>{esc(caption)}</figcaption></figure>"
@@ -35,7 +28,7 @@ def _figure(png: bytes | None, caption: str) -> str:
 
 def run_report(run: Location, storage: StorageConfig) -> str:
     summary = json.loads(run.join(SUCCESS).read_text())
-    parts = _parts(run)
+    parts = parquet_parts(run, "part-")
     tables = [pq.read_table(p, columns=SUMMARY_COLUMNS, filesystem=run.fs) for p in parts]
     rows = [(pi, ri, r) for pi, t in enumerate(tables) for ri, r in enumerate(t.to_pylist())]
     labelled = [x for x in rows if x[2]["label"] is not None]
