@@ -21,7 +21,7 @@ def build_report(target: str, storage: StorageConfig) -> tuple[str, str]:
         from fpc_ray.report.run_report import run_report
 
         return "run", run_report(loc, storage)
-    if loc.join("_staging").exists() or loc.exists():
+    if loc.exists():
         raise UserError(f"{target}: not a model bundle (no {CARD_FILE}) or a committed labelling run "
                         f"(no {SUCCESS}); a run is OUTPUT/run=<id>/")
     raise UserError(f"{target}: no such bundle or run")
