@@ -15,6 +15,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    MPEG2MPML,
     RLELossless,
     UltrasoundImageStorage,
     UltrasoundMultiFrameImageStorage,
@@ -120,6 +121,15 @@ def dicom_palette(gray: np.ndarray) -> bytes:
 
 def dicom_without_pixels() -> bytes:
     ds = _base(UltrasoundImageStorage, 64, 64)
+    return _bytes(ds)
+
+
+def dicom_mpeg2_video() -> bytes:
+    """An MPEG-2 ultrasound clip: a transfer syntax no pixel decoder here handles."""
+    ds = _base(UltrasoundImageStorage, 48, 64)
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + b"\x00" * 64])  # an MPEG sequence header
+    ds["PixelData"].VR = "OB"
     return _bytes(ds)
 
 

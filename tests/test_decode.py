@@ -44,6 +44,7 @@ def test_multiframe_rgb_and_jpeg_cine_with_stride():
     ("nopixels", fx.dicom_without_pixels(), "no_pixels"),
     ("cut.dcm", fx.dicom_mono(GRAY)[:-500], "truncated"),
     ("bomb.png", fx.png_bomb(), "too_large"),
+    ("clip.dcm", fx.dicom_mpeg2_video(), "unsupported"),
 ])
 def test_broken_objects_get_a_kind(name, data, kind):
     with pytest.raises(DecodeError) as err:
