@@ -11,11 +11,11 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    MPEG2MPML,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
-    MPEG2MPML,
     RLELossless,
     UltrasoundImageStorage,
     UltrasoundMultiFrameImageStorage,
