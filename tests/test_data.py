@@ -136,6 +136,20 @@ def test_letterbox_keeps_aspect_and_centres():
     assert out[32].min() == 200  # full width in the middle
 
 
+def test_model_input_is_albumentations_normalisation():
+    """Bundles trained when eval went through albumentations see the same tensors now."""
+    import albumentations as A
+    from albumentations.pytorch import ToTensorV2
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    reference = A.Compose([A.ToRGB(num_output_channels=3), A.Normalize(mean=mean, std=std, max_pixel_value=255.0),
+                           ToTensorV2()])
+    img = (np.random.default_rng(1).random((48, 64)) * 255).astype(np.uint8)
+    want, got = reference(image=img)["image"], eval_transform(mean, std)(image=img)["image"]
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert float((got - want).abs().max()) < 1e-5
+
+
 def test_eval_and_train_transforms_give_three_equal_normalised_channels():
     img = letterbox((np.random.default_rng(0).random((60, 80)) * 255).astype(np.uint8), 64)
     x = eval_transform((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))(image=img)["image"]

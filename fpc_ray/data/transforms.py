@@ -2,20 +2,25 @@
 
 Training, evaluation and labelling share these functions, so a bundle's model always sees its
 input prepared the same way. Ultrasound is grayscale; every image becomes one 8-bit channel
-here, and :func:`_to_model_channels` is the one place it is expanded to the backbone's three.
+here, and :class:`ModelInput` is the one place it is expanded to the backbone's three and
+normalised. Albumentations is imported only for training augmentation: labelling actors start
+without it (half a second of every actor's start-up on a 2-core machine).
 """
 
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
-import albumentations as A
 import cv2
 import numpy as np
-from albumentations.pytorch import ToTensorV2
+import torch
 from PIL import Image
 
 from fpc_ray.config import AugmentConfig
+
+if TYPE_CHECKING:
+    import albumentations as A
 
 # PIL refuses images above this many pixels (a decompression bomb guard); 16k x 16k is far
 # above any ultrasound frame.
@@ -91,26 +96,39 @@ def letterbox(gray: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def _to_model_channels(mean, std) -> list:
-    """The one place grayscale becomes the backbone's three channels, then is normalised."""
-    return [
-        A.ToRGB(num_output_channels=3),
-        A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
-        ToTensorV2(),
-    ]
+class ModelInput:
+    """Letterboxed HxW uint8 -> normalised 3xHxW float tensor, after an optional augmentation.
+
+    Called like an albumentations transform (``t(image=x)["image"]``), so datasets take either.
+    The arithmetic is albumentations' ``ToRGB`` + ``Normalize(max_pixel_value=255)`` +
+    ``ToTensorV2`` (a test holds them equal): bundles trained before this class see the same input.
+    """
+
+    def __init__(self, mean, std, augment: A.Compose | None = None):
+        self.scale = (1.0 / (255.0 * np.asarray(std, np.float32))).reshape(3, 1, 1)
+        self.offset = (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).reshape(3, 1, 1)
+        self.augment = augment
+
+    def __call__(self, image: np.ndarray) -> dict[str, torch.Tensor]:
+        if self.augment is not None:
+            image = self.augment(image=image)["image"]
+        gray = np.asarray(image, np.float32)[None]  # 1xHxW: the three channels are equal
+        return {"image": torch.from_numpy(gray * self.scale - self.offset)}
 
 
-def eval_transform(mean, std) -> A.Compose:
+def eval_transform(mean, std) -> ModelInput:
     """Letterboxed HxW uint8 -> normalised 3xHxW float tensor, deterministic."""
-    return A.Compose(_to_model_channels(mean, std))
+    return ModelInput(mean, std)
 
 
-def train_transform(aug: AugmentConfig, mean, std, seed: int | None = None) -> A.Compose:
+def train_transform(aug: AugmentConfig, mean, std, seed: int | None = None) -> ModelInput:
     """Ultrasound-sensible augmentation on the letterboxed image, then the eval steps.
 
     Small rotations, scale and shifts (probe position), horizontal flips (probe orientation),
     brightness / contrast / gamma (gain and machine presets), noise (speckle) and blur.
     """
+    import albumentations as A
+
     steps = []
     if aug.rotate_limit or aug.scale_limit or aug.shift_limit:
         steps.append(
@@ -130,9 +148,5 @@ def train_transform(aug: AugmentConfig, mean, std, seed: int | None = None) -> A
         A.GaussNoise(std_range=(0.02, 0.08), p=aug.noise_p),
         A.GaussianBlur(blur_limit=(3, 5), p=aug.blur_p),
     ]
-    return A.Compose(steps + _to_model_channels(mean, std), seed=seed)
+    return ModelInput(mean, std, A.Compose(steps, seed=seed))
 
-
-def preprocess(gray: np.ndarray, size: int, transform: A.Compose):
-    """Letterbox then transform: the full eval preprocessing for one decoded frame."""
-    return transform(image=letterbox(gray, size))["image"]
