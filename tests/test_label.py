@@ -257,3 +257,16 @@ def test_label_user_errors_are_one_line(env, tmp_path):
     result = runner.invoke(app, ["label", "--model", str(tmp_path), "--input", str(junk),
                                  "--output", str(tmp_path / "out3")])
     assert result.exit_code == 2 and "not a model bundle" in result.output
+
+
+@pytest.mark.parametrize("objects,batch,workers", [(2000, 32, 1), (20000, 32, 1), (40, 32, 4), (7, 32, 1),
+                                                   (1000, 32, 4)])
+def test_object_blocks_are_whole_batches_and_cover_every_object_once(objects, batch, workers):
+    from fpc_ray.label.pipeline import _object_blocks
+
+    todo = [{"uri": f"s3://a/{i}", "size": i, "mtime_ns": 0} for i in range(objects)]
+    blocks = _object_blocks(todo, batch, workers)
+    assert [u for b in blocks for u in b["uri"].to_pylist()] == [o["uri"] for o in todo]
+    assert len(blocks) >= min(workers, objects)
+    if objects >= batch * workers:  # every block but the last is whole batches
+        assert all(b.num_rows % batch == 0 for b in blocks[:-1])

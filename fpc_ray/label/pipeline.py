@@ -34,6 +34,7 @@ from fpc_ray.storage import Location, is_remote, resolve
 SUCCESS = "_SUCCESS.json"
 OBJECTS = "_objects.parquet"
 STAGING = "_staging"
+BATCHES_PER_BLOCK = 4  # batches per Ray Data block (see _object_blocks)
 OBJECTS_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64())])
 
 
@@ -143,6 +144,22 @@ def _decode_threads(opts: LabelOptions) -> int:
     return max(2, min(int(per_gpu * _gpu_share(opts.workers)), 16))
 
 
+def _object_blocks(todo: list[dict], batch_size: int, workers: int) -> list[pa.Table]:
+    """The objects to label as Ray Data blocks of whole batches.
+
+    Blocks split evenly (``from_items``) end in a remainder batch of one or two objects, and a
+    predictor call costs the same forward pass for one image as for a few: whole batches per
+    block keep every call full. A few batches per block amortise Ray Data's per-task cost while
+    leaving at least four blocks per actor to balance the pool.
+    """
+    batches = -(-len(todo) // batch_size)
+    per_block = max(1, min(BATCHES_PER_BLOCK, batches // (4 * workers)))
+    rows = per_block * batch_size
+    if batches < workers:  # fewer whole batches than actors: share them out
+        rows = max(1, -(-len(todo) // workers))
+    return [pa.Table.from_pylist(todo[i:i + rows], schema=OBJECTS_SCHEMA) for i in range(0, len(todo), rows)]
+
+
 def parquet_parts(folder: Location, prefix: str = "") -> list[str]:
     """The Parquet files under a run's staging or committed folder (names starting with
     ``prefix``: ``part-`` leaves out a committed run's ``_objects.parquet``), in a stable order."""
@@ -207,8 +224,7 @@ def run_labelling(model_uri: str, input_uri: str, output_uri: str, opts: LabelOp
     t0 = time.perf_counter()
     if todo:
         init_ray()
-        blocks = min(len(todo), max(opts.workers, min(len(todo) // opts.batch_size, 200)))  # >= 1 per actor
-        ds = ray.data.from_items(todo, override_num_blocks=blocks)
+        ds = ray.data.from_arrow(_object_blocks(todo, opts.batch_size, opts.workers))
         # One stage of actors that read + decode on threads and classify: each CPU actor reserves
         # one CPU while its torch threads share the node's cores (see _predictor_threads).
         ds = ds.map_batches(
