@@ -337,11 +337,12 @@ def bench_label(
     data: Annotated[str, typer.Option("--data", help="A local FETAL_PLANES_DB-layout folder to draw images from.")],
     images: Annotated[int, typer.Option("--images", min=100)] = 2000,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Rounds; each rate is its best round.")] = 3,
 ) -> None:
     """Labelling: GradCAM cost, fpc-ray label over a bare loop, memory at 10x the images."""
     from fpc_ray.bench.label_speed import run_benchmark
 
-    for line in run_benchmark(model, data, images, batch_size):
+    for line in run_benchmark(model, data, images, batch_size, repeats):
         typer.echo(line)
 
 
