@@ -110,6 +110,22 @@ def _first_line(err: BaseException) -> str:
     return lines[-1][:300] if lines else type(err).__name__
 
 
+class PredictorActor:
+    """The Ray Data stage: a :class:`~fpc_ray.label.predictor.Predictor` built in the actor.
+
+    Handing Ray Data this torch-free class instead of ``Predictor`` itself keeps torch out of the
+    driver, which only lists objects and reads cards (a second less of every run's start-up).
+    """
+
+    def __init__(self, **kwargs):
+        from fpc_ray.label.predictor import Predictor
+
+        self.predictor = Predictor(**kwargs)
+
+    def __call__(self, batch: dict) -> pa.Table:
+        return self.predictor(batch)
+
+
 def _predictor_threads(workers: int) -> int:
     """Torch threads per CPU predictor: the cluster's CPUs per node shared among the actors."""
     import ray
@@ -193,8 +209,7 @@ def run_labelling(model_uri: str, input_uri: str, output_uri: str, opts: LabelOp
     import ray
     from ray.data import ActorPoolStrategy
 
-    from fpc_ray.label.predictor import Predictor
-    from fpc_ray.train.driver import init_ray
+    from fpc_ray.cluster import init_ray
 
     started = time.perf_counter()
     storage = storage or StorageConfig()
@@ -228,7 +243,7 @@ def run_labelling(model_uri: str, input_uri: str, output_uri: str, opts: LabelOp
         # One stage of actors that read + decode on threads and classify: each CPU actor reserves
         # one CPU while its torch threads share the node's cores (see _predictor_threads).
         ds = ds.map_batches(
-            Predictor,
+            PredictorActor,
             fn_constructor_kwargs={"model_uri": model_uri, "storage": storage.model_dump(), "cam": opts.cam,
                                    "use_gpu": opts.use_gpu, "run_id": run_id, "thumb_size": opts.thumb_size,
                                    "frame_stride": opts.frame_stride,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fpc_ray.bundle import CARD_FILE, load_bundle, save_bundle, weights_bytes, write_card
+from fpc_ray.cluster import init_ray
 from fpc_ray.config import Config
 from fpc_ray.data.dataset import SplitArrays, decode_split
 from fpc_ray.data.fetal_planes import CLASS_NAMES, FetalPlanesDB, read_fetal_planes
@@ -56,38 +57,6 @@ class TrainingOutcome:
     bundle_uri: str
     card: dict
     history: list[dict]
-
-
-def init_ray() -> None:
-    """Connect to the cluster in ``RAY_ADDRESS``, or start a quiet local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    # The dashboard stays on: Ray Train's placement-group cleaner asks the state API it serves.
-    kwargs: dict = {"log_to_driver": True, "logging_level": "WARNING"}
-    if not os.environ.get("RAY_ADDRESS"):
-        # Ray runs workers at nice 15 so its daemons stay responsive; on a laptop-sized local
-        # cluster that makes torch's threads stall behind every idle daemon tick (measured:
-        # -10..30 % training throughput on 2 cores). A cluster's nodes keep Ray's default.
-        kwargs["_system_config"] = {"worker_niceness": 0}
-        # Ray Train's placement-group cleaner finds the dashboard by scanning the machine for Ray
-        # clusters; with a second local cluster on the machine (another fpc-ray command, a test)
-        # that scan fails, the cleaner never frees a finished run's CPUs and the next run (a Tune
-        # trial) waits forever. Pinning the dashboard port and telling this job's workers where it
-        # is avoids the scan. The driver's own environment is left alone.
-        port = _free_port()
-        kwargs.update(include_dashboard=True, dashboard_port=port,
-                      runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
-    ray.init(**kwargs)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_workers_fit(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:

@@ -220,7 +220,8 @@ def run_search(spec: TuneSpec, data_uri: str, output_uri: str, resume: bool = Fa
                echo: Callable[[str], None] = print) -> SearchOutcome:
     """Run (or resume) a search and write trials, best.yaml, best/ and the leaderboard."""
 
-    from fpc_ray.train.driver import check_workers_fit, init_ray
+    from fpc_ray.cluster import init_ray
+    from fpc_ray.train.driver import check_workers_fit
 
     out = resolve(output_uri, spec.base.storage)
     spec, data_uri = _start(spec, data_uri, out, resume)
