@@ -90,6 +90,8 @@ def test_init_from_continues_a_bundle(phantom_dir, tmp_path):
         (["train", "--data", "gs://bucket/x", "--output", "{tmp}/o"], "only local paths and s3:// URIs"),
         (["evaluate", "--model", "{tmp}", "--data", "{data}"], "not a model bundle"),
         (["synth", "{tmp}/s", "--per-class", "2", "--set", "storage.bogus=1"], "storage.bogus: Extra inputs"),
+        (["bench", "label", "--model", "{tmp}", "--data", "{data}"], "not a model bundle"),
+        (["bench", "label", "--model", "{tmp}", "--data", "{tmp}"], "no Images/ folder"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(args, needle, phantom_dir, tmp_path):
