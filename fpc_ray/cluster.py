@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from fpc_ray.errors import UserError
+
 
 def init_ray() -> None:
     """Connect to the cluster in ``RAY_ADDRESS``, or start a quiet local one."""
@@ -30,7 +32,13 @@ def init_ray() -> None:
         port = _free_port()
         kwargs.update(include_dashboard=True, dashboard_port=port,
                       runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except Exception as e:
+        if "dashboard with missing packages" in str(e):  # Ray installed without its [default] extra
+            raise UserError("a local Ray cluster needs Ray's dashboard packages: pip install 'ray[default]==2.60.*' "
+                            "(or start one with `ray start --head` and set RAY_ADDRESS)") from None
+        raise
 
 
 def _free_port() -> int:
