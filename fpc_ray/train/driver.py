@@ -125,7 +125,7 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
 
     from fpc_ray.evaluate import evaluate_arrays
     from fpc_ray.model import build_model, count_parameters, normalization
-    from fpc_ray.train.loop import train_loop_per_worker
+    from fpc_ray.train.loop import discard_local_checkpoint, train_loop_per_worker
 
     tc = cfg.train
     out = resolve(output_uri, cfg.storage)
@@ -187,6 +187,7 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
     result = trainer.fit()
 
     weights, saved = _best_weights(result.checkpoint)
+    discard_local_checkpoint(result.checkpoint.path)  # an in-process run's last one, in /tmp
     history, best = saved["history"], saved["best"]
     model = build_model(cfg.model, len(CLASS_NAMES), pretrained=False)
     model.load_state_dict(weights)

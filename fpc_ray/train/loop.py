@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 
@@ -31,6 +32,7 @@ WEIGHTS = "model.safetensors"
 BEST_WEIGHTS = "best.safetensors"  # only when the best epoch is not the checkpoint's own
 STATE = "state.pt"
 HISTORY = "history.json"
+LOCAL_CHECKPOINT_PREFIX = "fpc-ckpt-"  # the folders each epoch writes before Ray takes them
 
 
 def selection_score(metrics: dict) -> tuple[float, float]:
@@ -87,6 +89,18 @@ def _validate(model, val: SplitArrays, mean, std, batch_size, device, amp, rank,
     return {"val_top1": top1 / n, "val_top2": top2_ / n, "val_loss": nll / n}
 
 
+def discard_local_checkpoint(path: str | None) -> None:
+    """Remove a checkpoint folder this loop wrote to the temp dir, once nothing needs it.
+
+    Ray deletes it after uploading to the run's storage, except in an in-process run
+    (``ScalingConfig(num_workers=0)``), where the folder itself is the checkpoint: there each
+    epoch's would stay behind in /tmp (about 70 MB each).
+    """
+    if path and os.path.basename(path).startswith(LOCAL_CHECKPOINT_PREFIX) \
+            and os.path.dirname(os.path.abspath(path)) == os.path.abspath(tempfile.gettempdir()):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _cpu_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
 
@@ -98,7 +112,7 @@ def _save_checkpoint(model, optimizer, scheduler, epoch: int, history: list[dict
     Carrying the best weights in the latest checkpoint makes the run's result independent of
     which checkpoints Ray keeps (in-process runs keep only the last one).
     """
-    path = tempfile.mkdtemp(prefix="fpc-ckpt-")
+    path = tempfile.mkdtemp(prefix=LOCAL_CHECKPOINT_PREFIX)
     save_file(_cpu_state(model), os.path.join(path, WEIGHTS))
     if best_state is not None and best["epoch"] != epoch + 1:
         save_file(best_state, os.path.join(path, BEST_WEIGHTS))
@@ -162,6 +176,7 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"resumed from the checkpoint of epoch {start_epoch} of {tc.epochs}", flush=True)
 
     wrapped, frozen = None, None
+    kept_locally = None  # the previous epoch's checkpoint folder, in an in-process run
     for epoch in range(start_epoch, tc.epochs):
         want_frozen = epoch < tc.frozen_epochs
         if want_frozen != frozen:
@@ -223,5 +238,8 @@ def train_loop_per_worker(config: dict) -> None:
             path = _save_checkpoint(model, optimizer, scheduler, epoch, history, best, best_state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(path),
                              delete_local_checkpoint_after_upload=True)
+            if os.path.isdir(path):  # an in-process run: this folder is now the latest checkpoint
+                discard_local_checkpoint(kept_locally)
+                kept_locally = path
         else:
             ray.train.report(metrics)
