@@ -2,6 +2,7 @@
 
 import json
 import os
+import tempfile
 
 import pytest
 from typer.testing import CliRunner
@@ -30,11 +31,15 @@ def test_help_lists_commands():
         assert cmd in result.output
 
 
-def test_synth_then_train_in_process_then_evaluate(phantom_dir, tmp_path):
+def test_synth_then_train_in_process_then_evaluate(phantom_dir, tmp_path, monkeypatch):
     bundle = tmp_path / "bundle"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where each epoch's checkpoint is written
     result = invoke("train", "--data", phantom_dir, "--output", bundle, "--epochs", 2, *SMALL,
                     "--num-workers", 0)
     assert result.exit_code == 0, result.output
+    assert not list(scratch.glob("fpc-ckpt-*"))  # an in-process run cleans up its checkpoints
     assert "epoch 2/2" in result.output and f"bundle: {bundle}" in result.output
     assert {p.name for p in bundle.iterdir()} == {"model.safetensors", "model.json", "metrics.json"}
     card = json.loads((bundle / "model.json").read_text())
