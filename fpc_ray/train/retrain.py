@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,7 +44,8 @@ def retrain(cfg: Config, data_uri: str, pointer_uri: str, candidates_uri: str, m
     production = pointer["bundle"] if pointer else None
     cfg = cfg.model_copy(deep=True)
     cfg.train.init_from = production
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    # Sortable by time, and unique: two retrains can start within the same second.
+    stamp = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
     candidate_uri = resolve(candidates_uri, storage).join(stamp).uri
     echo(f"retrain: production {production or '(none yet)'}; candidate -> {candidate_uri}")
     outcome = run_training(cfg, data_uri, candidate_uri)
