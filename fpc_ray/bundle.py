@@ -191,6 +191,8 @@ def load_bundle(uri: str, storage: StorageConfig | None = None) -> Bundle:
     Raises:
         UserError: when the folder is not a bundle or its weights do not fit its card.
     """
+    from safetensors.torch import load as st_load
+
     from fpc_ray.model import build_model
 
     uri = follow_pointer(uri, storage)
@@ -198,8 +200,6 @@ def load_bundle(uri: str, storage: StorageConfig | None = None) -> Bundle:
     card = read_card(uri, storage)
     cfg = Config.model_validate(card["config"])
     model = build_model(cfg.model, len(card["class_names"]), pretrained=False)
-    from safetensors.torch import load as st_load
-
     state = st_load(loc.join(WEIGHTS_FILE).read_bytes())
     try:
         model.load_state_dict(state)
