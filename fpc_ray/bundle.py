@@ -105,8 +105,16 @@ def write_card(cfg: Config, class_names: list[str], params: dict[str, int], weig
 
 
 def save_bundle(out: Location, weights: bytes, card: dict, history: list[dict]) -> None:
-    """Write the three files; the card goes last so a bundle with a card is complete."""
+    """Write the three files so that no reader ever pairs new weights with an old card.
+
+    An old card goes first (``train --overwrite``) and the new card last: a write cut short in
+    between leaves a folder without a card, which every reader refuses as "not a model bundle",
+    rather than new weights beside the old card. :func:`load_bundle` checks the pair anyway.
+    """
     out.makedirs()
+    old_card = out.join(CARD_FILE)
+    if old_card.exists():
+        old_card.delete()
     out.join(WEIGHTS_FILE).write_bytes(weights)
     out.join(HISTORY_FILE).write_text(json.dumps(history, indent=2))
     out.join(CARD_FILE).write_text(json.dumps(card, indent=2))
@@ -188,9 +196,13 @@ def read_card(uri: str, storage: StorageConfig | None = None) -> dict:
 def load_bundle(uri: str, storage: StorageConfig | None = None) -> Bundle:
     """Load a bundle's model (eval mode, CPU), card and config.
 
+    The weights must hash to the card's ``weights_sha256`` (bundles from before the field load
+    unchecked): a half-copied or overwritten file never runs under another model's card.
+
     Raises:
         UserError: when the folder is not a bundle or its weights do not fit its card.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
     from fpc_ray.model import build_model
@@ -198,9 +210,19 @@ def load_bundle(uri: str, storage: StorageConfig | None = None) -> Bundle:
     uri = follow_pointer(uri, storage)
     loc = resolve(uri, storage)
     card = read_card(uri, storage)
+    blob = loc.join(WEIGHTS_FILE).read_bytes()
+    expected = card.get("weights_sha256")
+    if expected is not None:
+        actual = hashlib.sha256(blob).hexdigest()
+        if actual != expected:
+            raise UserError(f"{uri}: {WEIGHTS_FILE} does not match its card (SHA-256 {actual[:12]}, the card says "
+                            f"{str(expected)[:12]}): a damaged or half-written bundle; copy or train it again")
     cfg = Config.model_validate(card["config"])
     model = build_model(cfg.model, len(card["class_names"]), pretrained=False)
-    state = st_load(loc.join(WEIGHTS_FILE).read_bytes())
+    try:
+        state = st_load(blob)
+    except SafetensorError as e:
+        raise UserError(f"{uri}: {WEIGHTS_FILE} is not a safetensors file ({str(e)[:200]})") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

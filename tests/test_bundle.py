@@ -1,0 +1,103 @@
+"""Bundle integrity: weights checked against the card, and an overwrite that never pairs new
+weights with an old card. Bundles here are untrained (no Ray, no training loop): cheap to build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fpc_ray.bundle import CARD_FILE, HISTORY_FILE, WEIGHTS_FILE, load_bundle, read_card, save_bundle, weights_bytes
+from fpc_ray.bundle import write_card as make_card
+from fpc_ray.cli import app
+from fpc_ray.config import load_config
+from fpc_ray.data.fetal_planes import CLASS_NAMES
+from fpc_ray.errors import UserError
+from fpc_ray.model import build_model, count_parameters
+from fpc_ray.storage import resolve
+
+
+def _untrained(seed: int) -> tuple[bytes, dict]:
+    """Weights and card of a randomly initialised 64-px model (no pretrained download)."""
+    import torch
+
+    torch.manual_seed(seed)
+    cfg = load_config(None, ["model.pretrained=none", "data.image_size=64"])
+    model = build_model(cfg.model, len(CLASS_NAMES), pretrained=False)
+    blob = weights_bytes(model.state_dict())
+    return blob, make_card(cfg, list(CLASS_NAMES), count_parameters(model), blob)
+
+
+@pytest.fixture(scope="module")
+def two_models() -> list[tuple[bytes, dict]]:
+    return [_untrained(0), _untrained(1)]
+
+
+def _save(folder: Path, model: tuple[bytes, dict]) -> None:
+    blob, card = model
+    save_bundle(resolve(str(folder)), blob, card, [{"epoch": 1}])
+
+
+def test_a_saved_bundle_loads(two_models, tmp_path):
+    _save(tmp_path / "b", two_models[0])
+    bundle = load_bundle(str(tmp_path / "b"))
+    assert bundle.version == two_models[0][1]["version"]
+
+
+def test_a_flipped_byte_is_refused_in_one_line_naming_the_bundle(two_models, tmp_path, phantom_dir):
+    folder = tmp_path / "b"
+    _save(folder, two_models[0])
+    weights = folder / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside a tensor: safetensors itself would load it silently
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="does not match its card"):
+        load_bundle(str(folder))
+
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(folder), "--data", phantom_dir])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {folder}: {WEIGHTS_FILE} does not match"), lines
+
+
+def test_a_card_without_a_weights_hash_loads_as_before(two_models, tmp_path):
+    folder = tmp_path / "b"
+    _save(folder, two_models[0])
+    card = json.loads((folder / CARD_FILE).read_text())
+    del card["weights_sha256"]  # a bundle written before the field existed
+    (folder / CARD_FILE).write_text(json.dumps(card))
+    assert load_bundle(str(folder)).version == card["version"]
+
+
+def test_garbage_weights_are_one_user_error(two_models, tmp_path):
+    folder = tmp_path / "b"
+    _save(folder, two_models[0])
+    card = json.loads((folder / CARD_FILE).read_text())
+    del card["weights_sha256"]
+    (folder / CARD_FILE).write_text(json.dumps(card))
+    (folder / WEIGHTS_FILE).write_bytes(b"not safetensors at all")
+    with pytest.raises(UserError, match="is not a safetensors file"):
+        load_bundle(str(folder))
+
+
+def test_an_overwrite_cut_short_leaves_no_bundle_rather_than_a_mismatched_pair(two_models, tmp_path):
+    folder = tmp_path / "b"
+    _save(folder, two_models[0])
+    # The history write after the new weights fails (a folder where the file goes).
+    (folder / HISTORY_FILE).unlink()
+    (folder / HISTORY_FILE).mkdir()
+    with pytest.raises(UserError):
+        _save(folder, two_models[1])
+    assert (folder / WEIGHTS_FILE).read_bytes() == two_models[1][0]  # the new weights landed...
+    assert not (folder / CARD_FILE).exists()  # ...and the old card was gone before they did
+    with pytest.raises(UserError, match="not a model bundle"):
+        read_card(str(folder))
+
+
+def test_an_overwrite_replaces_the_pair(two_models, tmp_path):
+    folder = tmp_path / "b"
+    _save(folder, two_models[0])
+    _save(folder, two_models[1])
+    assert load_bundle(str(folder)).version == two_models[1][1]["version"]
