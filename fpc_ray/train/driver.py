@@ -17,7 +17,7 @@ from fpc_ray.cluster import init_ray
 from fpc_ray.config import Config
 from fpc_ray.data.dataset import SplitArrays, decode_split
 from fpc_ray.data.fetal_planes import CLASS_NAMES, FetalPlanesDB, read_fetal_planes
-from fpc_ray.errors import UserError
+from fpc_ray.errors import RunFailed, UserError
 from fpc_ray.storage import Location, is_remote, resolve
 
 RAY_DIR = "ray"  # Ray Train's run storage (checkpoints, state), inside the output folder
@@ -98,6 +98,58 @@ def _best_weights(checkpoint) -> tuple[dict, dict]:
     return weights, saved
 
 
+def _unwrap(err: BaseException) -> BaseException | None:
+    """The exception one of Ray's wrappers carries, or None."""
+    import ray.exceptions
+
+    failures = getattr(err, "worker_failures", None)  # Ray Train's WorkerGroupError: rank -> error
+    if failures:
+        return failures[min(failures)]
+    if getattr(err, "controller_failure", None) is not None:  # Ray Train's ControllerError
+        return err.controller_failure
+    if isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None:
+        return err.cause
+    return err.__cause__
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The exception behind a Ray failure: a worker's (the lowest rank's), the controller's or a
+    remote task's own, unwrapped from Ray's wrappers; ``err`` itself when it wraps nothing."""
+    for _ in range(16):  # bounded: wrappers nest a few levels at most
+        inner = _unwrap(err)
+        if inner is None or inner is err:
+            break
+        err = inner
+    return err
+
+
+def training_failure(err: BaseException, what: str) -> Exception:
+    """The one-line error ``"<what>: <root cause>"`` for a Ray failure; ``what`` names the run
+    and its output.
+
+    A :class:`UserError` behind it (a file a worker could not open) stays one, exit code 2;
+    anything else becomes a :class:`RunFailed`, exit code 1. Ray's own message is not used: its
+    last line is a retry hint that names neither the object nor the cause.
+    """
+    cause = root_cause(err)
+    if isinstance(cause, UserError):
+        return UserError(f"{what}: {cause}")
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    detail = f"{type(cause).__name__}: {lines[0][:300]}" if lines else type(cause).__name__
+    return RunFailed(f"{what}: {detail}")
+
+
+def _fit(trainer, what: str):
+    """``trainer.fit()``, with Ray Train's failure (after its restarts) turned into one line."""
+    import ray.train
+    from ray.train.base_trainer import TrainingFailedError as V1TrainingFailedError
+
+    try:
+        return trainer.fit()
+    except (ray.train.TrainingFailedError, V1TrainingFailedError) as e:  # Train v2; v1 with RAY_TRAIN_V2_ENABLED=0
+        raise training_failure(e, what) from e
+
+
 def _run_storage(out: Location) -> tuple[str, object]:
     """Ray's storage_path and filesystem for the run folder under the output."""
     ray_loc = out.join(RAY_DIR)
@@ -116,10 +168,12 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
     Train's RunConfig (a search passes Tune's report callback).
 
     Raises:
-        UserError: on bad data, output or init bundle; ``ray.train.TrainingFailedError`` when
-            the run fails more often than ``train.max_failures`` allows.
+        UserError: on bad data, output or init bundle (also when a worker raised one).
+        RunFailed: when Ray Train fails more often than ``train.max_failures`` allows, or the
+            test evaluation's Ray task is lost; the message names the run and the root cause.
     """
     import ray
+    import ray.exceptions
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -184,7 +238,8 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
         ),
     )
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # in-process runs log each report
-    result = trainer.fit()
+    what = f"training run {run_name} for {out.uri}"
+    result = _fit(trainer, f"{what} failed after {tc.max_failures} restart(s)")
 
     weights, saved = _best_weights(result.checkpoint)
     discard_local_checkpoint(result.checkpoint.path)  # an in-process run's last one, in /tmp
@@ -205,7 +260,14 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
             remote = ray.remote(evaluate_arrays).options(num_cpus=tc.cpus_per_worker,
                                                          num_gpus=1 if tc.use_gpu else 0,
                                                          scheduling_strategy="DEFAULT")
-            test_report = ray.get(remote.remote(*args))
+            try:
+                test_report = ray.get(remote.remote(*args))
+            except ray.exceptions.RayTaskError as e:  # evaluate_arrays itself raised
+                if isinstance(e.cause, UserError):
+                    raise training_failure(e, f"{what}: test evaluation") from e
+                raise  # a bug: keep the traceback
+            except ray.exceptions.RayError as e:  # its worker or node was lost
+                raise training_failure(e, f"{what}: test evaluation failed") from e
 
     blob = weights_bytes(model.state_dict())
     class_counts = {
