@@ -114,3 +114,89 @@ def test_report_of_neither_is_one_line(tmp_path):
                            str(tmp_path / "x.html")], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "not a model bundle" in done.stderr
     assert not (tmp_path / "x.html").exists()
+
+
+# ---------------------------------------------------------------- --no-source-uri-in-report
+PATIENT = "DOE^JANE-MRN0417"  # what an archive's keys may carry
+SOURCES = [f"s3://archive/2026/11/24/{PATIENT}/img-{i:03d}.png" for i in range(4)]
+BROKEN = f"s3://archive/2026/11/24/{PATIENT}/study-7.dcm"
+
+
+def _committed_run(folder: Path) -> Path:
+    """A committed run written by hand in LABEL_SCHEMA: four labelled frames and one error row
+    whose message quotes the object (as a storage error does, without the scheme)."""
+    import datetime as dt
+    import io
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from fpc_ray.label.pipeline import SUCCESS
+    from fpc_ray.label.schema import LABEL_SCHEMA
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), (90, 140, 200)).save(buf, format="PNG")
+    now = dt.datetime.now(dt.UTC)
+    base = {name: None for name in LABEL_SCHEMA.names} | {"frame": 0, "run_id": "r9", "labelled_at": now,
+                                                          "model_version": "v1"}
+    rows = [base | {"source_uri": uri, "label": ("Fetal brain", "Other")[i % 2], "confidence": 0.4 + 0.1 * i,
+                    "gradcam_png": buf.getvalue(), "study_uid": "1.2.3"} for i, uri in enumerate(SOURCES)]
+    rows.append(base | {"source_uri": BROKEN,
+                        "error": f"read_failed: cannot access {BROKEN.removeprefix('s3://')}: timed out"})
+    run = folder / "run=r9"
+    run.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=LABEL_SCHEMA), run / "part-00000.parquet")
+    summary = {"run_id": "r9", "model_version": "v1", "model_uri": "s3://models/b1",
+               "input": f"s3://archive/2026/11/24/{PATIENT}/", "output": str(run),
+               "objects": {"listed": 5, "skipped": 0, "labelled": 5}, "rows": 5, "labelled": 4, "errors": 1,
+               "errors_by_kind": {"read_failed": 1}, "by_class": {"Fetal brain": 2, "Other": 2},
+               "options": {"cam": "gradcam"}, "timings": {"total_s": 1.0}}
+    (run / SUCCESS).write_text(json.dumps(summary))
+    return run
+
+
+@pytest.mark.parametrize("hide", [False, True])
+def test_run_report_can_leave_out_every_source_uri(tmp_path, hide):
+    from typer.testing import CliRunner
+
+    from fpc_ray.cli import app
+
+    run = _committed_run(tmp_path / "labels")
+    out = tmp_path / "run.html"
+    flags = ["--no-source-uri-in-report"] if hide else []
+    result = CliRunner().invoke(app, ["report", str(run), "--output", str(out), *flags])
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert ("Least confident frames" in page) and ("read_failed (1)" in page)
+    if not hide:
+        assert all(uri in page for uri in [*SOURCES, BROKEN]) and PATIENT in page
+        return
+    assert PATIENT not in page and "archive/2026" not in page
+    assert page.count("object ") >= 2 * len(SOURCES) + 1  # galleries twice each, the error row once
+    # One object keeps one pseudonym across the page: each labelled one shows in both galleries.
+    names = re.findall(r"object [0-9a-f]{8}", page)
+    assert len(set(names)) == len(SOURCES) + 1
+    assert "prefix " in page and "cannot access object " in page
+
+
+def test_model_report_can_leave_out_the_data_uri(tmp_path):
+    import json
+
+    from fpc_ray.config import StorageConfig
+    from fpc_ray.report import build_report
+
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    card = {"format": "fpc-ray-bundle/1", "version": "v1", "created_at": "2026-11-26T00:00:00+00:00",
+            "versions": {"fpc_ray": "0"}, "class_names": ["a", "b"], "weights_sha256": "0" * 64,
+            "architecture": {"backbone": "x", "attention": {}, "head": {}, "pretrained": "none"},
+            "parameters": {"total": 1, "trainable": 1}, "input": {"size": 64, "resize": "letterbox"},
+            "metrics": {"val": {"epoch": 1, "val_top1": 0.5, "val_top2": 1.0}, "test": None},
+            "data": {"uri": f"s3://archive/{PATIENT}/", "fingerprint": "f" * 64},
+            "training": {"epochs": 1, "num_workers": 0, "use_gpu": False, "wall_s": 1.0}}
+    (bundle / "model.json").write_text(json.dumps(card))
+    shown = build_report(str(bundle), StorageConfig())[1]
+    hidden = build_report(str(bundle), StorageConfig(), hide_sources=True)[1]
+    assert PATIENT in shown and PATIENT not in hidden and "f" * 64 in hidden

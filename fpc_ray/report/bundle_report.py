@@ -11,7 +11,8 @@ from fpc_ray.report.page import esc, img, page, section, table
 from fpc_ray.storage import resolve
 
 
-def bundle_report(uri: str, storage: StorageConfig) -> str:
+def bundle_report(uri: str, storage: StorageConfig, hide_sources: bool = False) -> str:
+    """The bundle's page; ``hide_sources`` leaves out the training data's URI (its fingerprint stays)."""
     uri = follow_pointer(uri, storage)
     card = read_card(uri, storage)
     history_loc = resolve(uri, storage).join(HISTORY_FILE)
@@ -61,7 +62,8 @@ def bundle_report(uri: str, storage: StorageConfig) -> str:
         ("classes", ", ".join(card["class_names"])),
     ]
     data = card["data"]
-    data_rows = [("data", data["uri"]), ("fingerprint (SHA-256 of the CSV)", data["fingerprint"]),
+    data_uri = "(not shown: --no-source-uri-in-report)" if hide_sources else data["uri"]
+    data_rows = [("data", data_uri), ("fingerprint (SHA-256 of the CSV)", data["fingerprint"]),
                  ("patients", json.dumps(data.get("patients"))),
                  *((f"{split} images", json.dumps(counts)) for split, counts in data.get("images", {}).items())]
     training = card["training"]

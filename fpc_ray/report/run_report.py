@@ -1,8 +1,16 @@
-"""The report of a committed labelling run: counts, confidences, galleries, errors, timings."""
+"""The report of a committed labelling run: counts, confidences, galleries, errors, timings.
+
+With ``hide_sources`` (``--no-source-uri-in-report``) no source URI reaches the page: archive
+keys can carry patient names or record numbers, so each object is shown as a pseudonym instead.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import posixpath
+import secrets
 from collections import Counter
 
 import numpy as np
@@ -21,13 +29,59 @@ PER_CLASS = 6
 ERRORS_SHOWN = 50
 
 
+class SourceNames:
+    """How the page names sources: their URIs, or with ``hide`` short pseudonyms.
+
+    A pseudonym (``object 3f2a9c1e``) is the same for one object everywhere on the page, so the
+    galleries and the error lists still agree. It is keyed with a secret drawn for each page and
+    then forgotten: a plain hash of a key such as ``.../patient-00417/...`` could be undone by
+    hashing every candidate record number.
+    """
+
+    def __init__(self, hide: bool, prefixes: list[str]):
+        self.hide = hide
+        self._key = secrets.token_bytes(32)
+        self._prefixes = prefixes
+
+    def _pseudonym(self, kind: str, uri: str) -> str:
+        return f"{kind} {hmac.new(self._key, uri.encode(), hashlib.sha256).hexdigest()[:8]}"
+
+    def object(self, uri: str) -> str:
+        """The name of one source object."""
+        return self._pseudonym("object", uri) if self.hide else uri
+
+    def input(self) -> str:
+        """The run's input prefix (or prefixes)."""
+        names = [self._pseudonym("prefix", p) if self.hide else p for p in self._prefixes]
+        return ", ".join(names)
+
+    def text(self, text: str, uri: str | None = None) -> str:
+        """``text`` (an error message, the options) with the object's URI, its file name and the
+        input prefixes replaced by their pseudonyms, in every spelling a message may use."""
+        if not self.hide:
+            return text
+        spellings = [(p, self._pseudonym("prefix", p)) for p in self._prefixes]
+        if uri is not None:
+            name = self._pseudonym("object", uri)
+            spellings += [(uri, name), (posixpath.basename(uri.rstrip("/")), name)]
+        # Bare paths too: S3 messages name "bucket/key" without the scheme.
+        spellings += [(old.split("://", 1)[1], new) for old, new in spellings if "://" in old]
+        for old, new in sorted(spellings, key=lambda s: -len(s[0])):  # a URI before its file name
+            if old:
+                text = text.replace(old, new)
+        return text
+
+
 def _figure(png: bytes | None, caption: str) -> str:
     picture = img_tag(png, caption, cls="thumb") if png else "<div class=\"muted\">no thumbnail</div>"
     return f"<figure>{picture}<figcaption>{esc(caption)}</figcaption></figure>"
 
 
-def run_report(run: Location, storage: StorageConfig) -> str:
+def run_report(run: Location, storage: StorageConfig, hide_sources: bool = False) -> str:
+    """The run's page; ``hide_sources`` replaces every source URI with a pseudonym."""
     summary = json.loads(run.join(SUCCESS).read_text())
+    given = summary["input"]  # one prefix, or a list of them
+    sources = SourceNames(hide_sources, [given] if isinstance(given, str) else list(given))
     parts = parquet_parts(run, "part-")
     tables = [pq.read_table(p, columns=SUMMARY_COLUMNS, filesystem=run.fs) for p in parts]
     rows = [(pi, ri, r) for pi, t in enumerate(tables) for ri, r in enumerate(t.to_pylist())]
@@ -36,12 +90,12 @@ def run_report(run: Location, storage: StorageConfig) -> str:
 
     timings = summary.get("timings", {})
     overview = [("run", summary["run_id"]), ("model", f"{summary['model_version']} ({summary['model_uri']})"),
-                ("input", summary["input"]), ("objects listed", summary["objects"]["listed"]),
+                ("input", sources.input()), ("objects listed", summary["objects"]["listed"]),
                 ("skipped (already labelled)", summary["objects"]["skipped"]),
                 ("labelled objects", summary["objects"]["labelled"]), ("rows (frames)", summary["rows"]),
                 ("labelled frames", summary["labelled"]), ("errors", summary["errors"]),
                 *((f"time: {k}", v) for k, v in timings.items()),
-                ("options", json.dumps(summary.get("options", {})))]
+                ("options", sources.text(json.dumps(summary.get("options", {}))))]
     sections.append(section("Run", table(["", "value"], overview)))
 
     by_class = Counter(r["label"] for _, _, r in labelled)
@@ -73,14 +127,14 @@ def run_report(run: Location, storage: StorageConfig) -> str:
         sections.append(section(
             "Least confident frames",
             "<div class=\"gallery\">" + "".join(
-                _figure(pngs.get((p, i)), f"{r['label']} {r['confidence']:.2f} · {r['source_uri']}"
+                _figure(pngs.get((p, i)), f"{r['label']} {r['confidence']:.2f} · {sources.object(r['source_uri'])}"
                         + (f" [frame {r['frame']}]" if r["frame"] else "")) for p, i, r in least) + "</div>"))
         per_class_html = []
         for name in sorted(by_class):
             chosen = [x for x in sample if x[2]["label"] == name]
             per_class_html.append(f"<h3>{esc(name)}</h3><div class=\"gallery\">" + "".join(
-                _figure(pngs.get((p, i)), f"{r['confidence']:.2f} · {r['source_uri']}") for p, i, r in chosen)
-                + "</div>")
+                _figure(pngs.get((p, i)), f"{r['confidence']:.2f} · {sources.object(r['source_uri'])}")
+                for p, i, r in chosen) + "</div>")
         sections.append(section("A sample per class", *per_class_html))
 
     errors = [r for _, _, r in rows if r["error"]]
@@ -89,8 +143,8 @@ def run_report(run: Location, storage: StorageConfig) -> str:
         blocks = [img_tag(plots.bar_png(list(kinds), list(kinds.values()), "errors by kind"), "errors by kind")]
         for kind, n in kinds.most_common():
             shown = [e for e in errors if e["error"].split(":")[0] == kind][:ERRORS_SHOWN]
-            blocks.append(f"<h3>{esc(kind)} ({n})</h3>" + table(["source", "error"],
-                                                                 [(e["source_uri"], e["error"]) for e in shown]))
+            listed = [(sources.object(e["source_uri"]), sources.text(e["error"], e["source_uri"])) for e in shown]
+            blocks.append(f"<h3>{esc(kind)} ({n})</h3>" + table(["source", "error"], listed))
         sections.append(section(f"Errors ({len(errors)})", *blocks))
     else:
         sections.append(section("Errors", "<p>None: every object decoded.</p>"))
