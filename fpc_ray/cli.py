@@ -1,14 +1,21 @@
 """The ``fpc-ray`` command line: thin typer commands over plain, testable functions.
 
-Heavy imports (torch, ray) live inside the command bodies so ``--help`` is instant. Mistakes a
-user can make end in one ``error: ...`` line and exit code 2; bugs keep their traceback.
+Heavy imports (torch, ray) live inside the command bodies so ``--help`` is instant.
+
+Exit codes, the same in every command (one decorator, :func:`one_line_errors`): 0 done; 1 the
+infrastructure failed (:class:`~fpc_ray.errors.RunFailed`: storage outage, lost workers; run it
+again); 2 a mistake the user can fix (:class:`~fpc_ray.errors.UserError`); 3 is reserved for
+drift. Both errors print one ``error: ...`` line naming the object or location and the cause;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
+from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -42,14 +49,19 @@ SetOpt = Annotated[
 DataOpt = Annotated[str, typer.Option("--data", help="FETAL_PLANES_DB-layout folder or s3:// prefix.")]
 
 
-def fail(message: str, code: int = 2) -> typer.Exit:
+EXIT_RUN_FAILED = 1
+EXIT_USER_ERROR = 2
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> typer.Exit:
     """Print one error line to stderr and return the Exit to raise."""
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
 
 
-def user_errors(fn):
-    """Turn a UserError raised by a command into one line and exit code 2."""
+def one_line_errors(fn):
+    """Every command's error contract: a UserError is one line and exit code 2, a RunFailed
+    (and its subclasses) one line and exit code 1; anything else keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -58,13 +70,37 @@ def user_errors(fn):
         except UserError as e:
             raise fail(str(e)) from None
         except RunFailed as e:
-            raise fail(str(e), code=1) from None
+            raise fail(str(e), code=EXIT_RUN_FAILED) from None
 
     return wrapper
 
 
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from a size such as ``2GiB``, ``500MiB``, ``1GB``, ``1.5 GiB`` or ``1048576``.
+
+    Decimal units (kB, MB, GB, TB) are powers of 1000, binary ones (KiB, MiB, GiB, TiB) of 1024;
+    case does not matter.
+
+    Raises:
+        UserError: for anything else, or a size below one byte.
+    """
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise UserError(f"size {text!r}: expected a number of bytes with an optional unit, "
+                        f"e.g. 2GiB, 500MiB, 1GB or 1048576")
+    size = int(Decimal(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
+    if size < 1:
+        raise UserError(f"size {text!r}: must be at least one byte")
+    return size
+
+
 @app.command()
-@user_errors
+@one_line_errors
 def synth(
     out: Annotated[str, typer.Argument(help="Destination folder or s3:// prefix.")],
     per_class: Annotated[int, typer.Option("--per-class", min=1, help="Images per plane.")] = 50,
@@ -87,7 +123,7 @@ def synth(
 
 
 @app.command()
-@user_errors
+@one_line_errors
 def train(
     data: DataOpt,
     output: Annotated[str, typer.Option("--output", "-o", help="Bundle folder or s3:// prefix.")],
@@ -114,15 +150,9 @@ def train(
         if cfg.train.num_workers == 0 and not torch.cuda.is_available():
             raise fail("--use-gpu: no CUDA device is visible to this process")
 
-    from ray.train import TrainingFailedError
-
     from fpc_ray.train.driver import run_training
 
-    try:
-        outcome = run_training(cfg, data, output, overwrite=overwrite)
-    except TrainingFailedError as e:
-        raise fail(f"training failed after {cfg.train.max_failures} restart(s): "
-                   f"{str(e).strip().splitlines()[0]}", code=1) from None
+    outcome = run_training(cfg, data, output, overwrite=overwrite)
     card = outcome.card
     test = card["metrics"]["test"]
     val = card["metrics"]["val"]
@@ -135,7 +165,7 @@ def train(
 
 
 @app.command()
-@user_errors
+@one_line_errors
 def evaluate(
     model: Annotated[str, typer.Option("--model", "-m", help="Model bundle folder or s3:// URI.")],
     data: DataOpt,
@@ -165,6 +195,10 @@ def evaluate(
         typer.echo(f"wrote {uri}")
 
 
+UID_KEY_ENV = "FPC_RAY_UID_KEY"
+MIN_UID_KEY_CHARS = 16
+
+
 class CamMethod(StrEnum):
     gradcam = "gradcam"
     gradcam_pp = "gradcam++"
@@ -173,10 +207,11 @@ class CamMethod(StrEnum):
 
 
 @app.command()
-@user_errors
+@one_line_errors
 def label(
     model: Annotated[str, typer.Option("--model", "-m", help="Model bundle folder or s3:// URI.")],
-    input: Annotated[str, typer.Option("--input", "-i", help="Archive prefix (local or s3://), any depth.")],
+    input: Annotated[list[str], typer.Option("--input", "-i", help="Archive prefix (local or s3://), any "
+                                             "depth; repeat the option to label several prefixes in one run.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Output prefix for run=<id>/ folders.")],
     run_id: Annotated[str | None, typer.Option("--run-id", help="Default: UTC timestamp.")] = None,
     cam: Annotated[CamMethod, typer.Option("--cam")] = CamMethod.gradcam,
@@ -188,18 +223,37 @@ def label(
     full: Annotated[bool, typer.Option("--full", help="Relabel objects already in committed runs.")] = False,
     max_error_rate: Annotated[float, typer.Option("--max-error-rate", min=0.0, max=1.0)] = 0.5,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most N new objects.")] = None,
+    max_object_size: Annotated[str, typer.Option(
+        "--max-object-size", metavar="SIZE",
+        help="Larger objects (by their listed size) are not read; each becomes a too_large error row. "
+             "Bytes, or with a unit: 500MiB, 2GiB, 1GB.")] = "2GiB",
+    uid_key: Annotated[str | None, typer.Option(
+        "--pseudonymize-uids", metavar="KEY", envvar=UID_KEY_ENV, show_envvar=True,
+        help=f"Write a keyed hash of each DICOM UID in place of the UID: the same UID "
+             f"gives the same value wherever KEY is the same, and without KEY it cannot be traced "
+             f"back. KEY is at least {MIN_UID_KEY_CHARS} characters (e.g. `openssl rand -hex 32`); "
+             f"set it in the environment variable {UID_KEY_ENV} rather than on the command line, "
+             f"where process listings show it.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Label an ultrasound archive (PNG, JPEG, DICOM) into Parquet with GradCAM thumbnails."""
+    max_object_bytes = parse_size(max_object_size)
+    if uid_key is not None and len(uid_key) < MIN_UID_KEY_CHARS:
+        # A short key can be found by trying keys against a UID whose value is known.
+        raise fail(f"--pseudonymize-uids / {UID_KEY_ENV}: the key has {len(uid_key)} characters; "
+                   f"use at least {MIN_UID_KEY_CHARS} (e.g. `openssl rand -hex 32`)")
+
     from fpc_ray.config import load_config
     from fpc_ray.label.pipeline import LabelOptions, run_labelling
 
     cfg = load_config(config, set_)
     opts = LabelOptions(run_id=run_id, cam=cam.value, thumb_size=thumb_size, batch_size=batch_size,
                         workers=workers, use_gpu=use_gpu, frame_stride=frame_stride, full=full,
-                        max_error_rate=max_error_rate, limit=limit)
-    summary = run_labelling(model, input, output, opts, cfg.storage, echo=typer.echo)
+                        max_error_rate=max_error_rate, limit=limit, max_object_bytes=max_object_bytes,
+                        uid_key=uid_key)
+    inputs = input[0] if len(input) == 1 else list(input)
+    summary = run_labelling(model, inputs, output, opts, cfg.storage, echo=typer.echo)
     typer.echo(f"committed {summary['output']}: {summary['objects']['labelled']} objects, "
                f"{summary['rows']} rows, {summary['labelled']} labelled, {summary['errors']} errors "
                f"{summary['errors_by_kind'] or ''}".rstrip())
@@ -208,7 +262,7 @@ def label(
 
 
 @app.command()
-@user_errors
+@one_line_errors
 def tune(
     data: DataOpt,
     output: Annotated[str, typer.Option("--output", "-o", help="Search folder or s3:// prefix.")],
@@ -220,7 +274,10 @@ def tune(
     image_size: Annotated[int | None, typer.Option("--image-size")] = None,
     workers_per_trial: Annotated[int | None, typer.Option("--workers-per-trial", min=1)] = None,
     use_gpu: Annotated[bool | None, typer.Option("--use-gpu/--no-gpu")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted search at --output.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the interrupted search at --output. This unpickles Ray Tune's saved state "
+                         "from --output, which runs code: resume only from a prefix you trust like code "
+                         "(one that only you and your jobs can write).")] = False,
 ) -> None:
     """Search attention, MLP head and schedule with Ray Tune (Optuna TPE + ASHA)."""
     from fpc_ray.tune.search import run_search
@@ -246,7 +303,7 @@ def tune(
 
 
 @app.command()
-@user_errors
+@one_line_errors
 def retrain(
     data: DataOpt,
     pointer: Annotated[str, typer.Option("--pointer", help="Promotion pointer, e.g. s3://models/production.json.")],
@@ -273,11 +330,17 @@ def retrain(
 
 
 @app.command()
-@user_errors
+@one_line_errors
 def report(
     target: Annotated[str, typer.Argument(help="A model bundle (or promotion pointer) or a committed run, "
                                                "OUTPUT/run=<id>, local or s3://.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")],
+    hide_sources: Annotated[bool, typer.Option(
+        "--no-source-uri-in-report",
+        help="For a page to share: every source URI (and the run's input prefix, or a bundle's data "
+             "URI) is replaced by a short pseudonym such as 'object 3f2a9c1e', the same for one "
+             "object throughout the page. Thumbnails still show what the images show, burned-in text "
+             "included.")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -290,13 +353,13 @@ def report(
         raise fail(f"--output {output}: is a folder; give a file name such as report.html")
     if not output.parent.exists():
         raise fail(f"--output {output}: folder {output.parent} does not exist")
-    kind, page = build_report(target, cfg.storage)
+    kind, page = build_report(target, cfg.storage, hide_sources=hide_sources)
     output.write_text(page, encoding="utf-8")
     typer.echo(f"wrote the {kind} report of {target} to {output} ({len(page) / 1e6:.1f} MB)")
 
 
 @app.command()
-@user_errors
+@one_line_errors
 def demo(
     workdir: Annotated[str, typer.Option("--workdir", help="Where data, bundle and evaluation go.")] = "demo",
     per_class: Annotated[int, typer.Option("--per-class", min=6)] = 100,
@@ -311,7 +374,7 @@ def demo(
 
 
 @bench_app.command("train")
-@user_errors
+@one_line_errors
 def bench_train(
     data: DataOpt,
     image_size: Annotated[int, typer.Option("--image-size")] = 128,
@@ -331,7 +394,7 @@ def bench_train(
 
 
 @bench_app.command("label")
-@user_errors
+@one_line_errors
 def bench_label(
     model: Annotated[str, typer.Option("--model", "-m", help="Model bundle folder.")],
     data: Annotated[str, typer.Option("--data", help="A local FETAL_PLANES_DB-layout folder to draw images from.")],

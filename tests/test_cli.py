@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import tempfile
 
 import pytest
@@ -116,3 +117,111 @@ def test_console_script_turns_bad_flags_into_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == ["error: No such option: --bogus (Possible options: --no-gpu)"] or \
         proc.stderr.strip().startswith("error: No such option: --bogus")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- exit codes: one decorator, one line
+def test_every_command_maps_errors_through_one_decorator():
+    import typer
+
+    from fpc_ray.cli import one_line_errors
+    from fpc_ray.errors import RunFailed, UserError
+
+    # Every registered command's callback is wrapped (functools.wraps leaves __wrapped__).
+    for command in app.registered_commands:
+        assert hasattr(command.callback, "__wrapped__"), command.callback.__name__
+
+    probe = typer.Typer()
+
+    @probe.command()
+    @one_line_errors
+    def run(kind: str) -> None:
+        raise {"user": UserError("s3://b/x: no such bundle"),
+               "infra": RunFailed("labelling run r1 failed, nothing committed: s3://b/out: timed out")}[kind]
+
+    user = runner.invoke(probe, ["user"])
+    assert user.exit_code == 2 and "no such bundle" in one_error_line(user)
+    infra = runner.invoke(probe, ["infra"])
+    assert infra.exit_code == 1 and "timed out" in one_error_line(infra)
+
+
+def test_ray_training_failures_become_one_line_naming_run_and_cause():
+    from ray.exceptions import RayTaskError
+    from ray.train import ControllerError, WorkerGroupError
+
+    from fpc_ray.errors import RunFailed, UserError
+    from fpc_ray.train.driver import training_failure
+
+    what = "training run train-1 for s3://m/b failed after 3 restart(s)"
+    worker = WorkerGroupError("[Rank 0 Error Snippet]: ...\nTraceback ...", {
+        1: ValueError("rank 1"), 0: RuntimeError("CUDA out of memory\nTried to allocate 2 GiB")})
+    err = training_failure(worker, what)
+    assert isinstance(err, RunFailed)
+    assert str(err) == f"{what}: RuntimeError: CUDA out of memory"
+
+    err = training_failure(ControllerError(OSError("s3://m/b/ray: connection refused")), what)
+    assert isinstance(err, RunFailed) and str(err).endswith("OSError: s3://m/b/ray: connection refused")
+
+    # A mistake the user can fix stays one, even when a worker found it.
+    err = training_failure(WorkerGroupError("...", {0: UserError("model.backbone: Unknown model (x)")}), what)
+    assert isinstance(err, UserError) and str(err) == f"{what}: model.backbone: Unknown model (x)"
+
+    try:  # a remote task's error, unwrapped to the task's own exception
+        raise KeyError("val_top1")
+    except KeyError as e:
+        task = RayTaskError("evaluate_arrays", "Traceback ...", e)
+    assert str(training_failure(task, what)) == f"{what}: KeyError: 'val_top1'"
+
+
+# ---------------------------------------------------------------- label's new options
+@pytest.mark.parametrize(("text", "size"), [
+    ("2GiB", 2 * 2**30), ("500MiB", 500 * 2**20), ("1GB", 10**9), ("1048576", 2**20), ("1.5 gib", 3 * 2**29),
+    ("64kB", 64_000), ("3KiB", 3072), ("1TiB", 2**40), ("12b", 12),
+])
+def test_parse_size(text, size):
+    from fpc_ray.cli import parse_size
+
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "-1GiB", "2 GiBs", "0", "0.1", "1e9", "2 G", "two GiB"])
+def test_parse_size_refuses(text):
+    from fpc_ray.cli import parse_size
+    from fpc_ray.errors import UserError
+
+    with pytest.raises(UserError, match="size"):
+        parse_size(text)
+
+
+def _plain_help(*args) -> str:
+    """--help without rich's boxes and line wraps, so phrases can be searched."""
+    result = runner.invoke(app, [*args, "--help"], env={"NO_COLOR": "1", "COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+    assert result.exit_code == 0, result.output
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
+
+
+def test_label_help_documents_the_new_options():
+    text = _plain_help("label")
+    for needle in ("--max-object-size", "too_large", "2GiB", "--pseudonymize-uids", "FPC_RAY_UID_KEY",
+                   "process listings", "repeat the option"):
+        assert needle in text, needle
+
+
+@pytest.mark.parametrize(("args", "env", "needle"), [
+    (["--max-object-size", "lots"], {}, "size 'lots'"),
+    (["--pseudonymize-uids", "short"], {}, "at least 16"),
+    ([], {"FPC_RAY_UID_KEY": "short"}, "FPC_RAY_UID_KEY: the key has 5 characters"),
+])
+def test_label_bad_new_options_are_one_line(args, env, needle, tmp_path):
+    result = runner.invoke(app, ["label", "--model", str(tmp_path), "--input", str(tmp_path), "--input",
+                                 str(tmp_path / "b"), "--output", str(tmp_path / "o"), *args], env=env)
+    assert result.exit_code == 2, result.output
+    assert needle in one_error_line(result)
+
+
+def test_tune_resume_help_says_the_output_is_trusted_like_code():
+    assert "trust like code" in _plain_help("tune")
+
+
+def test_report_help_offers_no_source_uri():
+    text = _plain_help("report")
+    assert "--no-source-uri-in-report" in text and "pseudonym" in text
