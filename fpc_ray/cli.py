@@ -295,7 +295,7 @@ def tune(
     typer.echo(f"{len(outcome.rows)} trials ({', '.join(f'{v} {k}' for k, v in counts.items() if v)}): "
                f"{output.rstrip('/')}/trials.parquet")
     if outcome.best is None:
-        raise fail("no trial ran to the end, so there is no best configuration", code=1)
+        raise fail("no trial ran to the end, so there is no best configuration", code=EXIT_RUN_FAILED)
     out = output.rstrip("/")
     how = (f"fpc-ray train --config {out}/best.yaml --data ... --output ..." if "://" not in out
            else "download best.yaml, then fpc-ray train --config best.yaml --data ... --output ...")
