@@ -1,0 +1,81 @@
+"""Image dimensions from the first bytes of a JPEG or JPEG 2000 codestream, before decoding.
+
+Decoders allocate what the codestream says, not what the DICOM header says: a 3 MB file whose
+header reads 64x64 can hold a codestream that claims 30000x30000. These readers let the caller
+refuse such frames before any decoder runs. pydicom's ``get_j2k_parameters`` reports only the
+precision and its JPEG parser is private, so the few bytes are read here.
+"""
+
+from __future__ import annotations
+
+import struct
+
+# Start-of-frame markers of JPEG (SOF0-SOF15 less DHT, JPG and DAC) and JPEG-LS (SOF55).
+_JPEG_SOF = {m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC)} | {0xF7}
+_JPEG_SOS = 0xDA
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a JPEG or JPEG-LS codestream's SOF segment.
+
+    Returns:
+        None when the data is not a JPEG codestream or ends before its SOF segment.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        if marker in _JPEG_SOF:
+            if pos + 9 > len(data):
+                return None
+            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
+            return width, height
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == _JPEG_SOS or length < 2:  # scan data before any frame header: not a frame
+            return None
+        pos += 2 + length
+    return None
+
+
+def j2k_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a JPEG 2000 codestream's SIZ segment (raw or inside a JP2 file).
+
+    Returns:
+        None when the data is not a JPEG 2000 codestream or ends inside its SIZ segment.
+    """
+    offset = _jp2c_offset(data) if data.startswith(_JP2_SIGNATURE) else 0
+    if offset is None or data[offset:offset + 4] != b"\xff\x4f\xff\x51":  # SOC, then SIZ (A.5.1)
+        return None
+    fields = data[offset + 8:offset + 24]  # after the marker, Lsiz and Rsiz: Xsiz Ysiz XOsiz YOsiz
+    if len(fields) < 16:
+        return None
+    xsiz, ysiz, x0, y0 = struct.unpack(">IIII", fields)
+    return xsiz - x0, ysiz - y0
+
+
+def _jp2c_offset(data: bytes) -> int | None:
+    """Where the codestream starts inside a JP2 file: after the header of its ``jp2c`` box."""
+    pos = 0
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        header = 8
+        if length == 1:  # a 64-bit length follows the type
+            if pos + 16 > len(data):
+                return None
+            length, header = struct.unpack(">Q", data[pos + 8:pos + 16])[0], 16
+        if kind == b"jp2c":
+            return pos + header
+        if length < header:  # 0 means "to the end of the file", and any other short length is junk
+            return None
+        pos += length
+    return None
