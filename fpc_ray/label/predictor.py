@@ -97,8 +97,9 @@ class ReadDecode:
         Raises:
             OSError: storage failures other than not-found (infrastructure: the run must fail).
         """
-        if listing_error:
-            return [error_row(uri, listing_error)]
+        if listing_error:  # re-checked: a kind outside ERROR_KINDS is the lister's bug
+            kind, _, detail = listing_error.partition(":")
+            return [error_row(uri, error_text(kind.strip(), detail))]
         cap = self.max_object_bytes
         if size is not None and size > cap:  # refused from the listing, without reading a byte
             return [error_row(uri, error_text("too_large", f"{size} bytes, over the per-object cap of {cap}"))]
@@ -146,6 +147,8 @@ def cam_thumbnail(cam: np.ndarray, thumb: np.ndarray, width: int, height: int, s
     color = cv2.applyColorMap(np.uint8(255 * np.clip(heat, 0, 1)), cv2.COLORMAP_JET)
     base = cv2.cvtColor(thumb, cv2.COLOR_GRAY2BGR)
     ok, png = cv2.imencode(".png", cv2.addWeighted(base, 0.55, color, 0.45, 0))
+    if not ok:
+        raise ValueError("the CAM thumbnail could not be encoded as PNG")
     return png.tobytes()
 
 
@@ -221,19 +224,26 @@ class Predictor:
             cols["top2_confidence"][i] = float(probs[j, order[1]]) if len(order) > 1 else None
             cols["probabilities"][i] = probs[j].astype(np.float32).tolist()
         if cams is not None:  # cv2 drops the GIL: thumbnails are drawn on the decode threads
-            def overlay(j: int) -> bytes | str:
-                row = frames[ok[j]]
-                try:
-                    return cam_thumbnail(cams[j], row["thumb"], row["width"], row["height"], self.size)
-                except Exception as e:  # this frame's failure: an error row, not a dead batch
-                    return error_text("malformed", f"CAM overlay: {type(e).__name__}: {e}")
-
-            for i, png in zip(ok, self.pool.map(overlay, range(len(ok))), strict=True):
+            pngs = draw_cams(self.pool, cams, [frames[i] for i in ok], self.size)
+            for i, png in zip(ok, pngs, strict=True):
                 if isinstance(png, str):
                     _unlabel(cols, i, png)
                 else:
                     cols["gradcam_png"][i] = png
         return pa.table(cols, schema=LABEL_SCHEMA)
+
+
+def draw_cams(pool: ThreadPoolExecutor, cams: list[np.ndarray], rows: list[dict], size: int) -> list[bytes | str]:
+    """Each frame row's CAM thumbnail (PNG bytes), or its ``"malformed: ..."`` error if drawing failed."""
+    def overlay(cam: np.ndarray, row: dict) -> bytes | str:
+        try:
+            return cam_thumbnail(cam, row["thumb"], row["width"], row["height"], size)
+        except MemoryError:
+            return error_text("too_large", "CAM overlay ran out of memory")
+        except Exception as e:  # this frame's failure: an error row, not a dead batch
+            return error_text("malformed", f"CAM overlay: {type(e).__name__}: {e}")
+
+    return list(pool.map(overlay, cams, rows))
 
 
 _LABEL_COLUMNS = ("label", "label_index", "confidence", "top2_label", "top2_confidence", "probabilities",
