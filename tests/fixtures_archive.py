@@ -172,7 +172,7 @@ def _patched(data: bytes, **changes) -> bytes:
     return _bytes(ds)
 
 
-def dicom_nested_sequences(depth: int = 5000) -> bytes:
+def dicom_nested_sequences(depth: int = 2000) -> bytes:
     """A DICOM whose sequence items nest ``depth`` deep (undefined lengths): pydicom recurses."""
     tag = struct.pack("<HH", 0x0040, 0x0275) + b"SQ\0\0" + b"\xff\xff\xff\xff"
     item = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
