@@ -12,6 +12,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
     MPEG2MPML,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -271,3 +272,22 @@ def raster(gray: np.ndarray, fmt: str) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(gray).save(buf, format=fmt)
     return buf.getvalue()
+
+
+def dicom_deflated(gray: np.ndarray, extra_zeros: int = 0) -> bytes:
+    """Deflated Explicit VR Little Endian; ``extra_zeros`` appends a private OB element of zeros
+    after the pixel data (inside the deflate stream: ~1 KB per MB, a zip bomb)."""
+    ds = _base(UltrasoundImageStorage, *gray.shape)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.PixelData = gray.astype(np.uint8).tobytes()
+    data = _bytes(ds)
+    if not extra_zeros:
+        return data
+    start = 144 + struct.unpack("<I", data[140:144])[0]  # after (0002,0000) and its group
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = [packer.compress(zlib.decompress(data[start:], -zlib.MAX_WBITS)),
+            packer.compress(struct.pack("<HH", 0x7FE1, 0x1010) + b"OB\0\0" + struct.pack("<I", extra_zeros))]
+    chunk = bytes(16 * 1024**2)
+    for offset in range(0, extra_zeros, len(chunk)):
+        body.append(packer.compress(chunk[:extra_zeros - offset]))
+    return data[:start] + b"".join(body) + packer.flush()

@@ -62,6 +62,7 @@ BOMBS = {
     "dicom_64x64_jpeg_says_30000x30000": lambda: fx.dicom_codestream_claiming("jpeg", 30000, 30000),
     "dicom_64x64_j2k_says_30000x30000": lambda: fx.dicom_codestream_claiming("j2k", 30000, 30000),
     "dicom_rows_cols_frames_huge": fx.dicom_huge_dimensions,
+    "dicom_deflated_400MB_of_zeros": lambda: fx.dicom_deflated(GRAY, 400 * 1024**2),
 }
 
 

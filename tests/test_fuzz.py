@@ -37,6 +37,7 @@ def _seeds() -> dict[str, bytes]:
         "photo.jpg": fx.jpeg(GRAY), "mono.dcm": fx.dicom_mono(GRAY), "be16.dcm": fx.dicom_big_endian_16bit(GRAY),
         "rgbcine.dcm": fx.dicom_rgb_multiframe(FRAMES), "ybrcine.dcm": fx.dicom_jpeg_ybr_cine(FRAMES),
         "rle.dcm": fx.dicom_rle(GRAY), "j2k.dcm": fx.dicom_j2k(GRAY), "palette.dcm": fx.dicom_palette(GRAY),
+        "deflated.dcm": fx.dicom_deflated(GRAY),
     }
 
 
