@@ -191,3 +191,14 @@ def test_a_frame_whose_cam_overlay_fails_is_an_error_row():
 def test_listing_errors_must_name_a_declared_kind(listing_error):
     with pytest.raises(ValueError):
         ReadDecode(None, INPUT, THUMB, 1).frames("x.png", 1, listing_error)
+
+
+@pytest.mark.s3
+def test_s3_object_deleted_after_listing_is_vanished(s3_server):
+    client = s3_server.client()
+    client.put_object(Bucket="test", Key="fuzz/gone.png", Body=fx.png(GRAY))
+    reader = ReadDecode(None, INPUT, THUMB, 1)
+    assert reader.frames("s3://test/fuzz/gone.png", 10)[0]["error"] is None  # stale size: read anyway
+    client.delete_object(Bucket="test", Key="fuzz/gone.png")
+    rows = reader.frames("s3://test/fuzz/gone.png", 10)
+    assert len(rows) == 1 and rows[0]["error"].startswith("vanished: ")
