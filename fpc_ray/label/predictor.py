@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -38,6 +39,15 @@ def error_row(uri: str, error: str, sha256: str | None = None) -> dict:
     return {"source_uri": uri, "content_sha256": sha256, "study_uid": None, "series_uid": None,
             "sop_uid": None, "frame": 0, "width": None, "height": None, "error": error,
             "pixels": None, "thumb": None}
+
+
+def printable_name(uri: str) -> str:
+    """``uri`` as a valid UTF-8 string: undecodable bytes (surrogate escapes) shown as ``\\xNN``."""
+    try:
+        uri.encode("utf-8")
+        return uri
+    except UnicodeEncodeError:
+        return os.fsencode(uri).decode("utf-8", "backslashreplace")
 
 
 class ReadDecode:
@@ -99,7 +109,9 @@ class ReadDecode:
         """
         if listing_error:  # re-checked: a kind outside ERROR_KINDS is the lister's bug
             kind, _, detail = listing_error.partition(":")
-            return [error_row(uri, error_text(kind.strip(), detail))]
+            return [error_row(printable_name(uri), error_text(kind.strip(), detail))]
+        if printable_name(uri) != uri:  # a string column cannot hold it, and a row must name it
+            return [error_row(printable_name(uri), error_text("bad_name", "the name is not valid UTF-8"))]
         cap = self.max_object_bytes
         if size is not None and size > cap:  # refused from the listing, without reading a byte
             return [error_row(uri, error_text("too_large", f"{size} bytes, over the per-object cap of {cap}"))]
