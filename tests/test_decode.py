@@ -7,7 +7,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from fpc_ray.label.codestream import j2k_size, jpeg_size
+from fpc_ray.label.codestream import deflated_dataset_size, j2k_size, jpeg_size
 from fpc_ray.label.decode import DecodeError, decode_object
 from fpc_ray.label.schema import error_text
 from fpc_ray.label.uids import pseudonymize_uid, valid_uid
@@ -149,3 +149,11 @@ def test_error_text_is_one_short_line_of_a_declared_kind():
     assert text.startswith("malformed: first line second line") and "\n" not in text and len(text) < 250
     with pytest.raises(ValueError):
         error_text("read_failed", "a kind nothing declares")
+
+
+def test_deflated_dicom_decodes_and_its_inflated_size_is_counted():
+    data = fx.dicom_deflated(GRAY)
+    _close(decode_object("d.dcm", data).frames[0][1], GRAY, 0)
+    assert GRAY.size < deflated_dataset_size(data, 10**6) < GRAY.size + 4096
+    assert deflated_dataset_size(data, 100) > 100  # stops counting once over the limit
+    assert deflated_dataset_size(fx.dicom_mono(GRAY), 10**6) is None

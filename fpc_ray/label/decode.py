@@ -13,14 +13,13 @@ frames are decoded one at a time, keeping only those the frame stride selects.
 from __future__ import annotations
 
 import io
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
 from fpc_ray.data.transforms import decode_image_bytes, open_image, to_gray_u8
-from fpc_ray.label.codestream import j2k_size, jpeg_size
+from fpc_ray.label.codestream import deflated_dataset_size, j2k_size, jpeg_size
 from fpc_ray.label.schema import error_text
 from fpc_ray.label.uids import output_uid
 
@@ -32,8 +31,6 @@ DICM_OFFSET = 128
 # A deflated DICOM dataset may inflate to its pixel data plus headers, no more: past this, pydicom's
 # own whole-file zlib.decompress would be the bomb.
 MAX_INFLATED_BYTES = MAX_DECODED_BYTES + 64 * 1024**2
-_DEFLATED_TSYNTAX = b"1.2.840.10008.1.2.1.99"
-_INFLATE_CHUNK = 16 * 1024**2
 _UID_KEYWORDS = {"study_uid": "StudyInstanceUID", "series_uid": "SeriesInstanceUID",
                  "sop_uid": "SOPInstanceUID"}
 
@@ -144,43 +141,12 @@ def _check_codestreams(ds, geo: _Geometry, indices: list[int]) -> None:
                                            f"the header says {geo.cols}x{geo.rows}")
 
 
-def _dataset_offset(data: bytes) -> tuple[int, bytes] | None:
-    """Where the dataset starts after the File Meta group, and the transfer syntax the group names.
-
-    The File Meta elements are always Explicit VR Little Endian (PS3.10 7.1).
-    """
-    if data[DICM_OFFSET:DICM_OFFSET + 4] != b"DICM":
-        return None
-    pos, tsyntax = DICM_OFFSET + 4, b""
-    while pos + 8 <= len(data) and data[pos:pos + 2] == b"\x02\x00":
-        element, vr = data[pos + 2:pos + 4], data[pos + 4:pos + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            length, header = int.from_bytes(data[pos + 8:pos + 12], "little"), 12
-        else:
-            length, header = int.from_bytes(data[pos + 6:pos + 8], "little"), 8
-        if element == b"\x10\x00":
-            tsyntax = data[pos + header:pos + header + length].rstrip(b"\0 ")
-        pos += header + length
-    return pos, tsyntax
-
-
 def _check_inflated_size(data: bytes) -> None:
-    """Refuse a Deflated Explicit VR Little Endian file whose dataset inflates past the limit.
-
-    Inflated in chunks that are counted and dropped, before pydicom inflates it whole.
-    """
-    if _DEFLATED_TSYNTAX not in data[:4096]:  # cheap: the File Meta group comes first
-        return
-    found = _dataset_offset(data)
-    if found is None or found[1] != _DEFLATED_TSYNTAX:
-        return
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    pending, total = memoryview(data)[found[0]:], 0
-    while pending and not inflater.eof:
-        total += len(inflater.decompress(pending, _INFLATE_CHUNK))
-        if total > MAX_INFLATED_BYTES:
-            raise DecodeError("too_large", f"the deflated dataset inflates past {MAX_INFLATED_BYTES} bytes")
-        pending = inflater.unconsumed_tail
+    """Refuse a Deflated Explicit VR Little Endian file whose dataset inflates past the limit,
+    before pydicom inflates it whole."""
+    inflated = deflated_dataset_size(data, MAX_INFLATED_BYTES)
+    if inflated is not None and inflated > MAX_INFLATED_BYTES:
+        raise DecodeError("too_large", f"the deflated dataset inflates past {MAX_INFLATED_BYTES} bytes")
 
 
 def _dicom_frames(data: bytes, frame_stride: int, uid_key: str | None) -> Decoded:
