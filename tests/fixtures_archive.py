@@ -12,6 +12,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
     MPEG2MPML,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -155,3 +156,138 @@ def jpeg(gray: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(gray).save(buf, format="JPEG", quality=95)
     return buf.getvalue()
+
+
+# Hostile objects: each once stopped a labelling run or blew up an actor's memory.
+
+def _patched(data: bytes, **changes) -> bytes:
+    """``data`` (a DICOM file) with header values changed, pixel data untouched."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    return _bytes(ds)
+
+
+def dicom_nested_sequences(depth: int = 2000) -> bytes:
+    """A DICOM whose sequence items nest ``depth`` deep (undefined lengths): pydicom recurses."""
+    tag = struct.pack("<HH", 0x0040, 0x0275) + b"SQ\0\0" + b"\xff\xff\xff\xff"
+    item = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+    end = b"\xfe\xff\x0d\xe0\0\0\0\0" + b"\xfe\xff\xdd\xe0\0\0\0\0"
+    return dicom_without_pixels() + (tag + item) * depth + end * depth
+
+
+def dicom_odd_length_rows(gray: np.ndarray) -> bytes:
+    """Rows (US) stored with an odd length of 3 bytes."""
+    data = dicom_mono(gray)
+    rows = struct.pack("<HH", 0x28, 0x10) + b"US" + struct.pack("<H", 2)
+    i = data.index(rows)
+    return data[:i] + rows[:6] + struct.pack("<H", 3) + data[i + 8:i + 10] + b"\0" + data[i + 10:]
+
+
+def dicom_unknown_vr(gray: np.ndarray, group: int = 0x28, element: int = 0x10) -> bytes:
+    """The VR of one element (Rows by default) replaced by the undefined ``QQ``."""
+    data = dicom_mono(gray)
+    i = data.index(struct.pack("<HH", group, element))
+    return data[:i + 4] + b"QQ" + data[i + 6:]
+
+
+def dicom_palette_without_lut(gray: np.ndarray) -> bytes:
+    changes = {f"{color}PaletteColorLookupTable{part}": None
+               for color in ("Red", "Green", "Blue") for part in ("Descriptor", "Data")}
+    return _patched(dicom_palette(gray), **changes)
+
+
+def dicom_excess_frames(frames: list[np.ndarray], declared: int, jpeg: bool = False) -> bytes:
+    """A cine whose pixel data holds ``len(frames)`` frames but whose header says ``declared``."""
+    data = dicom_jpeg_ybr_cine(frames) if jpeg else dicom_rgb_multiframe(frames)
+    return _patched(data, NumberOfFrames=declared)
+
+
+def dicom_uid_holding(gray: np.ndarray, keyword: str, value: str) -> bytes:
+    """A UID element holding free text (bad exporters put names there), written as is."""
+    data = dicom_mono(gray)
+    ds_uid = {"StudyInstanceUID": (0x20, 0x0D), "SeriesInstanceUID": (0x20, 0x0E)}[keyword]
+    i = data.index(struct.pack("<HH", *ds_uid) + b"UI")
+    old_len = struct.unpack("<H", data[i + 6:i + 8])[0]
+    raw = value.encode() + (b"\0" if len(value) % 2 else b"")
+    return data[:i + 6] + struct.pack("<H", len(raw)) + raw + data[i + 8 + old_len:]
+
+
+def _patch_jpeg_sof(codestream: bytes, width: int, height: int) -> bytes:
+    data = bytearray(codestream)
+    for sof in (b"\xff\xc0", b"\xff\xc1", b"\xff\xc2"):
+        i = data.find(sof)
+        if i > 0:
+            data[i + 5:i + 9] = struct.pack(">HH", height, width)
+            return bytes(data)
+    raise ValueError("no SOF marker")
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A small valid JPEG whose SOF claims ``width x height`` (a decompression bomb)."""
+    return _patch_jpeg_sof(jpeg(np.zeros((16, 16), np.uint8)), width, height)
+
+
+def dicom_codestream_claiming(codec: str, width: int, height: int, rows: int = 64, cols: int = 64) -> bytes:
+    """A ``rows x cols`` DICOM whose one JPEG / JPEG 2000 frame claims ``width x height``."""
+    gray = np.zeros((rows, cols), np.uint8)
+    if codec == "j2k":
+        import pydicom
+
+        ds = pydicom.dcmread(io.BytesIO(dicom_j2k(gray)))
+        frame = bytearray(next(iter_frames(ds)))
+        frame[8:16] = struct.pack(">II", width, height)  # Xsiz, Ysiz of SIZ, offsets 0
+        ds.PixelData = encapsulate([bytes(frame)])
+        return _bytes(ds)
+    ds = _base(UltrasoundImageStorage, rows, cols)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([_patch_jpeg_sof(jpeg(gray), width, height)])
+    ds["PixelData"].VR = "OB"
+    return _bytes(ds)
+
+
+JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+
+
+def iter_frames(ds):
+    from pydicom.encaps import generate_frames
+
+    return generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1))
+
+
+def dicom_huge_dimensions() -> bytes:
+    """Rows x Columns x NumberOfFrames that multiply to ~4 * 10^12 pixels, with a tiny body."""
+    ds = _base(UltrasoundMultiFrameImageStorage, 65535, 65535, frames=1000)
+    ds.PixelData = b"\0" * 64
+    return _bytes(ds)
+
+
+def raster(gray: np.ndarray, fmt: str) -> bytes:
+    """``gray`` in a format Pillow reads but the labeller must refuse (TIFF, GIF, BMP...)."""
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def dicom_deflated(gray: np.ndarray, extra_zeros: int = 0) -> bytes:
+    """Deflated Explicit VR Little Endian; ``extra_zeros`` appends a private OB element of zeros
+    after the pixel data (inside the deflate stream: ~1 KB per MB, a zip bomb)."""
+    ds = _base(UltrasoundImageStorage, *gray.shape)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.PixelData = gray.astype(np.uint8).tobytes()
+    data = _bytes(ds)
+    if not extra_zeros:
+        return data
+    start = 144 + struct.unpack("<I", data[140:144])[0]  # after (0002,0000) and its group
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = [packer.compress(zlib.decompress(data[start:], -zlib.MAX_WBITS)),
+            packer.compress(struct.pack("<HH", 0x7FE1, 0x1010) + b"OB\0\0" + struct.pack("<I", extra_zeros))]
+    chunk = bytes(16 * 1024**2)
+    for offset in range(0, extra_zeros, len(chunk)):
+        body.append(packer.compress(chunk[:extra_zeros - offset]))
+    return data[:start] + b"".join(body) + packer.flush()

@@ -55,9 +55,23 @@ def _to_u8_range(arr: np.ndarray) -> np.ndarray:
     return np.clip(arr, 0, 255).round().astype(np.uint8)
 
 
+# The raster formats we decode. Pillow would otherwise try every plugin it has (TIFF, PSD, EPS,
+# GIF...), each a parser of its own that an archive object could aim at.
+IMAGE_FORMATS = ("PNG", "JPEG")
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Open PNG / JPEG bytes lazily (only the header is read), refusing every other format.
+
+    Raises:
+        PIL.UnidentifiedImageError: not a PNG or JPEG.
+    """
+    return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+
+
 def decode_image_bytes(data: bytes) -> np.ndarray:
     """PNG / JPEG bytes to an HxW uint8 grayscale array."""
-    with Image.open(io.BytesIO(data)) as im:
+    with open_image(data) as im:
         if im.mode == "P":
             im = im.convert("RGBA" if "transparency" in im.info else "RGB")
         elif im.mode in ("I;16", "I;16B", "I;16L"):

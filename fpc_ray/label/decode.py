@@ -1,8 +1,13 @@
 """Turn one archive object's bytes into frames: PNG, JPEG and DICOM (single and multi-frame).
 
 Every failure becomes a :class:`DecodeError` with a kind from ``ERROR_KINDS``; nothing raises
-past :func:`decode_object`. No DICOM header field is returned except the three UIDs: patient
-identifiers never leave this module.
+past :func:`decode_object` except BaseExceptions (KeyboardInterrupt, SystemExit). No DICOM
+header field is returned except the three UIDs: patient identifiers never leave this module.
+
+Memory stays bounded by what an object may legitimately decode to: sizes are checked against
+``MAX_PIXELS`` from the headers (PNG / JPEG header, DICOM Rows x Columns x frames, and the JPEG
+or JPEG 2000 codestream of every frame to be decoded) before any decoder allocates, and DICOM
+frames are decoded one at a time, keeping only those the frame stride selects.
 """
 
 from __future__ import annotations
@@ -13,17 +18,28 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from fpc_ray.data.transforms import decode_image_bytes, to_gray_u8
+from fpc_ray.data.transforms import decode_image_bytes, open_image, to_gray_u8
+from fpc_ray.label.codestream import deflated_dataset_size, j2k_size, jpeg_size
+from fpc_ray.label.schema import error_text
+from fpc_ray.label.uids import output_uid
 
 MAX_PIXELS = 64_000_000  # all frames of one object together; ultrasound cines are far below
+# The decoded values of all frames: room for RGB 8-bit or 16-bit gray at MAX_PIXELS; it refuses
+# what the pixel count alone lets through (64-bit float samples, say).
+MAX_DECODED_BYTES = 4 * MAX_PIXELS
 DICM_OFFSET = 128
+# A deflated DICOM dataset may inflate to its pixel data plus headers, no more: past this, pydicom's
+# own whole-file zlib.decompress would be the bomb.
+MAX_INFLATED_BYTES = MAX_DECODED_BYTES + 64 * 1024**2
+_UID_KEYWORDS = {"study_uid": "StudyInstanceUID", "series_uid": "SeriesInstanceUID",
+                 "sop_uid": "SOPInstanceUID"}
 
 
 class DecodeError(Exception):
     """A per-object failure: ``kind`` is one of schema.ERROR_KINDS."""
 
     def __init__(self, kind: str, detail: str):
-        super().__init__(f"{kind}: {detail}")
+        super().__init__(error_text(kind, detail))
         self.kind = kind
 
 
@@ -32,8 +48,7 @@ class Decoded:
     """The frames of one object (grayscale uint8) and, for DICOM, its UIDs."""
 
     frames: list[tuple[int, np.ndarray]]  # (frame index, HxW uint8)
-    uids: dict[str, str | None] = field(default_factory=lambda: {"study_uid": None, "series_uid": None,
-                                                                  "sop_uid": None})
+    uids: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(_UID_KEYWORDS))
 
 
 def is_dicom(uri: str, data: bytes) -> bool:
@@ -41,9 +56,13 @@ def is_dicom(uri: str, data: bytes) -> bool:
     return uri.lower().endswith((".dcm", ".dicom")) or data[DICM_OFFSET:DICM_OFFSET + 4] == b"DICM"
 
 
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
 def _decode_raster(data: bytes) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(data) as im:
             w, h = im.size
             if w * h > MAX_PIXELS:
                 raise DecodeError("too_large", f"{w}x{h} pixels exceeds the limit of {MAX_PIXELS}")
@@ -59,55 +78,135 @@ def _decode_raster(data: bytes) -> np.ndarray:
         raise DecodeError("truncated", f"image data is incomplete or corrupt ({e})") from None
 
 
-def _dicom_frames(data: bytes, frame_stride: int) -> Decoded:
+@dataclass
+class _Geometry:
+    """What the DICOM header says the pixel data holds."""
+
+    rows: int
+    cols: int
+    n_frames: int
+    samples: int
+    bytes_per_sample: int
+
+
+def _geometry(ds) -> _Geometry:
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 8) or 8)
+    except (AttributeError, TypeError, ValueError):
+        raise DecodeError("no_pixels", "DICOM image attributes are missing") from None
+    if min(rows, cols, n_frames, samples, bits) < 1:
+        raise DecodeError("malformed", f"image attributes {n_frames} x {cols}x{rows}x{samples}, {bits} bits")
+    geo = _Geometry(rows, cols, n_frames, samples, -(-bits // 8))
+    pixels = rows * cols * n_frames
+    if pixels > MAX_PIXELS or pixels * samples * geo.bytes_per_sample > MAX_DECODED_BYTES:
+        raise DecodeError("too_large", f"{n_frames} x {cols}x{rows}x{samples} samples of {bits} bits "
+                                       f"exceeds the limit of {MAX_PIXELS} pixels")
+    return geo
+
+
+def _check_codestreams(ds, geo: _Geometry, indices: list[int]) -> None:
+    """Refuse encapsulated frames whose codestream claims more than the header, before decoding.
+
+    Frames are split the way the decoder splits them (pydicom's ``generate_frames``), so the
+    codestream checked is the one that will be decoded.
+    """
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
+
+    tsyntax = ds.file_meta.TransferSyntaxUID
+    if tsyntax in JPEGTransferSyntaxes or tsyntax in JPEGLSTransferSyntaxes:
+        read_size, name = jpeg_size, "JPEG"
+    elif tsyntax in JPEG2000TransferSyntaxes:
+        read_size, name = j2k_size, "JPEG 2000"
+    else:
+        return  # RLE and native data decode to the header's size, checked by _geometry
+    wanted = set(indices)
+    for index, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=geo.n_frames)):
+        if index > max(wanted):
+            break
+        if index not in wanted:
+            continue
+        size = read_size(frame[:65536])  # the header segments lie within the first bytes
+        if size is None:
+            raise DecodeError("malformed", f"frame {index}: no {name} frame header")
+        w, h = size
+        if w * h * geo.n_frames > MAX_PIXELS:
+            raise DecodeError("too_large", f"frame {index}: the {name} codestream claims {w}x{h} pixels "
+                                           f"({geo.n_frames} frames), over the limit of {MAX_PIXELS}")
+        if (w, h) != (geo.cols, geo.rows):
+            raise DecodeError("malformed", f"frame {index}: the {name} codestream is {w}x{h}, "
+                                           f"the header says {geo.cols}x{geo.rows}")
+
+
+def _check_inflated_size(data: bytes) -> None:
+    """Refuse a Deflated Explicit VR Little Endian file whose dataset inflates past the limit,
+    before pydicom inflates it whole."""
+    inflated = deflated_dataset_size(data, MAX_INFLATED_BYTES)
+    if inflated is not None and inflated > MAX_INFLATED_BYTES:
+        raise DecodeError("too_large", f"the deflated dataset inflates past {MAX_INFLATED_BYTES} bytes")
+
+
+def _dicom_frames(data: bytes, frame_stride: int, uid_key: str | None) -> Decoded:
     import pydicom
     from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import get_decoder
 
+    _check_inflated_size(data)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as e:
         raise DecodeError("truncated", f"unreadable DICOM ({type(e).__name__})") from None
-    uids = {"study_uid": _uid(ds, "StudyInstanceUID"), "series_uid": _uid(ds, "SeriesInstanceUID"),
-            "sop_uid": _uid(ds, "SOPInstanceUID")}
+    uids = {column: output_uid(_value(ds, keyword), uid_key) for column, keyword in _UID_KEYWORDS.items()}
     if "PixelData" not in ds:
         raise DecodeError("no_pixels", "DICOM object without pixel data")
+    geo = _geometry(ds)
+    tsyntax = ds.file_meta.get("TransferSyntaxUID")
+    if tsyntax is None:
+        raise DecodeError("malformed", "DICOM object without a transfer syntax")
     try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-        samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
-    except (AttributeError, TypeError, ValueError):
-        raise DecodeError("no_pixels", "DICOM image attributes are missing") from None
-    if rows * cols * n_frames > MAX_PIXELS:
-        raise DecodeError("too_large", f"{n_frames} x {cols}x{rows} pixels exceeds the limit")
-    try:
-        arr = ds.pixel_array
-    except NotImplementedError as e:
-        raise DecodeError("unsupported", f"transfer syntax {ds.file_meta.TransferSyntaxUID.name}: {e}") from None
-    except Exception as e:  # pydicom raises many types for truncated or corrupt pixel data
-        raise DecodeError("truncated", f"pixel data cannot be decoded ({type(e).__name__}: {str(e)[:120]})") from None
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        raise DecodeError("unsupported", f"transfer syntax {tsyntax.name}: no pixel decoder") from None
+    if not decoder.is_available:
+        raise DecodeError("unsupported", f"transfer syntax {tsyntax.name}: no decoding plugin installed")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric == "PALETTE COLOR" and "RedPaletteColorLookupTableDescriptor" not in ds:
+        raise DecodeError("malformed", "PALETTE COLOR without its lookup tables")
 
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    indices = list(range(0, geo.n_frames, frame_stride))
+    if tsyntax.is_encapsulated:
+        _check_codestreams(ds, geo, indices)
+    frames = []
+    # One frame at a time: only the frames kept are decoded, and extra frames past
+    # NumberOfFrames (a cine that holds more than its header says) are ignored, not returned.
+    pixels = decoder.iter_array(ds, indices=indices, allow_excess_frames=False)
+    for index in indices:
+        try:
+            arr, _ = next(pixels)
+        except MemoryError:
+            raise DecodeError("too_large", "pixel data does not fit in memory") from None
+        except Exception as e:  # pydicom and its plugins raise many types for corrupt pixel data
+            raise DecodeError("truncated", f"pixel data cannot be decoded ({_describe(e)})") from None
+        frames.append((index, _to_gray(arr, ds, photometric)))
+    return Decoded(frames, uids)
+
+
+def _to_gray(frame: np.ndarray, ds, photometric: str) -> np.ndarray:
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
-        arr = apply_color_lut(arr, ds)
-    if n_frames == 1:
-        arr = arr[None]
-    elif samples == 1 and arr.ndim == 2:  # a one-frame "multi-frame" object
-        arr = arr[None]
-    frames = []
-    for index in range(0, arr.shape[0], frame_stride):
-        gray = to_gray_u8(_window(arr[index], ds))
-        if photometric == "MONOCHROME1":
-            gray = 255 - gray
-        frames.append((index, gray))
-    return Decoded(frames, uids)
+        frame = apply_color_lut(frame, ds)
+    gray = to_gray_u8(_window(frame, ds))
+    return 255 - gray if photometric == "MONOCHROME1" else gray
 
 
 def _window(frame: np.ndarray, ds) -> np.ndarray:
     """Scale deep monochrome frames to their stored bit depth, not the container type's."""
     if frame.ndim == 2 and frame.dtype != np.uint8:
-        bits = int(getattr(ds, "BitsStored", 16) or 16)
+        bits = min(max(int(ds.get("BitsStored", 16) or 16), 1), 32)
         frame = frame.astype(np.float32)
         if frame.min() < 0:
             frame -= frame.min()
@@ -115,19 +214,44 @@ def _window(frame: np.ndarray, ds) -> np.ndarray:
     return frame
 
 
-def _uid(ds, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    return str(value) if value else None
+def _value(ds, keyword: str):
+    """A header value, or None where the element cannot even be parsed (odd VR, bad length)."""
+    try:
+        return ds[keyword].value if keyword in ds else None
+    except Exception:
+        return None
 
 
-def decode_object(uri: str, data: bytes, frame_stride: int = 1) -> Decoded:
+def decode_object(uri: str, data: bytes, frame_stride: int = 1, uid_key: str | None = None) -> Decoded:
     """Decode an archive object into grayscale frames.
 
+    Args:
+        uri: the object's name; a ``.dcm`` / ``.dicom`` name is read as DICOM.
+        data: the object's bytes.
+        frame_stride: keep every n-th frame of a multi-frame DICOM.
+        uid_key: when set, DICOM UIDs are replaced by their keyed hash (see ``uids.pseudonymize_uid``).
+
     Raises:
-        DecodeError: always with a kind, for anything that is not a decodable image.
+        DecodeError: always with a kind, for anything that is not a decodable image; unexpected
+            failures of the parsers (RecursionError on nested sequences, odd values) are
+            ``malformed``, and running out of memory is ``too_large``.
     """
     if not data:
         raise DecodeError("empty", "zero-byte object")
-    if is_dicom(uri, data):
-        return _dicom_frames(data, frame_stride)
-    return Decoded([(0, _decode_raster(data))])
+    try:
+        if is_dicom(uri, data):
+            decoded = _dicom_frames(data, frame_stride, uid_key)
+        else:
+            decoded = Decoded([(0, _decode_raster(data))])
+    except DecodeError:
+        raise
+    except MemoryError:
+        raise DecodeError("too_large", "decoding ran out of memory") from None
+    except Exception as e:  # a parser bug or a case nobody anticipated: this object's failure only
+        raise DecodeError("malformed", _describe(e)) from None
+    if not decoded.frames:
+        raise DecodeError("no_pixels", "no frames")
+    for index, gray in decoded.frames:
+        if gray.ndim != 2 or gray.dtype != np.uint8 or 0 in gray.shape:
+            raise DecodeError("malformed", f"frame {index} decoded to {gray.dtype} {gray.shape}")
+    return decoded

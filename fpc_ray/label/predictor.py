@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -21,48 +22,125 @@ import torch
 
 from fpc_ray.data.transforms import eval_transform, letterbox, letterbox_box
 from fpc_ray.label.decode import DecodeError, decode_object
-from fpc_ray.label.schema import LABEL_SCHEMA
+from fpc_ray.label.schema import LABEL_SCHEMA, error_text
 
 _PASSED_THROUGH = ("source_uri", "frame", "study_uid", "series_uid", "sop_uid", "width", "height",
                    "content_sha256", "error")
 
 
-class ReadDecode:
-    """One listed object -> its frame rows. Storage errors raise; decode errors are rows."""
+DEFAULT_MAX_OBJECT_BYTES = 2 * 1024**3  # generous for cine loops; a bigger object is an error row
+_READ_CHUNK = 64 * 1024**2
+# The object is no longer there to read: deleted, or replaced by a folder, after the listing.
+_VANISHED = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
-    def __init__(self, storage: dict | None, input_size: int, thumb_size: int, frame_stride: int):
+
+def error_row(uri: str, error: str, sha256: str | None = None) -> dict:
+    """The one row of an object that yields no frames: ``error`` is ``"kind: detail"``."""
+    return {"source_uri": uri, "content_sha256": sha256, "study_uid": None, "series_uid": None,
+            "sop_uid": None, "frame": 0, "width": None, "height": None, "error": error,
+            "pixels": None, "thumb": None}
+
+
+def printable_name(uri: str) -> str:
+    """``uri`` as a valid UTF-8 string: undecodable bytes (surrogate escapes) shown as ``\\xNN``."""
+    try:
+        uri.encode("utf-8")
+        return uri
+    except UnicodeEncodeError:
+        return os.fsencode(uri).decode("utf-8", "backslashreplace")
+
+
+class ReadDecode:
+    """One listed object -> its frame rows.
+
+    Every failure that belongs to the object (its name, size, disappearance, bytes, decoding,
+    letterbox or thumbnail) is an error row; only the infrastructure's failures raise (storage
+    errors other than not-found, e.g. an outage after the filesystem's retries), so a run that
+    could not read its input never commits.
+    """
+
+    def __init__(self, storage: dict | None, input_size: int, thumb_size: int, frame_stride: int,
+                 max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES, uid_key: str | None = None):
         from fpc_ray.config import StorageConfig
 
         self.storage = StorageConfig.model_validate(storage or {})
         self.input_size = input_size
         self.thumb_size = thumb_size
         self.frame_stride = frame_stride
+        self.max_object_bytes = max_object_bytes
+        self.uid_key = uid_key
         self._fs = None  # built on first use, in the worker process
 
-    def _read(self, uri: str) -> bytes:
+    def _read(self, uri: str, size: int | None) -> bytes | None:
+        """The object's bytes, or None when it holds more than ``max_object_bytes``.
+
+        Never reads more than the cap plus one byte, even where the listing's size is stale.
+        """
         from fpc_ray.storage import resolve
 
         loc = resolve(uri, self.storage, self._fs)
         self._fs = loc.fs
+        limit = self.max_object_bytes + 1
         with loc.fs.open_input_stream(loc.path) as f:
-            return f.read()
+            # One read of the listed size (plus one, to notice growth) keeps the common case a
+            # single buffer; chunks after it cover a stale or unknown size.
+            chunk = f.read(min(limit, size + 1 if size is not None else _READ_CHUNK))
+            chunks, total = [chunk], len(chunk)
+            while chunk and total < limit:
+                chunk = f.read(min(limit - total, _READ_CHUNK))
+                if chunk:
+                    chunks.append(chunk)
+                    total += len(chunk)
+        if total > self.max_object_bytes:
+            return None
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def frames(self, uri: str) -> list[dict]:
-        """One object -> its frame rows."""
-        data = self._read(uri)  # infrastructure errors propagate: the run must not commit
-        base = {"source_uri": uri, "content_sha256": hashlib.sha256(data).hexdigest(),
-                "study_uid": None, "series_uid": None, "sop_uid": None}
+    def frames(self, uri: str, size: int | None = None, listing_error: str | None = None) -> list[dict]:
+        """One object -> its frame rows (or its one error row).
+
+        Args:
+            uri: the object's URI.
+            size: its size in bytes by the listing; None if unknown (only the bounded read applies).
+            listing_error: a ``"kind: detail"`` line when the listing could not represent the
+                object (a name that is not UTF-8); the object is not read.
+
+        Raises:
+            OSError: storage failures other than not-found (infrastructure: the run must fail).
+        """
+        if listing_error:  # re-checked: a kind outside ERROR_KINDS is the lister's bug
+            kind, _, detail = listing_error.partition(":")
+            return [error_row(printable_name(uri), error_text(kind.strip(), detail))]
+        if printable_name(uri) != uri:  # a string column cannot hold it, and a row must name it
+            return [error_row(printable_name(uri), error_text("bad_name", "the name is not valid UTF-8"))]
+        cap = self.max_object_bytes
+        if size is not None and size > cap:  # refused from the listing, without reading a byte
+            return [error_row(uri, error_text("too_large", f"{size} bytes, over the per-object cap of {cap}"))]
         try:
-            decoded = decode_object(uri, data, self.frame_stride)
+            data = self._read(uri, size)
+        except _VANISHED as e:
+            return [error_row(uri, error_text("vanished", f"listed but no longer readable ({type(e).__name__})"))]
+        if data is None:
+            return [error_row(uri, error_text("too_large", f"over the per-object cap of {cap} bytes "
+                                                           f"(the listing said {size})"))]
+        sha256 = hashlib.sha256(data).hexdigest()
+        try:
+            return self._frame_rows(uri, data, sha256)
         except DecodeError as e:
-            return [{**base, "frame": 0, "width": None, "height": None, "error": str(e),
-                     "pixels": None, "thumb": None}]
+            return [error_row(uri, str(e), sha256)]
+        except MemoryError:
+            return [error_row(uri, error_text("too_large", "ran out of memory"), sha256)]
+        except Exception as e:  # letterbox or thumbnail of an odd frame: this object's failure only
+            return [error_row(uri, error_text("malformed", f"{type(e).__name__}: {e}"), sha256)]
+
+    def _frame_rows(self, uri: str, data: bytes, sha256: str) -> list[dict]:
+        decoded = decode_object(uri, data, self.frame_stride, self.uid_key)
+        base = {"source_uri": uri, "content_sha256": sha256, **decoded.uids}
         rows = []
         for index, gray in decoded.frames:
             h, w = gray.shape
             _, _, th, tw = letterbox_box(h, w, self.thumb_size)  # the frame's size, long side thumb_size
             thumb = cv2.resize(gray, (tw, th), interpolation=cv2.INTER_AREA)
-            rows.append({**base, **decoded.uids, "frame": index, "width": w, "height": h, "error": None,
+            rows.append({**base, "frame": index, "width": w, "height": h, "error": None,
                          "pixels": letterbox(gray, self.input_size), "thumb": thumb})
         return rows
 
@@ -81,6 +159,8 @@ def cam_thumbnail(cam: np.ndarray, thumb: np.ndarray, width: int, height: int, s
     color = cv2.applyColorMap(np.uint8(255 * np.clip(heat, 0, 1)), cv2.COLORMAP_JET)
     base = cv2.cvtColor(thumb, cv2.COLOR_GRAY2BGR)
     ok, png = cv2.imencode(".png", cv2.addWeighted(base, 0.55, color, 0.45, 0))
+    if not ok:
+        raise ValueError("the CAM thumbnail could not be encoded as PNG")
     return png.tobytes()
 
 
@@ -89,7 +169,8 @@ class Predictor:
 
     def __init__(self, model_uri: str, storage: dict | None, cam: str, use_gpu: bool, run_id: str,
                  thumb_size: int = 128, frame_stride: int = 1, threads: int | None = None,
-                 decode_threads: int = 2):
+                 decode_threads: int = 2, max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+                 uid_key: str | None = None):
         from fpc_ray.bundle import load_bundle
         from fpc_ray.config import StorageConfig
 
@@ -109,7 +190,7 @@ class Predictor:
         self.transform = eval_transform(bundle.card["input"]["mean"], bundle.card["input"]["std"])
         self.cam = cam
         self.run_id = run_id
-        self.reader = ReadDecode(storage, self.size, thumb_size, frame_stride)
+        self.reader = ReadDecode(storage, self.size, thumb_size, frame_stride, max_object_bytes, uid_key)
         self.pool = ThreadPoolExecutor(max_workers=decode_threads)
 
     def _infer(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray] | None]:
@@ -132,7 +213,9 @@ class Predictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         uris = [str(u) for u in batch["uri"]]
-        frames = [row for rows in self.pool.map(self.reader.frames, uris) for row in rows]
+        sizes = _optional_column(batch, "size", len(uris), int)
+        listing_errors = _optional_column(batch, "listing_error", len(uris), str)
+        frames = [row for rows in self.pool.map(self.reader.frames, uris, sizes, listing_errors) for row in rows]
         n = len(frames)
         ok = [i for i, row in enumerate(frames) if row["error"] is None]
         images = [frames[i]["pixels"] for i in ok]
@@ -153,8 +236,41 @@ class Predictor:
             cols["top2_confidence"][i] = float(probs[j, order[1]]) if len(order) > 1 else None
             cols["probabilities"][i] = probs[j].astype(np.float32).tolist()
         if cams is not None:  # cv2 drops the GIL: thumbnails are drawn on the decode threads
-            pngs = self.pool.map(lambda j: cam_thumbnail(cams[j], frames[ok[j]]["thumb"], frames[ok[j]]["width"],
-                                                         frames[ok[j]]["height"], self.size), range(len(ok)))
+            pngs = draw_cams(self.pool, cams, [frames[i] for i in ok], self.size)
             for i, png in zip(ok, pngs, strict=True):
-                cols["gradcam_png"][i] = png
+                if isinstance(png, str):
+                    _unlabel(cols, i, png)
+                else:
+                    cols["gradcam_png"][i] = png
         return pa.table(cols, schema=LABEL_SCHEMA)
+
+
+def draw_cams(pool: ThreadPoolExecutor, cams: list[np.ndarray], rows: list[dict], size: int) -> list[bytes | str]:
+    """Each frame row's CAM thumbnail (PNG bytes), or its ``"malformed: ..."`` error if drawing failed."""
+    def overlay(cam: np.ndarray, row: dict) -> bytes | str:
+        try:
+            return cam_thumbnail(cam, row["thumb"], row["width"], row["height"], size)
+        except MemoryError:
+            return error_text("too_large", "CAM overlay ran out of memory")
+        except Exception as e:  # this frame's failure: an error row, not a dead batch
+            return error_text("malformed", f"CAM overlay: {type(e).__name__}: {e}")
+
+    return list(pool.map(overlay, cams, rows))
+
+
+_LABEL_COLUMNS = ("label", "label_index", "confidence", "top2_label", "top2_confidence", "probabilities",
+                  "gradcam_png")
+
+
+def _unlabel(cols: dict[str, list], i: int, error: str) -> None:
+    """Turn row ``i`` into an error row: no label without the CAM that was asked for."""
+    for name in _LABEL_COLUMNS:
+        cols[name][i] = None
+    cols["error"][i] = error
+
+
+def _optional_column(batch: dict[str, np.ndarray], name: str, n: int, cast) -> list:
+    """A batch column as Python values (nulls as None), or all None when the batch lacks it."""
+    if name not in batch:
+        return [None] * n
+    return [None if v is None or (isinstance(v, float) and np.isnan(v)) else cast(v) for v in batch[name]]

@@ -28,8 +28,34 @@ LABEL_SCHEMA = pa.schema([
     pa.field("error", pa.string()),
 ])
 
-# Error kinds, the prefix of every `error` value ("kind: detail").
-ERROR_KINDS = ("empty", "not_an_image", "truncated", "no_pixels", "too_large", "unsupported", "read_failed")
+# Error kinds, the prefix of every `error` value ("kind: detail"); each names one thing about one
+# object, never the infrastructure (an outage fails the run instead of becoming rows).
+ERROR_KINDS = (
+    "empty",         # a zero-byte object
+    "not_an_image",  # not a PNG, JPEG or DICOM file (TIFF, GIF, text...)
+    "truncated",     # a known format whose data stops early or does not decode
+    "no_pixels",     # DICOM without pixel data or without its image attributes
+    "too_large",     # over the byte cap or the pixel limit, by the listing, header or codestream
+    "unsupported",   # a DICOM transfer syntax no installed decoder handles (MPEG video...)
+    "malformed",     # anything else unexpected while decoding, letterboxing or drawing its CAM
+    "vanished",      # listed, then gone before it was read
+    "bad_name",      # the listing could not represent its name (a local name that is not UTF-8)
+)
+MAX_ERROR_DETAIL = 200  # an error value stays one short line in reports and logs
+
+
+def error_text(kind: str, detail: str) -> str:
+    """The ``error`` value for an object: ``"kind: detail"``, one line, at most a few hundred chars.
+
+    Raises:
+        ValueError: ``kind`` is not in ERROR_KINDS (a bug: every kind is declared here).
+    """
+    if kind not in ERROR_KINDS:
+        raise ValueError(f"unknown error kind {kind!r}")
+    detail = " ".join(str(detail).split())
+    if len(detail) > MAX_ERROR_DETAIL:
+        detail = detail[:MAX_ERROR_DETAIL - 3] + "..."
+    return f"{kind}: {detail}"
 
 
 def schema_with_metadata(card: dict) -> pa.Schema:
