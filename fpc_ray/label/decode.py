@@ -57,7 +57,9 @@ def is_dicom(uri: str, data: bytes) -> bool:
 
 
 def _describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    """A third-party exception as its type alone: decoders quote header values in their messages
+    (a malformed PatientName, a date), and an error row must never carry an identifier."""
+    return type(e).__name__
 
 
 def _decode_raster(data: bytes) -> np.ndarray:
@@ -75,7 +77,7 @@ def _decode_raster(data: bytes) -> np.ndarray:
     try:
         return decode_image_bytes(data)
     except (OSError, SyntaxError, ValueError) as e:
-        raise DecodeError("truncated", f"image data is incomplete or corrupt ({e})") from None
+        raise DecodeError("truncated", f"image data is incomplete or corrupt ({_describe(e)})") from None
 
 
 @dataclass

@@ -130,7 +130,8 @@ class ReadDecode:
         except MemoryError:
             return [error_row(uri, error_text("too_large", "ran out of memory"), sha256)]
         except Exception as e:  # letterbox or thumbnail of an odd frame: this object's failure only
-            return [error_row(uri, error_text("malformed", f"{type(e).__name__}: {e}"), sha256)]
+            # The type alone, no message: see decode._describe.
+            return [error_row(uri, error_text("malformed", type(e).__name__), sha256)]
 
     def _frame_rows(self, uri: str, data: bytes, sha256: str) -> list[dict]:
         decoded = decode_object(uri, data, self.frame_stride, self.uid_key)
@@ -253,7 +254,7 @@ def draw_cams(pool: ThreadPoolExecutor, cams: list[np.ndarray], rows: list[dict]
         except MemoryError:
             return error_text("too_large", "CAM overlay ran out of memory")
         except Exception as e:  # this frame's failure: an error row, not a dead batch
-            return error_text("malformed", f"CAM overlay: {type(e).__name__}: {e}")
+            return error_text("malformed", f"CAM overlay: {type(e).__name__}")
 
     return list(pool.map(overlay, cams, rows))
 
