@@ -19,3 +19,9 @@ class RunFailed(Exception):
 class StorageUnavailable(RunFailed):
     """Storage that did not answer, or answered with a server error, after retries: an outage,
     not a mistake, so a scheduler should retry (exit 1, not 2)."""
+
+
+class ConcurrentChange(RunFailed):
+    """Something a command read changed under it (another run committed the same run id, a
+    concurrent retrain or a manual rollback moved the pointer); the command changed nothing of
+    it and may be run again (exit 1)."""
