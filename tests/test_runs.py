@@ -269,3 +269,11 @@ def test_failure_line_names_the_root_cause_not_rays_retry_hint():
     except RuntimeError as outer:
         line = failure_line(outer)
     assert line == "OSError: s3://archive/x.dcm: read failed: AWS Error NETWORK_CONNECTION"
+
+
+def test_history_benchmark_reports_both_start_ups(tmp_path):
+    from fpc_ray.bench.history import run_benchmark
+
+    lines = run_benchmark(3, str(tmp_path))
+    assert any("1 committed run:" in ln for ln in lines) and any("3 committed runs:" in ln for ln in lines)
+    assert any("no index" in ln for ln in lines)
