@@ -269,6 +269,8 @@ def test_two_runs_at_once_on_one_output_commit_every_object_once(env):
     def rows_per_object() -> dict[str, int]:
         counts: dict[str, int] = {}
         for table in _committed_rows(output):
+            if table.num_rows == 0:  # a run whose every object another committed first
+                continue
             for uri in table["source_uri"].to_pylist():
                 counts[uri] = counts.get(uri, 0) + 1
         return counts

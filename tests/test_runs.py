@@ -260,15 +260,23 @@ def test_local_listing_stays_inside_the_prefix_and_survives_loops_and_bad_names(
     assert errors == {"a/b/img.png": None, "alias.png": None, "caf\\xe9.png": BAD_NAME}
 
 
-def test_failure_line_names_the_root_cause_not_rays_retry_hint():
+def test_failure_line_names_the_actors_error_not_rays_retry_hint():
+    from ray.exceptions import RayTaskError
+
     try:
         try:
-            raise OSError("s3://archive/x.dcm: read failed: AWS Error NETWORK_CONNECTION")
+            raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation")
         except OSError as inner:
-            raise RuntimeError("Task failed.\nTraceback ...\nRetry with max_retries=3") from inner
-    except RuntimeError as outer:
+            raise OSError("s3://archive/x.dcm: read failed: AWS Error NETWORK_CONNECTION") from inner
+    except OSError as raised:
+        wrapped = RayTaskError("MapBatches(PredictorActor)", "Traceback ...\nRetry with max_retries=3", raised)
+    try:
+        raise RuntimeError("Task failed; retry hint") from wrapped
+    except RuntimeError as outer:  # a Ray Data wrapper in its own module would be skipped likewise
         line = failure_line(outer)
-    assert line == "OSError: s3://archive/x.dcm: read failed: AWS Error NETWORK_CONNECTION"
+    assert line == "RuntimeError: Task failed; retry hint"
+    assert failure_line(wrapped) == "OSError: s3://archive/x.dcm: read failed: AWS Error NETWORK_CONNECTION"
+    assert failure_line(wrapped.as_instanceof_cause()).startswith("OSError: s3://archive/x.dcm: read failed")
 
 
 def test_history_benchmark_reports_both_start_ups(tmp_path):

@@ -136,10 +136,20 @@ def list_objects(prefix: Location) -> list[dict]:
     return sorted(out, key=lambda o: o["uri"])
 
 
+def _is_ray(err: BaseException) -> bool:
+    return type(err).__module__.split(".")[0] == "ray"
+
+
 def root_cause(err: BaseException) -> BaseException:
-    """The innermost exception of a chain, through Ray's wrappers (``RayTaskError.cause``)."""
+    """The exception the failing code raised, unwrapped from Ray's wrappers.
+
+    Follows ``RayTaskError.cause``, ``__cause__`` and ``__context__`` and stops at the first
+    exception that is not Ray's own (so an actor's ``raise OSError(f"{uri}: ...") from e`` gives
+    that error, whose message names the object, not ``e``); a chain of only Ray errors (a lost
+    worker) gives the innermost.
+    """
     seen = set()
-    while id(err) not in seen:
+    while _is_ray(err) and id(err) not in seen:
         seen.add(id(err))
         nxt = getattr(err, "cause", None)
         if not isinstance(nxt, BaseException):
@@ -151,14 +161,14 @@ def root_cause(err: BaseException) -> BaseException:
 
 
 def failure_line(err: BaseException) -> str:
-    """One line naming what failed and why, from the root of an exception chain.
+    """One line naming what failed and why, from :func:`root_cause`.
 
     Ray's own error text ends in a hint about retries; the cause raised in the actor (whose
     message names the object) is what a person needs.
     """
     root = root_cause(err)
     lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()]
-    if type(root).__module__.startswith("ray") and lines:
+    if _is_ray(root) and lines:
         return lines[-1][:300]  # a Ray error with no Python cause (a lost worker): its summary
     text = lines[0] if lines else ""
     return f"{type(root).__name__}: {text}"[:300] if text else type(root).__name__
