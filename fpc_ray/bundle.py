@@ -180,8 +180,13 @@ def read_pointer_state(uri: str, storage: StorageConfig | None = None) -> Pointe
             return PointerState(None, None)
         body = loc.read_bytes()
         token = hashlib.sha256(body).hexdigest()
-    follow_pointer(uri, storage)  # validates
-    return PointerState(json.loads(body), token)
+    try:  # validated from the bytes read, not by a second read that could see a newer pointer
+        record = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{loc.uri}: not valid JSON ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != POINTER_FORMAT or "bundle" not in record:
+        raise UserError(f"{uri}: not an fpc-ray model pointer (format {POINTER_FORMAT})")
+    return PointerState(record, token)
 
 
 def _moved(uri: str) -> ConcurrentChange:

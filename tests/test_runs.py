@@ -250,6 +250,7 @@ def test_local_listing_stays_inside_the_prefix_and_survives_loops_and_bad_names(
     (root / "out-file.png").symlink_to(outside / "leak.png")
     (root / "a" / "b" / "loop").symlink_to(root / "a", target_is_directory=True)
     (root / "alias.png").symlink_to(root / "a" / "b" / "img.png")  # inside: listed under its name
+    (root / "0-link").symlink_to(root / "a", target_is_directory=True)  # sorts first; the real path wins
     bad = os.path.join(os.fsencode(root), b"caf\xe9.png")
     with open(bad, "wb") as f:
         f.write(b"x")

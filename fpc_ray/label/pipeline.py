@@ -79,31 +79,36 @@ def _walk_local(root: str) -> Iterator[tuple[str, os.stat_result, str | None]]:
     real_root = os.path.realpath(os.fsencode(root))
     seen: set[tuple[int, int]] = set()
     stack = [(os.fsencode(root), root, False)]  # (path as bytes, printable path, bad name)
-    while stack:
-        path, shown, bad = stack.pop()
-        st = os.stat(path)
-        if (st.st_dev, st.st_ino) in seen:
+    linked = []  # folders reached through a symlink: walked after the real tree, so a link to a
+    while stack or linked:  # folder inside it is the duplicate that is skipped, not the folder
+        path, shown, bad = stack.pop() if stack else linked.pop()
+        try:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(path) as it:
+                entries = list(it)
+        except FileNotFoundError:  # removed while we listed: nothing there to label
             continue
-        seen.add((st.st_dev, st.st_ino))
-        with os.scandir(path) as entries:
-            for entry in entries:
-                try:
-                    name, entry_bad = entry.name.decode("utf-8"), bad
-                except UnicodeDecodeError:
-                    name, entry_bad = entry.name.decode("utf-8", "backslashreplace"), True
-                child = os.path.join(shown, name)
-                if entry.is_symlink():
-                    target = os.path.realpath(entry.path)
-                    if os.path.commonpath([real_root, target]) != real_root:
-                        continue
-                try:
-                    est = entry.stat()  # follows an inside symlink
-                except OSError:  # dangling link, or vanished since the scan
+        for entry in entries:
+            try:
+                name, entry_bad = entry.name.decode("utf-8"), bad
+            except UnicodeDecodeError:
+                name, entry_bad = entry.name.decode("utf-8", "backslashreplace"), True
+            child = os.path.join(shown, name)
+            if entry.is_symlink():
+                target = os.path.realpath(entry.path)
+                if os.path.commonpath([real_root, target]) != real_root:
                     continue
-                if stat.S_ISDIR(est.st_mode):
-                    stack.append((entry.path, child, entry_bad))
-                elif stat.S_ISREG(est.st_mode):
-                    yield child, est, BAD_NAME if entry_bad else None
+            try:
+                est = entry.stat()  # follows an inside symlink
+            except OSError:  # dangling link, or vanished since the scan
+                continue
+            if stat.S_ISDIR(est.st_mode):
+                (linked if entry.is_symlink() else stack).append((entry.path, child, entry_bad))
+            elif stat.S_ISREG(est.st_mode):
+                yield child, est, BAD_NAME if entry_bad else None
 
 
 def list_objects(prefix: Location) -> list[dict]:

@@ -21,6 +21,7 @@ reader, which lists ``run=*`` folders the index does not cover.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -36,7 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fpc_ray.config import StorageConfig
-from fpc_ray.errors import RunFailed
+from fpc_ray.errors import ConcurrentChange, UserError
 from fpc_ray.label.lock import CommitLock
 from fpc_ray.storage import Location, guard, is_remote
 
@@ -188,13 +189,17 @@ def clean_stale_staging(output: Location, grace_s: float = STALE_AFTER_S, echo: 
             age = now - started.timestamp() if started else _age_s(loc, now)
             if age <= grace_s:
                 continue
-            if entry.type == pafs.FileType.Directory:
-                guard(loc.uri, lambda loc=loc: loc.fs.delete_dir(loc.path))
-            else:
-                loc.delete()
+            try:
+                if entry.type == pafs.FileType.Directory:
+                    guard(loc.uri, lambda loc=loc: loc.fs.delete_dir(loc.path))
+                else:
+                    loc.delete()
+            except UserError:  # another run's clean-up got there first
+                continue
             deleted.append(f"{_name(run.path)}/{name}")
-        if not is_remote(run_loc.uri) and not os.listdir(run_loc.path):
-            os.rmdir(run_loc.path)
+        if not is_remote(run_loc.uri):
+            with contextlib.suppress(OSError):  # not empty: a live attempt; gone: cleaned by another run
+                os.rmdir(run_loc.path)
     if deleted:
         echo(f"cleaned {len(deleted)} stale staging folder(s) older than {grace_s / 3600:g} h under "
              f"{staging.uri}: {', '.join(deleted[:5])}{' ...' if len(deleted) > 5 else ''}")
@@ -273,8 +278,8 @@ def _create_marker(run_dir: Location, body: bytes, storage: StorageConfig | None
         try:
             put_if_absent(marker, body, storage)
         except PreconditionFailed:
-            raise RunFailed(f"run {run_dir.uri} was committed by {_marker_holder(run_dir)} during this "
-                            "commit; this attempt's parts are left unmarked") from None
+            raise ConcurrentChange(f"run {run_dir.uri} was committed by {_marker_holder(run_dir)} during this "
+                                   "commit; this attempt's parts are left unmarked") from None
         return
     tmp = f"{marker.path}.tmp-{secrets.token_hex(4)}"
     with open(tmp, "wb") as f:
@@ -284,8 +289,8 @@ def _create_marker(run_dir: Location, body: bytes, storage: StorageConfig | None
     try:
         os.link(tmp, marker.path)  # atomic and exclusive: fails if the marker exists
     except FileExistsError:
-        raise RunFailed(f"run {run_dir.uri} was committed by {_marker_holder(run_dir)} during this "
-                        "commit") from None
+        raise ConcurrentChange(f"run {run_dir.uri} was committed by {_marker_holder(run_dir)} during this "
+                               "commit") from None
     finally:
         os.unlink(tmp)
 
@@ -306,8 +311,9 @@ def commit(attempt: Attempt, objects: list[dict], summary: dict, storage: Storag
         The summary as written to ``_SUCCESS.json``.
 
     Raises:
-        RunFailed: the run id was committed by another attempt meanwhile, the lock could not be
-            taken, or storage failed (a :class:`~fpc_ray.errors.StorageUnavailable`).
+        ConcurrentChange: the run id was committed by another attempt meanwhile (a RunFailed).
+        RunFailed: the lock could not be taken, or storage failed (a
+            :class:`~fpc_ray.errors.StorageUnavailable`).
     """
     t0 = time.perf_counter()
     output, run_dir, staged = attempt.output, attempt.run_dir, attempt.staged
@@ -316,8 +322,8 @@ def commit(attempt: Attempt, objects: list[dict], summary: dict, storage: Storag
         if run_dir.join(SUCCESS).exists():  # another attempt at this run id won
             other = _marker_holder(run_dir)
             attempt.discard()
-            raise RunFailed(f"run {attempt.run_id} was committed under {output.uri} by attempt {other} while "
-                            f"attempt {attempt.attempt_id} worked; this attempt's rows are discarded")
+            raise ConcurrentChange(f"run {attempt.run_id} was committed under {output.uri} by attempt {other} "
+                                   f"while attempt {attempt.attempt_id} worked; this attempt's rows are discarded")
         index, runs = committed_objects(output)
         new = index.filter(pc.invert(pc.is_in(
             index["run"], pa.array(sorted(attempt.baseline), pa.string()))))
