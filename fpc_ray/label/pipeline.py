@@ -62,6 +62,8 @@ class LabelOptions:
     limit: int | None = None
     stale_staging_s: float = 24 * 3600.0  # staging attempts older than this are crashed runs'
     lock_wait_s: float = 900.0  # how long a commit waits for another commit on the same output
+    max_object_bytes: int = 2 * 1024**3  # larger objects are error rows, never read (cine loops fit)
+    uid_key: str | None = None  # a key to pseudonymize DICOM UIDs with (keyed hash), or keep them
 
 
 def default_run_id() -> str:
@@ -272,7 +274,8 @@ def _label(todo: list[dict], staged: Location, model_uri: str, card: dict, run_i
                                "use_gpu": opts.use_gpu, "run_id": run_id, "thumb_size": opts.thumb_size,
                                "frame_stride": opts.frame_stride,
                                "threads": None if opts.use_gpu else _predictor_threads(opts.workers),
-                               "decode_threads": _decode_threads(opts)},
+                               "decode_threads": _decode_threads(opts),
+                               "max_object_bytes": opts.max_object_bytes, "uid_key": opts.uid_key},
         batch_size=opts.batch_size, batch_format="numpy",
         compute=ActorPoolStrategy(size=opts.workers),
         num_cpus=0 if opts.use_gpu else 1, num_gpus=_gpu_share(opts.workers) if opts.use_gpu else 0,
