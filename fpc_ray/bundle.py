@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 from fpc_ray import __version__
 from fpc_ray.config import Config, StorageConfig
-from fpc_ray.errors import UserError
-from fpc_ray.storage import Location, resolve
+from fpc_ray.errors import ConcurrentChange, UserError
+from fpc_ray.storage import Location, is_remote, resolve
 
 # torch is imported where weights are read or written: a `label` driver, which only reads cards
 # and pointers, starts a second sooner without it.
@@ -160,26 +160,90 @@ def follow_pointer(uri: str, storage: StorageConfig | None = None) -> str:
 
 def read_pointer(uri: str, storage: StorageConfig | None = None) -> dict | None:
     """A pointer's whole record, or None where there is none yet."""
+    return read_pointer_state(uri, storage).record
+
+
+@dataclass(frozen=True)
+class PointerState:
+    """A pointer as read, with what identifies that version of it (the S3 ETag; locally the
+    SHA-256 of its bytes): :func:`write_pointer` rewrites it only if it is still that version.
+    ``record`` and ``token`` are None where there was no pointer."""
+
+    record: dict | None
+    token: str | None
+
+
+def read_pointer_state(uri: str, storage: StorageConfig | None = None) -> PointerState:
+    """Read a pointer and its version in one go (one GET on S3, so the two always agree)."""
     loc = resolve(uri, storage)
-    if not loc.exists():
-        return None
-    follow_pointer(uri, storage)  # validates
-    return json.loads(loc.read_text())
+    if is_remote(loc.uri):
+        from fpc_ray.conditional import get_with_etag
+
+        got = get_with_etag(loc, storage)
+        if got is None:
+            return PointerState(None, None)
+        body, token = got
+    else:
+        if not loc.exists():
+            return PointerState(None, None)
+        body = loc.read_bytes()
+        token = hashlib.sha256(body).hexdigest()
+    try:  # validated from the bytes read, not by a second read that could see a newer pointer
+        record = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{loc.uri}: not valid JSON ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != POINTER_FORMAT or "bundle" not in record:
+        raise UserError(f"{uri}: not an fpc-ray model pointer (format {POINTER_FORMAT})")
+    return PointerState(record, token)
 
 
-def write_pointer(uri: str, record: dict, storage: StorageConfig | None = None) -> None:
+def _moved(uri: str) -> ConcurrentChange:
+    return ConcurrentChange(f"{uri}: the pointer moved since it was read (a concurrent retrain or a manual "
+                            "rollback); not rewritten")
+
+
+def write_pointer(uri: str, record: dict, storage: StorageConfig | None = None,
+                  expected: PointerState | None = None) -> None:
     """Point ``uri`` at a bundle, atomically: readers see the old pointer or the new, never half.
 
-    Locally a temporary file is renamed over the pointer; on S3 a single PUT is atomic already.
+    With ``expected`` (what :func:`read_pointer_state` returned earlier) the rewrite is a
+    compare-and-swap: on S3 a PUT with ``If-Match`` on the ETag read (``If-None-Match: *`` where
+    there was no pointer); locally the comparison and the rename happen under an ``flock`` on
+    ``<pointer>.lock``. Without it, locally a temporary file is renamed over the pointer; on S3 a
+    single PUT is atomic already.
+
+    Raises:
+        ConcurrentChange: the pointer is no longer the version in ``expected``.
     """
     loc = resolve(uri, storage)
     body = json.dumps({"format": POINTER_FORMAT, **record}, indent=2)
-    if loc.uri.startswith("s3://"):
-        loc.write_text(body)
+    if is_remote(loc.uri):
+        if expected is None:
+            loc.write_text(body)
+            return
+        from fpc_ray.conditional import PreconditionFailed, put_if_absent, put_if_match
+
+        try:
+            if expected.token is None:
+                put_if_absent(loc, body.encode(), storage)
+            else:
+                put_if_match(loc, body.encode(), expected.token, storage)
+        except PreconditionFailed:
+            raise _moved(uri) from None
         return
     tmp = resolve(f"{loc.path}.tmp-{os.getpid()}", storage)
     tmp.write_text(body)
-    os.replace(tmp.path, loc.path)
+    if expected is None:
+        os.replace(tmp.path, loc.path)
+        return
+    import fcntl
+
+    with open(f"{loc.path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if read_pointer_state(uri, storage).token != expected.token:
+            os.unlink(tmp.path)
+            raise _moved(uri)
+        os.replace(tmp.path, loc.path)
 
 
 def read_card(uri: str, storage: StorageConfig | None = None) -> dict:

@@ -3,6 +3,12 @@
 pyarrow's ``S3FileSystem()`` ignores ``AWS_ENDPOINT_URL*`` when built bare, so the endpoint is
 resolved here explicitly: config first, then the standard AWS variables. Credentials are left
 to the AWS default chain (environment, profile, instance role) and are never logged.
+
+Storage errors are sorted here, once: what a user can fix (not found, access denied, no such
+bucket, bad credentials, an endpoint host that does not resolve) is a :class:`UserError` (exit 2);
+an outage (refused connections, timeouts, 5xx, throttling after retries) is a
+:class:`StorageUnavailable` (exit 1). Conditional writes (the commit marker, the commit lock, the
+promotion pointer) live in :mod:`fpc_ray.conditional`.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from fpc_ray.config import StorageConfig
-from fpc_ray.errors import UserError
+from fpc_ray.errors import StorageUnavailable, UserError
 
 
 def is_remote(uri: str) -> bool:
@@ -45,11 +51,36 @@ def s3_filesystem(storage: StorageConfig | None = None) -> pafs.S3FileSystem:
         kwargs["scheme"] = parsed.scheme or "https"
         # Self-hosted S3 servers (MinIO, SeaweedFS) address buckets by path, not subdomain.
         kwargs["force_virtual_addressing"] = False
-    region = (storage.region if storage else None) or os.environ.get("AWS_REGION") or os.environ.get(
-        "AWS_DEFAULT_REGION"
-    )
-    kwargs["region"] = region or "us-east-1"
+    kwargs["region"] = s3_region(storage)
     return pafs.S3FileSystem(**kwargs)
+
+
+def s3_region(storage: StorageConfig | None = None) -> str:
+    """The region: config, then ``AWS_REGION``, then ``AWS_DEFAULT_REGION``, then us-east-1."""
+    return ((storage.region if storage else None) or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+
+
+def s3_client(storage: StorageConfig | None = None):
+    """A boto3 S3 client on the same endpoint and region as :func:`s3_filesystem`, for what
+    pyarrow cannot do (conditional writes); credentials from the default chain."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    endpoint = s3_endpoint(storage)
+    if endpoint and "://" not in endpoint:
+        endpoint = f"https://{endpoint}"
+    # Self-hosted servers address buckets by path, as in s3_filesystem.
+    extra = {"s3": {"addressing_style": "path"}} if endpoint else {}
+    config = BotoConfig(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=10, read_timeout=60,
+                        **extra)
+    return boto3.client("s3", endpoint_url=endpoint, region_name=s3_region(storage), config=config)
+
+
+def bucket_key(loc: Location) -> tuple[str, str]:
+    """(bucket, key) of an S3 location."""
+    bucket, _, key = loc.path.partition("/")
+    return bucket, key
 
 
 @dataclass(frozen=True)
@@ -73,7 +104,7 @@ class Location:
 
     def info(self) -> pafs.FileInfo:
         """The pyarrow file info, with filesystem errors turned into user errors."""
-        return _guard(self.uri, lambda: self.fs.get_file_info(self.path))
+        return guard(self.uri, lambda: self.fs.get_file_info(self.path))
 
     def read_bytes(self) -> bytes:
         """The whole object."""
@@ -81,7 +112,7 @@ class Location:
             with self.fs.open_input_stream(self.path) as f:
                 return f.read()
 
-        return _guard(self.uri, read)
+        return guard(self.uri, read)
 
     def write_bytes(self, data: bytes) -> None:
         """Write (replace) the whole object, creating parent directories on local disk."""
@@ -91,7 +122,7 @@ class Location:
             with self.fs.open_output_stream(self.path) as f:
                 f.write(data)
 
-        _guard(self.uri, write)
+        guard(self.uri, write)
 
     def read_text(self) -> str:
         return self.read_bytes().decode("utf-8")
@@ -101,7 +132,7 @@ class Location:
 
     def delete(self) -> None:
         """Delete the file at this location."""
-        _guard(self.uri, lambda: self.fs.delete_file(self.path))
+        guard(self.uri, lambda: self.fs.delete_file(self.path))
 
     def check_writable(self) -> None:
         """Write and delete a probe under this directory: fails early on a wrong bucket,
@@ -113,19 +144,57 @@ class Location:
 
     def makedirs(self) -> None:
         """Create the directory (a no-op on S3, where prefixes need no creation)."""
-        _guard(self.uri, lambda: self.fs.create_dir(self.path, recursive=True))
+        guard(self.uri, lambda: self.fs.create_dir(self.path, recursive=True))
 
 
-def _guard(uri: str, fn):
-    """Run a filesystem call, turning missing files and access problems into one clear line."""
+# Markers in the text of pyarrow's (AWS SDK, curl) and botocore's errors. An outage is named by
+# what failed to answer; everything else an S3 server says back is about the request itself.
+_OUTAGE = ("NETWORK_CONNECTION", "curlCode: 7", "curlCode: 28", "curlCode: 52", "curlCode: 56",
+           "Couldn't connect", "Connection refused", "timed out", "Timeout", "SLOW_DOWN", "SlowDown",
+           "SERVICE_UNAVAILABLE", "ServiceUnavailable", "INTERNAL_FAILURE", "InternalError",
+           "HTTP status 5", "response code 5", "Connection reset", "Could not connect to the endpoint",
+           "Connection was closed", "EndpointConnectionError", "RequestTimeout")
+_USER = ("ACCESS_DENIED", "AccessDenied", "NO_SUCH_BUCKET", "NoSuchBucket", "INVALID_ACCESS_KEY_ID",
+         "InvalidAccessKeyId", "SIGNATURE_DOES_NOT_MATCH", "SignatureDoesNotMatch", "Couldn't resolve host",
+         "curlCode: 6,", "NO_SUCH_KEY", "NoSuchKey", "HTTP status 403", "HTTP status 404")
+
+
+def is_outage(err: BaseException) -> bool:
+    """True when a storage error is an outage (retry later), False when the request was wrong."""
+    text = f"{type(err).__name__}: {err}"
+    if any(m in text for m in _USER):
+        return False
+    import errno
+
+    if getattr(err, "errno", None) in (errno.EIO, errno.ENOSPC, errno.ETIMEDOUT, errno.ECONNREFUSED,
+                                       errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return True
+    return any(m in text for m in _OUTAGE)
+
+
+def storage_error(uri: str, err: BaseException) -> Exception:
+    """The one-line error for a failed storage call on ``uri``: user error or outage."""
+    if isinstance(err, (UserError, StorageUnavailable)):
+        return err
+    if isinstance(err, FileNotFoundError):
+        return UserError(f"not found: {uri}")
+    if isinstance(err, PermissionError):
+        return UserError(f"permission denied: {uri} ({_first_line(err)})")
+    if is_outage(err):
+        return StorageUnavailable(f"storage unavailable for {uri}: {_first_line(err)}")
+    return UserError(f"cannot access {uri}: {_first_line(err)}")
+
+
+def guard(uri: str, fn):
+    """Run a storage call on ``uri``, turning its errors into one line (see :func:`storage_error`)."""
     try:
         return fn()
-    except FileNotFoundError:
-        raise UserError(f"not found: {uri}") from None
-    except PermissionError as e:
-        raise UserError(f"permission denied: {uri} ({_first_line(e)})") from None
     except OSError as e:
-        raise UserError(f"cannot access {uri}: {_first_line(e)}") from None
+        raise storage_error(uri, e) from None
+    except Exception as e:
+        if type(e).__module__.startswith(("botocore", "boto3")):
+            raise storage_error(uri, e) from None
+        raise
 
 
 def _first_line(err: BaseException) -> str:
@@ -144,10 +213,12 @@ def resolve(uri: str | os.PathLike, storage: StorageConfig | None = None,
     """
     uri = os.fspath(uri)
     if is_remote(uri):
-        parsed = urlparse(uri)
-        if not parsed.netloc:
+        # Not urlparse: a key is any string, and '#', '?', '%' are part of it, not a fragment,
+        # a query or an escape.
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        if not bucket:
             raise UserError(f"{uri}: an s3:// URI needs a bucket")
-        path = (parsed.netloc + "/" + parsed.path.lstrip("/")).rstrip("/")
+        path = (bucket + "/" + key.lstrip("/")).rstrip("/")
         return Location(filesystem or s3_filesystem(storage), path, uri.rstrip("/"))
     if "://" in uri:
         raise UserError(f"{uri}: only local paths and s3:// URIs are supported")

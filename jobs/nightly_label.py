@@ -1,11 +1,15 @@
 """Nightly labelling, for `ray job submit` or a scheduler.
 
     ray job submit --working-dir . -- python jobs/nightly_label.py \
-        --model s3://models/production --archive s3://archive --output s3://labels [--date 2026-11-24]
+        --model s3://models/production.json --archive s3://archive --output s3://labels \
+        [--date 2026-11-24] [--lookback-days 3]
 
-Labels ARCHIVE/YYYY/MM/DD/ (default: yesterday, UTC) into OUTPUT as run `nightly-YYYY-MM-DD`.
-Exits 0 when the run committed, non-zero otherwise; a rerun for the same date after a crash
-labels exactly what the crashed attempt did not commit.
+Labels ARCHIVE/YYYY/MM/DD/ (default: yesterday, UTC) and the ``--lookback-days`` days before it
+into OUTPUT as run ``nightly-YYYY-MM-DD``. Incremental skipping labels only what no committed
+run holds, so looking back costs a listing, and it catches objects that landed in a day's
+folder after that day was committed, and the whole of a night that failed. Missing day folders
+are skipped. Exit codes: 0 committed (or nothing to do), 1 an outage or a concurrent run (run it
+again), 2 a mistake in the arguments, model or locations; every error is one line.
 """
 
 from __future__ import annotations
@@ -20,35 +24,69 @@ def day_prefix(archive: str, day: dt.date) -> str:
     return f"{archive.rstrip('/')}/{day:%Y/%m/%d}/"
 
 
-def main(argv: list[str] | None = None) -> int:
+def day_prefixes(archive: str, day: dt.date, lookback_days: int) -> list[str]:
+    """The day's folder first, then the ``lookback_days`` days before it, newest first."""
+    return [day_prefix(archive, day - dt.timedelta(days=k)) for k in range(lookback_days + 1)]
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="model bundle or promotion pointer (e.g. s3://bucket/models/production.json)")
     parser.add_argument("--archive", required=True, help="archive root holding YYYY/MM/DD/ folders")
     parser.add_argument("--output", required=True, help="labelling output prefix")
     parser.add_argument("--date", type=dt.date.fromisoformat, default=None,
                         help="YYYY-MM-DD to label (default: yesterday, UTC)")
+    parser.add_argument("--lookback-days", type=int, default=3,
+                        help="also label what is new in this many days' folders before --date (default 3)")
     parser.add_argument("--workers", type=int, default=1, help="predictor actors")
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--cam", default="gradcam", choices=["gradcam", "gradcam++", "eigencam", "none"])
-    args = parser.parse_args(argv)
-    day = args.date or (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1))
+    return parser
 
-    from fpc_ray.cli import main as cli_main
-    from fpc_ray.label.pipeline import SUCCESS
+
+def run(args: argparse.Namespace, echo=print) -> int:
+    """Label the night; raises UserError / RunFailed for the caller to turn into one line."""
+    from fpc_ray.config import StorageConfig
+    from fpc_ray.errors import UserError
+    from fpc_ray.label.pipeline import LabelOptions, run_labelling
+    from fpc_ray.label.runs import SUCCESS
     from fpc_ray.storage import resolve
 
+    if args.lookback_days < 0:
+        raise UserError(f"--lookback-days {args.lookback_days}: must be 0 or more")
+    day = args.date or (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1))
     run_id = f"nightly-{day.isoformat()}"
-    if resolve(f"{args.output.rstrip('/')}/run={run_id}/{SUCCESS}").exists():
-        print(f"run {run_id} is already committed under {args.output}; nothing to do")
+    storage = StorageConfig()
+    if resolve(f"{args.output.rstrip('/')}/run={run_id}/{SUCCESS}", storage).exists():
+        echo(f"run {run_id} is already committed under {args.output}; nothing to do")
         return 0
-
-    sys.argv = ["fpc-ray", "label", "--model", args.model, "--input", day_prefix(args.archive, day),
-                "--output", args.output, "--run-id", run_id,
-                "--workers", str(args.workers), "--cam", args.cam]
-    if args.use_gpu:
-        sys.argv.append("--use-gpu")
-    cli_main()  # exits with the CLI's code
+    if not resolve(args.archive, storage).exists():
+        raise UserError(f"{args.archive}: no such archive")
+    prefixes = [p for p in day_prefixes(args.archive, day, args.lookback_days) if resolve(p, storage).exists()]
+    if not prefixes:
+        echo(f"run {run_id}: no day folders under {args.archive} from {day - dt.timedelta(days=args.lookback_days)} "
+             f"to {day}; nothing to do")
+        return 0
+    opts = LabelOptions(run_id=run_id, workers=args.workers, use_gpu=args.use_gpu, cam=args.cam)
+    summary = run_labelling(args.model, prefixes, args.output, opts, storage, echo=echo)
+    echo(f"committed {summary['output']}: {summary['objects']['labelled']} objects from {len(prefixes)} day "
+         f"folder(s), {summary['rows']} rows, {summary['labelled']} labelled, {summary['errors']} errors")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)  # argparse exits 2 with its own one-line usage error
+
+    from fpc_ray.errors import RunFailed, UserError
+
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -215,7 +215,7 @@ def test_s3_outage_mid_run_fails_cleanly_or_retries_then_rerun_completes(env, bi
     assert table.num_rows == n
 
 
-def test_nightly_job_labels_the_day_and_is_idempotent(env, tmp_path):
+def test_nightly_job_labels_the_day_looks_back_and_is_idempotent(env, tmp_path):
     db = read_fetal_planes(env["data"])
     day = tmp_path / "archive" / "2026" / "11" / "24"
     day.mkdir(parents=True)
@@ -224,16 +224,82 @@ def test_nightly_job_labels_the_day_and_is_idempotent(env, tmp_path):
     (day / "broken.png").write_bytes(b"\x89PNG")
     other_day = tmp_path / "archive" / "2026" / "11" / "23"
     other_day.mkdir(parents=True)
-    (other_day / "not-today.png").write_bytes(db.image_location(db.records[4]).read_bytes())
+    (other_day / "day-before.png").write_bytes(db.image_location(db.records[4]).read_bytes())
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, os.path.join(root, "jobs", "nightly_label.py"), "--model", env["model"],
-           "--archive", str(tmp_path / "archive"), "--output", str(tmp_path / "out"), "--date", "2026-11-24"]
-    first = subprocess.run(cmd, capture_output=True, text=True)
+
+    def nightly(date: str, *extra: str, model: str = env["model"]):
+        cmd = [sys.executable, os.path.join(root, "jobs", "nightly_label.py"), "--model", model,
+               "--archive", str(tmp_path / "archive"), "--output", str(tmp_path / "out"), "--date", date, *extra]
+        return subprocess.run(cmd, capture_output=True, text=True)
+
+    first = nightly("2026-11-24")  # the day and, looking back, the day before (22nd, 21st: no folders)
     assert first.returncode == 0, first.stdout + first.stderr
     summary = json.loads((tmp_path / "out" / "run=nightly-2026-11-24" / "_SUCCESS.json").read_text())
-    assert summary["objects"]["labelled"] == 4 and summary["rows"] == 4 and summary["errors"] == 1
-    second = subprocess.run(cmd, capture_output=True, text=True)
-    assert second.returncode == 0 and "already committed" in second.stdout
+    assert summary["objects"]["labelled"] == 5 and summary["rows"] == 5 and summary["errors"] == 1
+    assert summary["input"] == str(day) and len(summary["inputs"]) == 2
+    # An object lands in the 24th's folder after the 24th was committed: the next night takes it.
+    (day / "late.png").write_bytes(db.image_location(db.records[5]).read_bytes())
+    second = nightly("2026-11-25")
+    assert second.returncode == 0, second.stdout + second.stderr
+    summary = json.loads((tmp_path / "out" / "run=nightly-2026-11-25" / "_SUCCESS.json").read_text())
+    assert summary["objects"]["labelled"] == 1 and summary["rows"] == 1
+    again = nightly("2026-11-24")
+    assert again.returncode == 0 and "already committed" in again.stdout
+    mistake = nightly("2026-11-26", model=str(tmp_path / "no-model"))
+    assert mistake.returncode == 2 and mistake.stderr.startswith("error: ") and "Traceback" not in mistake.stderr
+    assert len(mistake.stderr.strip().splitlines()) == 1, mistake.stderr
+
+
+def test_two_runs_at_once_on_one_output_commit_every_object_once(env):
+    """Two `fpc-ray label` processes at once on one output: first with the same run id (one
+    commits, the other refuses with one line), then with different run ids (both commit; the
+    later drops what the earlier committed). Every object ends with exactly one row set."""
+    client = env["s3"].client()
+    db = read_fetal_planes(env["data"])
+    output = "s3://test/labels-concurrent"
+    archive = "s3://test/concurrent/"
+    for r in db.records[:16]:
+        _put(client, f"concurrent/{r.image_name}.png", db.image_location(r).read_bytes())
+
+    def both(*run_ids: str) -> list[tuple[int, str]]:
+        procs = [_start(_label_cmd(env["model"], archive, output, "--batch-size", "4", "--run-id", rid))
+                 for rid in run_ids]
+        return [(p.wait(timeout=600), p.stdout.read()) for p in procs]
+
+    def rows_per_object() -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for table in _committed_rows(output):
+            if table.num_rows == 0:  # a run whose every object another committed first
+                continue
+            for uri in table["source_uri"].to_pylist():
+                counts[uri] = counts.get(uri, 0) + 1
+        return counts
+
+    same = both("rerun", "rerun")
+    assert sorted(code for code, _ in same)[0] == 0, same
+    loser = [(code, out) for code, out in same if code != 0]
+    if loser:  # refused at commit (1), or at start-up when the winner had already committed (2)
+        code, out = loser[0]
+        errors = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+        assert code in (1, 2) and len(errors) == 1 and "Traceback" not in out, out[-3000:]
+    assert rows_per_object() == {f"{archive}{r.image_name}.png": 1 for r in db.records[:16]}
+
+    for r in db.records[16:32]:
+        _put(client, f"concurrent/{r.image_name}.png", db.image_location(r).read_bytes())
+    different = both("left", "right")
+    assert [code for code, _ in different] == [0, 0], different
+    assert rows_per_object() == {f"{archive}{r.image_name}.png": 1 for r in db.records[:32]}
+    objects = [u for t in _committed_objects(output) for u in t]
+    assert sorted(objects) == sorted(f"{archive}{r.image_name}.png" for r in db.records[:32])
+
+
+def _committed_objects(output: str) -> list[list[str]]:
+    """The `_objects.parquet` URIs of every committed run."""
+    from fpc_ray.label.runs import OBJECTS, committed_runs
+
+    loc = resolve(output)
+    return [pads.dataset(run.join(OBJECTS).path, filesystem=loc.fs, format="parquet").to_table()["uri"].to_pylist()
+            for run in committed_runs(loc)]
 
 
 def test_label_user_errors_are_one_line(env, tmp_path):

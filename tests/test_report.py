@@ -133,7 +133,7 @@ def _committed_run(folder: Path) -> Path:
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from fpc_ray.label.pipeline import SUCCESS
+    from fpc_ray.label.runs import SUCCESS
     from fpc_ray.label.schema import LABEL_SCHEMA
 
     buf = io.BytesIO()

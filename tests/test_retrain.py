@@ -67,3 +67,37 @@ def test_pointer_errors_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="not a model bundle"):
         read_card(str(bad))
     assert not list(tmp_path.glob("p.json.tmp-*"))  # the atomic write leaves no temporary behind
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_pointer_rewrite_is_a_compare_and_swap(where, tmp_path, request):
+    """A promotion rewrites the pointer only if it is still what the retrain read at its start."""
+    from fpc_ray.bundle import read_pointer_state
+    from fpc_ray.errors import ConcurrentChange
+
+    if where == "s3":
+        import uuid
+
+        request.getfixturevalue("s3_server")
+        uri = f"s3://test/models-{uuid.uuid4().hex[:8]}/production.json"
+    else:
+        uri = str(tmp_path / "models" / "production.json")
+        (tmp_path / "models").mkdir()
+
+    empty = read_pointer_state(uri)
+    assert empty.record is None and empty.token is None
+    write_pointer(uri, {"bundle": "b1"}, expected=empty)  # the bootstrap: only if still absent
+    with pytest.raises(ConcurrentChange, match="moved since it was read"):
+        write_pointer(uri, {"bundle": "racer"}, expected=empty)  # a second bootstrap loses
+
+    start = read_pointer_state(uri)  # a retrain starts...
+    write_pointer(uri, {"bundle": "rolled-back"})  # ...and a manual rollback moves the pointer
+    with pytest.raises(ConcurrentChange, match="concurrent retrain or a manual rollback"):
+        write_pointer(uri, {"bundle": "b2"}, expected=start)
+    assert read_pointer(uri)["bundle"] == "rolled-back"
+
+    now = read_pointer_state(uri)
+    write_pointer(uri, {"bundle": "b3"}, expected=now)  # unchanged since read: rewritten
+    assert read_pointer(uri)["bundle"] == "b3" and read_pointer_state(uri).token != now.token
+    if where == "local":
+        assert not list((tmp_path / "models").glob("production.json.tmp-*"))

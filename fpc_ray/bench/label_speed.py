@@ -35,8 +35,9 @@ from fpc_ray.bundle import load_bundle, read_card
 from fpc_ray.data.transforms import eval_transform
 from fpc_ray.errors import RunFailed, UserError
 from fpc_ray.label.cam import predict_with_gradcam
-from fpc_ray.label.pipeline import SUCCESS, list_objects
+from fpc_ray.label.pipeline import list_objects
 from fpc_ray.label.predictor import ReadDecode, cam_thumbnail
+from fpc_ray.label.runs import SUCCESS
 from fpc_ray.storage import resolve
 
 

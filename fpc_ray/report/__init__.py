@@ -11,7 +11,7 @@ from fpc_ray.storage import resolve
 def build_report(target: str, storage: StorageConfig, hide_sources: bool = False) -> tuple[str, str]:
     """(kind, html) for a bundle, a promotion pointer or a committed run folder (``run=<id>/``);
     ``hide_sources`` puts pseudonyms in place of source URIs, for pages to share."""
-    from fpc_ray.label.pipeline import SUCCESS
+    from fpc_ray.label.runs import SUCCESS
 
     loc = resolve(target, storage)
     if str(target).rstrip("/").endswith(".json") or loc.join(CARD_FILE).exists():

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from fpc_ray import plots
 from fpc_ray.config import StorageConfig
-from fpc_ray.label.pipeline import SUCCESS, parquet_parts
+from fpc_ray.label.runs import SUCCESS, run_parts
 from fpc_ray.report.page import esc, page, section, table
 from fpc_ray.report.page import img as img_tag
 from fpc_ray.storage import Location
@@ -82,7 +82,7 @@ def run_report(run: Location, storage: StorageConfig, hide_sources: bool = False
     summary = json.loads(run.join(SUCCESS).read_text())
     given = summary["input"]  # one prefix, or a list of them
     sources = SourceNames(hide_sources, [given] if isinstance(given, str) else list(given))
-    parts = parquet_parts(run, "part-")
+    parts = run_parts(run)
     tables = [pq.read_table(p, columns=SUMMARY_COLUMNS, filesystem=run.fs) for p in parts]
     rows = [(pi, ri, r) for pi, t in enumerate(tables) for ri, r in enumerate(t.to_pylist())]
     labelled = [x for x in rows if x[2]["label"] is not None]

@@ -5,7 +5,9 @@
 3. Score the candidate and the current model on the same fixed test set: the official test
    patients of ``--test-data`` (default: of ``--data``), which no training run ever sees.
 4. Promote (rewrite the pointer atomically) when the candidate's top-1 is at least the current
-   one's minus ``--margin``. The decision and both scores go into the candidate's card.
+   one's minus ``--margin``. The decision and both scores go into the candidate's card. The
+   pointer is rewritten only if it is still what step 1 read (a compare-and-swap): a concurrent
+   retrain or a manual rollback in between makes this one refuse with one line.
 
 With no pointer yet, the first candidate trains from the config alone and is promoted.
 """
@@ -18,8 +20,9 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fpc_ray.bundle import CARD_FILE, read_pointer, write_pointer
+from fpc_ray.bundle import CARD_FILE, read_pointer_state, write_pointer
 from fpc_ray.config import Config
+from fpc_ray.errors import ConcurrentChange
 from fpc_ray.evaluate import evaluate_bundle
 from fpc_ray.storage import resolve
 
@@ -40,7 +43,8 @@ def retrain(cfg: Config, data_uri: str, pointer_uri: str, candidates_uri: str, m
 
     storage = cfg.storage
     test_data_uri = test_data_uri or data_uri
-    pointer = read_pointer(pointer_uri, storage)
+    at_start = read_pointer_state(pointer_uri, storage)  # promotion rewrites it only if still this
+    pointer = at_start.record
     production = pointer["bundle"] if pointer else None
     cfg = cfg.model_copy(deep=True)
     cfg.train.init_from = production
@@ -63,6 +67,10 @@ def retrain(cfg: Config, data_uri: str, pointer_uri: str, candidates_uri: str, m
         "production": ({"uri": production, "version": current["model_version"], "top1": current["top1"],
                         "top2": current["top2"]} if current else None),
     }
+    if promoted and read_pointer_state(pointer_uri, storage).token != at_start.token:
+        # Compared against a production that is no longer production: the decision is void.
+        raise ConcurrentChange(f"{pointer_uri} moved while this retrain ran (a concurrent retrain or a manual "
+                               f"rollback); candidate {candidate_uri} left unpromoted, run retrain again")
     # The card records the decision whichever way it went, so refused candidates explain themselves.
     card = {**outcome.card, "promotion": record}  # the card run_training just wrote, plus the decision
     resolve(candidate_uri, storage).join(CARD_FILE).write_text(json.dumps(card, indent=2))
@@ -72,7 +80,7 @@ def retrain(cfg: Config, data_uri: str, pointer_uri: str, candidates_uri: str, m
         write_pointer(pointer_uri, {"bundle": candidate_uri, "version": outcome.card["version"],
                                     "promoted_at": record["decided_at"], "test_top1": candidate["top1"],
                                     "previous": ({"bundle": pointer["bundle"], "version": pointer.get("version")}
-                                                 if pointer else None)}, storage)
+                                                 if pointer else None)}, storage, expected=at_start)
         line = f"promoted {candidate_uri}: test top-1 {candidate['top1']:.4f} vs production {vs} (margin {margin})"
     else:
         line = (f"refused {candidate_uri}: test top-1 {candidate['top1']:.4f} is worse than production's {vs} "

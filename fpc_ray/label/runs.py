@@ -1,0 +1,365 @@
+"""What a committed labelling run is, and how an attempt becomes one.
+
+Layout under OUTPUT::
+
+    run=<run_id>/part-*.parquet     the rows (LABEL_SCHEMA, model card in the metadata)
+    run=<run_id>/_objects.parquet   the objects this run accounted for (uri, size, mtime_ns)
+    run=<run_id>/_SUCCESS.json      created last, only if absent: a run without it is not committed
+    _index.parquet                  (uri, size, mtime_ns, run) of committed runs, the runs covered
+                                    in its metadata; rewritten at every commit
+    _commit.lock                    serialises commits (see :mod:`fpc_ray.label.lock`)
+    _staging/run=<id>/attempt=<aid>/  where one attempt writes before it commits
+
+Every attempt stages in a folder of its own and nothing deletes another attempt's files, except
+:func:`clean_stale_staging` (attempts older than a grace period). :func:`commit` runs under the
+commit lock: it refuses when the run id was committed meanwhile, drops rows of objects that
+runs committed while it worked already hold, moves its parts, writes ``_objects.parquet``,
+creates the marker and rewrites the index. A run cut short anywhere before the marker left
+nothing that counts; one cut short between the marker and the index is found by the next
+reader, which lists ``run=*`` folders the index does not cover.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from fpc_ray.config import StorageConfig
+from fpc_ray.errors import ConcurrentChange, UserError
+from fpc_ray.label.lock import CommitLock
+from fpc_ray.storage import Location, guard, is_remote
+
+SUCCESS = "_SUCCESS.json"
+OBJECTS = "_objects.parquet"
+STAGING = "_staging"
+INDEX = "_index.parquet"
+OBJECTS_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64())])
+INDEX_SCHEMA = OBJECTS_SCHEMA.append(pa.field("run", pa.string()))
+INDEX_RUNS_KEY = b"fpc_ray.runs"  # JSON list of the run ids the index covers
+STALE_AFTER_S = 24 * 3600.0
+_STAMP = "%Y%m%dT%H%M%SZ"
+
+Key = tuple[str, int, int]  # (uri, size, mtime_ns): an object as listed
+
+
+def new_attempt_id(now: dt.datetime | None = None) -> str:
+    """``<UTC %Y%m%dT%H%M%SZ>-<6 hex>``: sortable, dated (for stale clean-up) and unique."""
+    return f"{(now or dt.datetime.now(dt.UTC)):{_STAMP}}-{secrets.token_hex(3)}"
+
+
+def attempt_started(attempt_id: str) -> dt.datetime | None:
+    """When an attempt started, from its id; None for an id not made by :func:`new_attempt_id`."""
+    try:
+        return dt.datetime.strptime(attempt_id.split("-", 1)[0], _STAMP).replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None
+
+
+def _name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _list(folder: Location, recursive: bool = False) -> list[pafs.FileInfo]:
+    return guard(folder.uri, lambda: folder.fs.get_file_info(
+        pafs.FileSelector(folder.path, recursive=recursive, allow_not_found=True)))
+
+
+def parquet_parts(folder: Location, prefix: str = "") -> list[str]:
+    """The Parquet files under a run's staging or committed folder (names starting with
+    ``prefix``: ``part-`` leaves out a committed run's ``_objects.parquet``), in a stable order."""
+    return sorted(f.path for f in _list(folder, recursive=True) if f.type == pafs.FileType.File
+                  and f.base_name.startswith(prefix) and f.base_name.endswith(".parquet"))
+
+
+def run_parts(run: Location) -> list[str]:
+    """The row files of a committed run folder (``OUTPUT/run=<id>/``), paths in ``run.fs``."""
+    return parquet_parts(run, "part-")
+
+
+def run_folders(output: Location) -> dict[str, Location]:
+    """Every ``run=<id>/`` folder under OUTPUT, committed or not: one listing of OUTPUT's top level."""
+    if not is_remote(output.uri) and not os.path.isdir(output.path):
+        return {}
+    return {_name(e.path)[4:]: output.join(_name(e.path)) for e in _list(output)
+            if e.type == pafs.FileType.Directory and _name(e.path).startswith("run=")}
+
+
+def committed_runs(output: Location) -> list[Location]:
+    """Run folders under OUTPUT that hold a ``_SUCCESS.json`` (one request per folder: for
+    whole-history questions use :func:`committed_objects`, which reads the index)."""
+    return [run for run in run_folders(output).values() if run.join(SUCCESS).exists()]
+
+
+def read_index(output: Location) -> tuple[pa.Table, set[str]]:
+    """The index's rows and the run ids it covers (empty for an output without one)."""
+    loc = output.join(INDEX)
+    if not loc.exists():
+        return INDEX_SCHEMA.empty_table(), set()
+    table = guard(loc.uri, lambda: pq.read_table(loc.path, filesystem=loc.fs))
+    runs = json.loads((table.schema.metadata or {}).get(INDEX_RUNS_KEY, b"[]"))
+    return table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA), set(runs)
+
+
+def _run_objects(run_id: str, run: Location) -> pa.Table:
+    loc = run.join(OBJECTS)
+    table = guard(loc.uri, lambda: pq.read_table(loc.path, filesystem=loc.fs, columns=OBJECTS_SCHEMA.names))
+    return table.cast(OBJECTS_SCHEMA).append_column("run", pa.array([run_id] * table.num_rows, pa.string()))
+
+
+def committed_objects(output: Location) -> tuple[pa.Table, set[str]]:
+    """(uri, size, mtime_ns, run) of every committed run, and the committed run ids.
+
+    Reads the index, plus the object lists of committed runs it does not cover (outputs written
+    before the index existed, or a commit cut short between its marker and the index), found
+    with one listing of OUTPUT's ``run=*`` folders. Index rows of a run whose folder is gone (a
+    user deleted it to relabel) no longer count.
+    """
+    folders = run_folders(output)
+    index, covered = read_index(output)
+    covered &= set(folders)
+    if index.num_rows:
+        index = index.filter(pc.is_in(index["run"], pa.array(sorted(covered), pa.string())))
+    uncovered = [rid for rid, run in sorted(folders.items()) if rid not in covered and run.join(SUCCESS).exists()]
+    extra = [_run_objects(rid, folders[rid]) for rid in uncovered]
+    runs = covered | set(uncovered)
+    return pa.concat_tables([index, *extra]) if extra else index, runs
+
+
+def already_labelled(output: Location) -> set[Key]:
+    """(uri, size, mtime_ns) of every object in a committed run."""
+    table, _ = committed_objects(output)
+    return set(zip(*(table[c].to_pylist() for c in OBJECTS_SCHEMA.names), strict=True))
+
+
+def write_index(output: Location, table: pa.Table, runs: set[str]) -> None:
+    """Replace the index atomically: a local temp file renamed over it, or one S3 PUT."""
+    table = table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
+    table = table.replace_schema_metadata({INDEX_RUNS_KEY: json.dumps(sorted(runs)).encode()})
+    loc = output.join(INDEX)
+    if is_remote(loc.uri):
+        guard(loc.uri, lambda: pq.write_table(table, loc.path, filesystem=loc.fs))
+        return
+    tmp = f"{loc.path}.tmp-{os.getpid()}-{secrets.token_hex(3)}"
+    guard(loc.uri, lambda: pq.write_table(table, tmp))
+    os.replace(tmp, loc.path)
+
+
+def _age_s(folder: Location, now: float) -> float:
+    """Seconds since anything under ``folder`` (a file or a folder) was last written."""
+    info = folder.info()
+    if info.type == pafs.FileType.File:
+        return now - (info.mtime_ns or 0) / 1e9
+    mtimes = [f.mtime_ns for f in _list(folder, recursive=True) if f.type == pafs.FileType.File and f.mtime_ns]
+    return now - max(mtimes) / 1e9 if mtimes else float("inf")
+
+
+def clean_stale_staging(output: Location, grace_s: float = STALE_AFTER_S, echo: Callable[[str], None] = print,
+                        now: float | None = None) -> list[str]:
+    """Delete staging attempts older than ``grace_s`` (crashed runs of any run id); one line.
+
+    An attempt's age comes from its id; staging written before attempt folders existed (files
+    directly under ``_staging/run=<id>/``) is aged by its files' modification times.
+
+    Returns:
+        What was deleted, relative to ``_staging/``.
+    """
+    now = time.time() if now is None else now
+    staging = output.join(STAGING)
+    deleted = []
+    for run in _list(staging):
+        if run.type != pafs.FileType.Directory:
+            continue
+        run_loc = staging.join(_name(run.path))
+        for entry in _list(run_loc):
+            name = _name(entry.path)
+            loc = run_loc.join(name)
+            started = attempt_started(name[len("attempt="):]) if name.startswith("attempt=") else None
+            age = now - started.timestamp() if started else _age_s(loc, now)
+            if age <= grace_s:
+                continue
+            try:
+                if entry.type == pafs.FileType.Directory:
+                    guard(loc.uri, lambda loc=loc: loc.fs.delete_dir(loc.path))
+                else:
+                    loc.delete()
+            except UserError:  # another run's clean-up got there first
+                continue
+            deleted.append(f"{_name(run.path)}/{name}")
+        if not is_remote(run_loc.uri):
+            with contextlib.suppress(OSError):  # not empty: a live attempt; gone: cleaned by another run
+                os.rmdir(run_loc.path)
+    if deleted:
+        echo(f"cleaned {len(deleted)} stale staging folder(s) older than {grace_s / 3600:g} h under "
+             f"{staging.uri}: {', '.join(deleted[:5])}{' ...' if len(deleted) > 5 else ''}")
+    return deleted
+
+
+def summarise_rows(parts: list[str], fs: pafs.FileSystem) -> tuple[int, int, Counter, Counter]:
+    """(rows, labelled rows, rows by class, errors by kind) of some LABEL_SCHEMA parts."""
+    import pyarrow.dataset as pads
+
+    if not parts:
+        return 0, 0, Counter(), Counter()
+    table = pads.dataset(parts, filesystem=fs, format="parquet").to_table(columns=["label", "error"])
+    errors = Counter(e.split(":", 1)[0] for e in table["error"].to_pylist() if e)
+    labels = Counter(v for v in table["label"].to_pylist() if v)
+    return table.num_rows, sum(labels.values()), labels, errors
+
+
+@dataclass
+class Attempt:
+    """One try at committing run ``run_id`` under ``output``, staging in a folder of its own.
+
+    ``baseline`` holds the runs already committed when the attempt started: at commit, runs
+    committed since then are the ones whose objects it must not claim again.
+    """
+
+    output: Location
+    run_id: str
+    attempt_id: str = field(default_factory=new_attempt_id)
+    baseline: set[str] = field(default_factory=set)
+
+    @property
+    def run_dir(self) -> Location:
+        return self.output.join(f"run={self.run_id}")
+
+    @property
+    def staged(self) -> Location:
+        return self.output.join(STAGING, f"run={self.run_id}", f"attempt={self.attempt_id}")
+
+    def discard(self) -> None:
+        """Delete this attempt's staging (never anyone else's)."""
+        try:
+            if self.staged.exists():
+                self.staged.fs.delete_dir(self.staged.path)
+        except Exception:  # noqa: BLE001 - left over, it is cleaned as stale later
+            pass
+
+
+def _marker_holder(run_dir: Location) -> str:
+    try:
+        return json.loads(run_dir.join(SUCCESS).read_text()).get("attempt") or "an earlier attempt"
+    except Exception:  # noqa: BLE001 - only for the message
+        return "another attempt"
+
+
+def _drop_committed(staged: Location, uris: set[str]) -> None:
+    """Rewrite (or delete) only the staged parts that hold rows of ``uris``."""
+    for path in parquet_parts(staged):
+        table = guard(staged.uri, lambda path=path: pq.read_table(path, filesystem=staged.fs))
+        drop = pc.is_in(table["source_uri"], pa.array(sorted(uris), pa.string()))
+        if not pc.any(drop).as_py():
+            continue
+        kept = table.filter(pc.invert(drop))
+        if kept.num_rows:
+            guard(staged.uri, lambda path=path, kept=kept: pq.write_table(kept, path, filesystem=staged.fs))
+        else:
+            guard(staged.uri, lambda path=path: staged.fs.delete_file(path))
+
+
+def _create_marker(run_dir: Location, body: bytes, storage: StorageConfig | None) -> None:
+    """Create ``_SUCCESS.json`` only if absent, all or nothing: a torn marker never counts."""
+    marker = run_dir.join(SUCCESS)
+    if is_remote(marker.uri):
+        from fpc_ray.conditional import PreconditionFailed, put_if_absent
+
+        try:
+            put_if_absent(marker, body, storage)
+        except PreconditionFailed:
+            raise ConcurrentChange(f"run {run_dir.uri} was committed by {_marker_holder(run_dir)} during this "
+                                   "commit; this attempt's parts are left unmarked") from None
+        return
+    tmp = f"{marker.path}.tmp-{secrets.token_hex(4)}"
+    with open(tmp, "wb") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, marker.path)  # atomic and exclusive: fails if the marker exists
+    except FileExistsError:
+        raise ConcurrentChange(f"run {run_dir.uri} was committed by {_marker_holder(run_dir)} during this "
+                               "commit") from None
+    finally:
+        os.unlink(tmp)
+
+
+def commit(attempt: Attempt, objects: list[dict], summary: dict, storage: StorageConfig | None = None,
+           echo: Callable[[str], None] = print, lock_wait_s: float | None = None,
+           started: float | None = None) -> dict:
+    """Commit an attempt's staged rows as run ``attempt.run_id``, exclusively.
+
+    Args:
+        attempt: the attempt, its rows staged in ``attempt.staged``.
+        objects: the objects it labelled (``uri``, ``size``, ``mtime_ns``).
+        summary: the run summary so far; counts of what is committed are filled in here.
+        lock_wait_s: how long to wait for another commit on the same output.
+        started: ``time.perf_counter()`` at the run's start, for the summary's ``total_s``.
+
+    Returns:
+        The summary as written to ``_SUCCESS.json``.
+
+    Raises:
+        ConcurrentChange: the run id was committed by another attempt meanwhile (a RunFailed).
+        RunFailed: the lock could not be taken, or storage failed (a
+            :class:`~fpc_ray.errors.StorageUnavailable`).
+    """
+    t0 = time.perf_counter()
+    output, run_dir, staged = attempt.output, attempt.run_dir, attempt.staged
+    lock_args = {} if lock_wait_s is None else {"wait_s": lock_wait_s}
+    with CommitLock(output, attempt.attempt_id, storage, **lock_args) as lock:
+        if run_dir.join(SUCCESS).exists():  # another attempt at this run id won
+            other = _marker_holder(run_dir)
+            attempt.discard()
+            raise ConcurrentChange(f"run {attempt.run_id} was committed under {output.uri} by attempt {other} "
+                                   f"while attempt {attempt.attempt_id} worked; this attempt's rows are discarded")
+        index, runs = committed_objects(output)
+        new = index.filter(pc.invert(pc.is_in(
+            index["run"], pa.array(sorted(attempt.baseline), pa.string()))))
+        late = set(zip(*(new[c].to_pylist() for c in OBJECTS_SCHEMA.names), strict=True))
+        keep = [o for o in objects if (o["uri"], o["size"], o["mtime_ns"]) not in late]
+        dropped = len(objects) - len(keep)
+        if dropped:
+            _drop_committed(staged, {o["uri"] for o in objects} - {o["uri"] for o in keep})
+            echo(f"run {attempt.run_id}: dropped the rows of {dropped} object(s) that runs committed while "
+                 "this one worked already hold")
+
+        if run_dir.exists():  # a cut-short commit's leftovers: no marker, and we hold the lock
+            guard(run_dir.uri, lambda: run_dir.fs.delete_dir_contents(run_dir.path))
+        run_dir.makedirs()
+        for i, path in enumerate(parquet_parts(staged)):
+            guard(run_dir.uri, lambda i=i, path=path: staged.fs.move(path, run_dir.join(f"part-{i:05d}.parquet").path))
+            lock.renew()
+        mine = pa.Table.from_pylist([{k: o[k] for k in OBJECTS_SCHEMA.names} for o in keep], schema=OBJECTS_SCHEMA)
+        guard(run_dir.uri, lambda: pq.write_table(mine, run_dir.join(OBJECTS).path, filesystem=run_dir.fs))
+
+        rows, labelled, by_class, errors = summarise_rows(run_parts(run_dir), run_dir.fs)
+        listed = summary["objects"]["listed"]
+        summary = {**summary, "attempt": attempt.attempt_id,
+                   "objects": {**summary["objects"], "labelled": len(keep), "skipped": listed - len(keep),
+                               "dropped_late": dropped},
+                   "rows": rows, "labelled": labelled, "errors": sum(errors.values()),
+                   "errors_by_kind": dict(errors), "by_class": dict(by_class)}
+        timings = summary["timings"] = dict(summary.get("timings", {}))
+        timings["commit_s"] = round(time.perf_counter() - t0, 3)
+        if started is not None:
+            timings["total_s"] = round(time.perf_counter() - started, 3)
+        summary["committed_at"] = dt.datetime.now(dt.UTC).isoformat()
+        lock.renew(force=True)  # on S3: the lease is still ours right before the marker
+        _create_marker(run_dir, json.dumps(summary, indent=2).encode(), storage)
+
+        write_index(output, pa.concat_tables([index, mine.append_column(
+            "run", pa.array([attempt.run_id] * mine.num_rows, pa.string()))]), runs | {attempt.run_id})
+    attempt.discard()
+    return summary
