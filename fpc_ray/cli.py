@@ -409,6 +409,28 @@ def bench_label(
         typer.echo(line)
 
 
+@bench_app.command("history")
+@one_line_errors
+def bench_history(
+    runs: Annotated[int, typer.Option("--runs", min=2, help="Committed runs in the long history.")] = 1000,
+    workdir: Annotated[Path | None, typer.Option("--workdir", help="Where the histories are written "
+                                                 "(default: a temporary folder, removed after).")] = None,
+) -> None:
+    """Labelling start-up (what is already labelled?) with 1 and with --runs committed runs."""
+    import tempfile
+
+    from fpc_ray.bench.history import run_benchmark
+
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        lines = run_benchmark(runs, str(workdir))
+    else:
+        with tempfile.TemporaryDirectory(prefix="fpc-bench-history-") as tmp:
+            lines = run_benchmark(runs, tmp)
+    for line in lines:
+        typer.echo(line)
+
+
 def main() -> None:
     """Console entry point: click's usage errors become one line, like every other error."""
     try:

@@ -92,12 +92,12 @@ def bundle(tmp_path_factory):
 
 def test_nightly_job_submitted_to_a_two_node_cluster_commits_its_run(cluster, bundle, tmp_path):
     images = sorted((bundle / "data" / "Images").glob("*.png"))
-    day, other = tmp_path / "archive" / "2026" / "11" / "24", tmp_path / "archive" / "2026" / "11" / "23"
+    day, other = tmp_path / "archive" / "2026" / "11" / "24", tmp_path / "archive" / "2026" / "11" / "19"
     day.mkdir(parents=True)
     other.mkdir(parents=True)
     for image in images[:12]:
         shutil.copy(image, day / image.name)
-    shutil.copy(images[12], other / images[12].name)  # another night: not labelled
+    shutil.copy(images[12], other / images[12].name)  # beyond the job's 3-day look-back: not labelled
     out = tmp_path / "labels"
     done = _submit(cluster, "jobs/nightly_label.py", "--model", str(bundle / "bundle"),
                    "--archive", str(tmp_path / "archive"), "--output", str(out), "--date", "2026-11-24")
