@@ -161,6 +161,9 @@ _USER = ("ACCESS_DENIED", "AccessDenied", "NO_SUCH_BUCKET", "NoSuchBucket", "INV
 
 def is_outage(err: BaseException) -> bool:
     """True when a storage error is an outage (retry later), False when the request was wrong."""
+    status = getattr(err, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if status is not None:  # botocore said what the server answered: 5xx and throttling are outages
+        return status >= 500 or status == 429
     text = f"{type(err).__name__}: {err}"
     if any(m in text for m in _USER):
         return False

@@ -157,3 +157,15 @@ def test_deflated_dicom_decodes_and_its_inflated_size_is_counted():
     assert GRAY.size < deflated_dataset_size(data, 10**6) < GRAY.size + 4096
     assert deflated_dataset_size(data, 100) > 100  # stops counting once over the limit
     assert deflated_dataset_size(fx.dicom_mono(GRAY), 10**6) is None
+
+
+def test_a_cine_of_more_frames_than_the_limit_is_too_large_unless_strided():
+    from fpc_ray.label.decode import MAX_FRAMES
+
+    # A million 8x8 frames would pass the pixel limit; each kept frame costs a whole model input.
+    frames = [np.full((8, 8), k % 256, np.uint8) for k in range(MAX_FRAMES + 1)]
+    data = fx.dicom_rgb_multiframe(frames)
+    with pytest.raises(DecodeError) as err:
+        decode_object("cine.dcm", data)
+    assert err.value.kind == "too_large" and "--frame-stride" in str(err.value)
+    assert len(decode_object("cine.dcm", data, frame_stride=2).frames) == MAX_FRAMES // 2 + 1

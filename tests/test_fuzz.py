@@ -166,6 +166,9 @@ def test_named_failures_end_as_error_rows(tmp_path):
     stale.write_bytes(fx.dicom_mono(np.zeros((400, 400), np.uint8)))
     objects.append((str(stale), 100, None))
     objects.append((str(tmp_path / "big.dcm"), 200_000, None))  # over the cap by the listing: never read
+    # The storage refuses this one object (as root, permissions cannot be used to show it; a name
+    # over the filesystem's limit is refused the same way): its row, not a failed run.
+    objects.append((str(tmp_path / ("x" * 300 + ".png")), 10, None))
 
     reader = ReadDecode(None, INPUT, THUMB, frame_stride=1, max_object_bytes=100_000)
     results = _through_actor_path(reader, objects)
@@ -176,7 +179,8 @@ def test_named_failures_end_as_error_rows(tmp_path):
         assert len(rows) == 1 and rows[0]["error"], uri
         got[os.path.basename(name) + ("" if listed or name == uri else " (unlisted)")] = rows[0]["error"].split(":")[0]
     expected = {name: kind for name, (_, kind) in cases.items()}
-    expected |= {"gone.png": "vanished", "caf\\xe9.png": "bad_name", "caf\\xe9.png (unlisted)": "bad_name",
+    expected |= {"x" * 300 + ".png": "unreadable",
+                 "gone.png": "vanished", "caf\\xe9.png": "bad_name", "caf\\xe9.png (unlisted)": "bad_name",
                  "grew.dcm": "too_large", "big.dcm": "too_large"}
     assert got == expected
     # every declared kind is produced by some object here, and nothing else is
@@ -208,3 +212,7 @@ def test_s3_object_deleted_after_listing_is_vanished(s3_server):
     client.delete_object(Bucket="test", Key="fuzz/gone.png")
     rows = reader.frames("s3://test/fuzz/gone.png", 10)
     assert len(rows) == 1 and rows[0]["error"].startswith("vanished: ")
+    # A key pyarrow cannot address (an empty path component) is that object's row, not a dead batch.
+    client.put_object(Bucket="test", Key="fuzz/a//b.png", Body=fx.png(GRAY))
+    rows = reader.frames("s3://test/fuzz/a//b.png", 10)
+    assert len(rows) == 1 and rows[0]["error"].startswith("bad_name: "), rows[0]["error"]

@@ -81,8 +81,8 @@ def test_commit_writes_the_layout_the_marker_and_the_index(output):
     assert summary["attempt"] == attempt.attempt_id and summary["rows"] == 6 and summary["objects"]["labelled"] == 3
     marker = json.loads(attempt.run_dir.join(runs.SUCCESS).read_text())
     assert marker["attempt"] == attempt.attempt_id
-    assert [p.rsplit("/", 1)[-1] for p in runs.run_parts(attempt.run_dir)] == ["part-00000.parquet",
-                                                                                 "part-00001.parquet"]
+    assert [p.rsplit("/", 1)[-1] for p in runs.run_parts(attempt.run_dir)] == [
+        f"part-{attempt.attempt_id}-00000.parquet", f"part-{attempt.attempt_id}-00001.parquet"]
     assert not attempt.staged.exists()
     index, covered = runs.read_index(output)
     assert covered == {"r1"} and sorted(index["uri"].to_pylist()) == [o["uri"] for o in objs]
@@ -155,7 +155,7 @@ def test_a_cut_short_commit_does_not_count_and_is_cleared(output):
     rerun = _attempt(output, "r")
     _stage(rerun, objs)
     runs.commit(rerun, objs, _summary(objs), echo=lambda s: None)
-    assert [p.rsplit("/", 1)[-1] for p in runs.run_parts(rerun.run_dir)] == ["part-00000.parquet"]
+    assert [p.rsplit("/", 1)[-1] for p in runs.run_parts(rerun.run_dir)] == [f"part-{rerun.attempt_id}-00000.parquet"]
     assert dead.staged.exists()  # another attempt's staging is never deleted by a commit
 
 
@@ -174,6 +174,40 @@ def test_runs_the_index_does_not_cover_are_read_and_deleted_runs_drop_out(output
     assert {k[0] for k in runs.already_labelled(output)} == {o["uri"] for o in _objects("b", "c")}
 
 
+def test_vanished_objects_and_lost_rows_are_left_for_a_later_run(output):
+    objs = _objects("a.png", "gone.png", "lost.png")
+    attempt = _attempt(output, "r")
+    _stage(attempt, objs[:1])
+    vanished = pa.Table.from_pylist([{"source_uri": objs[1]["uri"], "frame": 0, "run_id": "r",
+                                      "error": "vanished: listed but no longer readable"}], schema=LABEL_SCHEMA)
+    pq.write_table(vanished, attempt.staged.join("v.parquet").path, filesystem=attempt.staged.fs)
+    # lost.png has no staged rows at all (its staging was cleaned under a very long run)
+    summary = runs.commit(attempt, objs, _summary(objs), echo=lambda s: None)
+    assert summary["objects"]["labelled"] == 1 and summary["objects"]["left_for_later"] == 2
+    assert {k[0] for k in runs.already_labelled(output)} == {objs[0]["uri"]}  # the others are listed again
+
+
+def test_a_rerun_of_a_deleted_run_id_that_dies_mid_commit_claims_nothing(output, monkeypatch):
+    objs = _objects("a.png")
+    first = _attempt(output, "r")
+    _stage(first, objs)
+    runs.commit(first, objs, _summary(objs), echo=lambda s: None)
+    output.fs.delete_dir(output.join("run=r").path)  # a user deletes run r to relabel it
+    assert runs.already_labelled(output) == set()
+    rerun = _attempt(output, "r")
+    _stage(rerun, objs)
+
+    def die(*args):  # the process dies after moving its parts, before the marker
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "_create_marker", die)
+    with pytest.raises(KeyboardInterrupt):
+        runs.commit(rerun, objs, _summary(objs), echo=lambda s: None)
+    assert runs.run_parts(rerun.run_dir)  # run=r holds parts again, and no marker
+    # The stale index entry for r was dropped before the folder refilled: nothing counts as labelled.
+    assert runs.already_labelled(output) == set()
+
+
 def test_stale_staging_of_crashed_runs_is_cleaned_after_the_grace_period(output):
     remote = output.uri.startswith("s3://")
     # S3 modification times cannot be set: there the clock moves on instead.
@@ -183,8 +217,12 @@ def test_stale_staging_of_crashed_runs_is_cleaned_after_the_grace_period(output)
         return runs.new_attempt_id(dt.datetime.fromtimestamp(now - seconds, dt.UTC))
 
     old, fresh = runs.Attempt(output, "crashed", aged(2 * 86400)), runs.Attempt(output, "running", aged(3600))
-    for a in (old, fresh):
+    long_run = runs.Attempt(output, "backfill", aged(3 * 86400))  # started long ago, still writing
+    for a in (old, fresh, long_run):
         _stage(a, _objects("a"))
+    if not remote:  # the crashed attempt last wrote two days ago; the long run wrote just now
+        for part in runs.parquet_parts(old.staged):
+            os.utime(part, (now - 2 * 86400, now - 2 * 86400))
     legacy = output.join(runs.STAGING, "run=legacy")
     legacy.makedirs()
     legacy.join("part.parquet").write_bytes(b"x")
@@ -192,9 +230,13 @@ def test_stale_staging_of_crashed_runs_is_cleaned_after_the_grace_period(output)
         os.utime(legacy.join("part.parquet").path, (now - 3 * 86400, now - 3 * 86400))
     said = []
     deleted = runs.clean_stale_staging(output, echo=said.append, now=now)
-    assert sorted(deleted) == [f"run=crashed/attempt={old.attempt_id}", "run=legacy/part.parquet"]
-    assert len(said) == 1 and "2 stale staging folder(s) older than 24 h" in said[0]
+    expected = [f"run=crashed/attempt={old.attempt_id}", "run=legacy/part.parquet"]
+    if remote:
+        expected.insert(0, f"run=backfill/attempt={long_run.attempt_id}")
+    assert sorted(deleted) == expected
+    assert len(said) == 1 and f"{len(expected)} stale staging folder(s) older than 24 h" in said[0]
     assert fresh.staged.exists() and not old.staged.exists()
+    assert long_run.staged.exists() is (not remote)  # on S3 the moved clock makes its files old too
 
 
 def test_local_commit_lock_excludes_and_times_out_with_one_line(tmp_path):
@@ -220,12 +262,23 @@ def test_s3_lease_expires_and_exactly_one_taker_wins(s3_server):
     put_if_match(out.join("_commit.lock"), b'{"attempt": "winner", "expires_at": "2000-01-01T00:00:00+00:00"}', stale)
     with pytest.raises(PreconditionFailed):  # the second taker of the same stale lease loses
         put_if_match(out.join("_commit.lock"), b"{}", stale)
-    with CommitLock(out, "next", wait_s=2, poll_s=0.05) as lock:  # takes the expired lease over
+    with CommitLock(out, "next", wait_s=2, poll_s=0.05, lease_s=0.5) as lock:  # takes the expired lease over
         dead.__exit__(None, None, None)  # the dead holder's late release must not free it
         body, _ = get_with_etag(out.join("_commit.lock"))
         assert json.loads(body)["attempt"] == "next"
         lock.renew(force=True)
     assert get_with_etag(out.join("_commit.lock")) is None
+
+
+def test_s3_lease_expiry_is_timed_by_the_contender_not_the_holders_clock(s3_server):
+    from fpc_ray.conditional import put_if_absent
+
+    out = resolve(f"s3://test/skew-{uuid.uuid4().hex[:8]}")
+    # A live holder whose clock is far behind: by its own word the lease expired long ago.
+    put_if_absent(out.join("_commit.lock"), b'{"attempt": "skewed", "expires_at": "2000-01-01T00:00:00+00:00"}')
+    with pytest.raises(RunFailed, match="attempt skewed"):
+        with CommitLock(out, "contender", wait_s=0.5, poll_s=0.05, lease_s=5):
+            pass
 
 
 def test_s3_conditional_create_refuses_an_existing_key(s3_server):

@@ -68,3 +68,14 @@ def test_user_mistakes_are_user_errors(s3_server, monkeypatch):
 ])
 def test_error_texts_are_classified(text, outage):
     assert is_outage(OSError(text)) is outage
+
+
+@pytest.mark.parametrize("status,outage", [(500, True), (502, True), (503, True), (429, True), (403, False),
+                                           (404, False), (412, False)])
+def test_botocore_errors_are_classified_by_http_status(status, outage):
+    from botocore.exceptions import ClientError
+
+    # A proxy's 502 carries an HTML body and no S3 error code: the status alone decides.
+    err = ClientError({"Error": {"Code": str(status), "Message": "<html>Bad Gateway</html>"},
+                       "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+    assert is_outage(err) is outage

@@ -24,6 +24,10 @@ from fpc_ray.label.schema import error_text
 from fpc_ray.label.uids import output_uid
 
 MAX_PIXELS = 64_000_000  # all frames of one object together; ultrasound cines are far below
+# Frames kept from one object (after --frame-stride): each becomes a letterboxed model input and
+# a thumbnail, whatever its source size, so a cine of a million 8x8 frames passes MAX_PIXELS and
+# would still fill the actor's memory. A minute at 30 frames/s is 1,800.
+MAX_FRAMES = 2_000
 # The decoded values of all frames: room for RGB 8-bit or 16-bit gray at MAX_PIXELS; it refuses
 # what the pixel count alone lets through (64-bit float samples, say).
 MAX_DECODED_BYTES = 4 * MAX_PIXELS
@@ -171,14 +175,17 @@ def _dicom_frames(data: bytes, frame_stride: int, uid_key: str | None) -> Decode
     try:
         decoder = get_decoder(tsyntax)
     except NotImplementedError:
-        raise DecodeError("unsupported", f"transfer syntax {tsyntax.name}: no pixel decoder") from None
+        raise DecodeError("unsupported", f"transfer syntax {_syntax_name(tsyntax)}: no pixel decoder") from None
     if not decoder.is_available:
-        raise DecodeError("unsupported", f"transfer syntax {tsyntax.name}: no decoding plugin installed")
+        raise DecodeError("unsupported", f"transfer syntax {_syntax_name(tsyntax)}: no decoding plugin installed")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric == "PALETTE COLOR" and "RedPaletteColorLookupTableDescriptor" not in ds:
         raise DecodeError("malformed", "PALETTE COLOR without its lookup tables")
 
     indices = list(range(0, geo.n_frames, frame_stride))
+    if len(indices) > MAX_FRAMES:
+        raise DecodeError("too_large", f"{len(indices)} frames to label, over the limit of {MAX_FRAMES} per "
+                                       f"object; label it with a larger --frame-stride")
     if tsyntax.is_encapsulated:
         _check_codestreams(ds, geo, indices)
     frames = []
@@ -194,6 +201,11 @@ def _dicom_frames(data: bytes, frame_stride: int, uid_key: str | None) -> Decode
             raise DecodeError("truncated", f"pixel data cannot be decoded ({_describe(e)})") from None
         frames.append((index, _to_gray(arr, ds, photometric)))
     return Decoded(frames, uids)
+
+
+def _syntax_name(tsyntax) -> str:
+    """A transfer syntax's name, or its UID: pydicom names an unknown UID by the header's raw text."""
+    return tsyntax.name if tsyntax.is_transfer_syntax else (output_uid(str(tsyntax), None) or "(not a UID)")
 
 
 def _to_gray(frame: np.ndarray, ds, photometric: str) -> np.ndarray:

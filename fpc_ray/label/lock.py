@@ -5,7 +5,10 @@ exits or dies, so a killed run never blocks the next. On S3 it is a lease: the o
 ``OUTPUT/_commit.lock`` created with ``If-None-Match: *`` and holding ``{attempt, expires_at}``.
 An expired lease (its holder died mid-commit) is taken over by a conditional PUT on the stale
 ETag, which exactly one contender wins; the holder releases with a DELETE on its own ETag, so it
-never deletes a lease someone else took over. A long commit renews its lease (:meth:`renew`).
+never deletes a lease someone else took over. A long commit renews its lease (:meth:`renew`),
+which changes its ETag. A contender judges expiry by its own monotonic clock, never by the
+holder's ``expires_at``: a lease counts as expired once the contender has seen the same ETag for
+a whole lease period, so clocks that disagree between machines cannot break exclusivity.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class CommitLock:
         self._fd: int | None = None
         self._etag: str | None = None
         self._renewed = 0.0
+        self._seen: tuple[str, float] | None = None  # (a holder's ETag, when we first saw it)
 
     def __enter__(self) -> CommitLock:
         deadline = time.monotonic() + self.wait_s
@@ -104,11 +108,12 @@ class CommitLock:
         body, etag = current
         try:
             lease = json.loads(body)
-            expires = dt.datetime.fromisoformat(lease["expires_at"])
-            holder = f"attempt {lease.get('attempt')}, lease until {lease['expires_at']}"
-        except (ValueError, KeyError, TypeError):  # unreadable: treat as expired
-            expires, holder = dt.datetime.min.replace(tzinfo=dt.UTC), "an unreadable lease"
-        if expires > dt.datetime.now(dt.UTC):
+            holder = f"attempt {lease['attempt']}, lease until {lease['expires_at']} by its clock"
+        except (ValueError, KeyError, TypeError):
+            holder = "an unreadable lease"
+        if self._seen is None or self._seen[0] != etag:  # a new holder, or a renewal: time it afresh
+            self._seen = (etag, time.monotonic())
+        if time.monotonic() - self._seen[1] < self.lease_s:
             return holder
         try:  # the holder died mid-commit: take the lease over; one contender wins
             self._etag = put_if_match(self.loc, self._lease(), etag, self.storage)

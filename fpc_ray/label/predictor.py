@@ -28,10 +28,20 @@ _PASSED_THROUGH = ("source_uri", "frame", "study_uid", "series_uid", "sop_uid", 
                    "content_sha256", "error")
 
 
+FRAMES_PER_PASS = 256  # frames per forward pass: fills a GPU, bounds a CPU actor's activations
 DEFAULT_MAX_OBJECT_BYTES = 2 * 1024**3  # generous for cine loops; a bigger object is an error row
 _READ_CHUNK = 64 * 1024**2
 # The object is no longer there to read: deleted, or replaced by a folder, after the listing.
 _VANISHED = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def _short(err: OSError) -> str:
+    """The storage's reason as a short code: its first line's head (no key, no header value)."""
+    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    for marker in ("AWS Error ", "[Errno"):
+        if marker in line:
+            return line[line.index(marker):][:80]
+    return type(err).__name__
 
 
 def error_row(uri: str, error: str, sha256: str | None = None) -> dict:
@@ -119,6 +129,17 @@ class ReadDecode:
             data = self._read(uri, size)
         except _VANISHED as e:
             return [error_row(uri, error_text("vanished", f"listed but no longer readable ({type(e).__name__})"))]
+        except ValueError as e:  # pyarrow refuses the key itself (an empty path component: "a//b")
+            detail = f"the storage cannot address this name ({type(e).__name__})"
+            return [error_row(uri, error_text("bad_name", detail))]
+        except OSError as e:
+            from fpc_ray.storage import is_outage
+
+            if is_outage(e):  # the infrastructure's failure: the run must fail, not commit error rows
+                raise
+            # This object's own refusal (no permission, an archived storage class, a KMS key the
+            # role lacks): its row; if every object is refused, --max-error-rate fails the run.
+            return [error_row(uri, error_text("unreadable", f"the storage refused to read it ({_short(e)})"))]
         if data is None:
             return [error_row(uri, error_text("too_large", f"over the per-object cap of {cap} bytes "
                                                            f"(the listing said {size})"))]
@@ -195,6 +216,14 @@ class Predictor:
         self.pool = ThreadPoolExecutor(max_workers=decode_threads)
 
     def _infer(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """Probabilities and CAMs of letterboxed frames, at most FRAMES_PER_PASS in one forward pass:
+        a batch of cine loops holds thousands of frames, and one tensor of them all would not fit."""
+        parts = [self._infer_pass(images[i:i + FRAMES_PER_PASS]) for i in range(0, len(images), FRAMES_PER_PASS)]
+        probs = np.concatenate([p for p, _ in parts])
+        cams = None if parts[0][1] is None else [cam for _, c in parts for cam in c]
+        return probs, cams
+
+    def _infer_pass(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray] | None]:
         from fpc_ray.evaluate import autocast
         from fpc_ray.label.cam import predict_with_gradcam, predict_with_library_cam
 

@@ -169,8 +169,10 @@ def clean_stale_staging(output: Location, grace_s: float = STALE_AFTER_S, echo: 
                         now: float | None = None) -> list[str]:
     """Delete staging attempts older than ``grace_s`` (crashed runs of any run id); one line.
 
-    An attempt's age comes from its id; staging written before attempt folders existed (files
-    directly under ``_staging/run=<id>/``) is aged by its files' modification times.
+    An attempt is stale when it started (its id) and last wrote a file more than ``grace_s``
+    ago, so a run that labels for longer than the grace period keeps its staging; staging
+    written before attempt folders existed (files directly under ``_staging/run=<id>/``) is aged
+    by its files' modification times.
 
     Returns:
         What was deleted, relative to ``_staging/``.
@@ -186,8 +188,9 @@ def clean_stale_staging(output: Location, grace_s: float = STALE_AFTER_S, echo: 
             name = _name(entry.path)
             loc = run_loc.join(name)
             started = attempt_started(name[len("attempt="):]) if name.startswith("attempt=") else None
-            age = now - started.timestamp() if started else _age_s(loc, now)
-            if age <= grace_s:
+            if started and now - started.timestamp() <= grace_s:
+                continue
+            if _age_s(loc, now) <= grace_s:  # started long ago but still writing: a long run, not a dead one
                 continue
             try:
                 if entry.type == pafs.FileType.Directory:
@@ -253,6 +256,19 @@ def _marker_holder(run_dir: Location) -> str:
         return json.loads(run_dir.join(SUCCESS).read_text()).get("attempt") or "an earlier attempt"
     except Exception:  # noqa: BLE001 - only for the message
         return "another attempt"
+
+
+def _accounted_uris(staged: Location) -> set[str]:
+    """The objects the staged rows account for: any row but a ``vanished`` one."""
+    parts = parquet_parts(staged)
+    if not parts:
+        return set()
+    import pyarrow.dataset as pads
+
+    table = guard(staged.uri, lambda: pads.dataset(parts, filesystem=staged.fs, format="parquet").to_table(
+        columns=["source_uri", "error"]))
+    gone = pc.fill_null(pc.starts_with(table["error"], "vanished:"), False)
+    return set(table.filter(pc.invert(gone))["source_uri"].to_pylist())
 
 
 def _drop_committed(staged: Location, uris: set[str]) -> None:
@@ -335,20 +351,38 @@ def commit(attempt: Attempt, objects: list[dict], summary: dict, storage: Storag
             echo(f"run {attempt.run_id}: dropped the rows of {dropped} object(s) that runs committed while "
                  "this one worked already hold")
 
+        # Only objects whose rows are staged, and not `vanished`, count as labelled: an object
+        # whose rows were lost (staging cleaned under a very long run) or that was gone when read
+        # (a replica lagging) is left to a later run's listing instead of being skipped forever.
+        accounted = _accounted_uris(staged)
+        mine_objects = [o for o in keep if o["uri"] in accounted]
+        if attempt.run_id in read_index(output)[1]:
+            # The index still names this run id (its folder was deleted to relabel it): forget it
+            # before the folder fills again, or a commit cut short below would count as committed.
+            index = index.filter(pc.not_equal(index["run"], attempt.run_id))
+            runs = runs - {attempt.run_id}
+            write_index(output, index, runs)
+
+        # Every destructive step proves the S3 lease is still ours first (a stalled call can
+        # outlast it); part names carry the attempt, so a stale holder never overwrites a winner's.
+        lock.renew(force=True)
         if run_dir.exists():  # a cut-short commit's leftovers: no marker, and we hold the lock
             guard(run_dir.uri, lambda: run_dir.fs.delete_dir_contents(run_dir.path))
         run_dir.makedirs()
         for i, path in enumerate(parquet_parts(staged)):
-            guard(run_dir.uri, lambda i=i, path=path: staged.fs.move(path, run_dir.join(f"part-{i:05d}.parquet").path))
-            lock.renew()
-        mine = pa.Table.from_pylist([{k: o[k] for k in OBJECTS_SCHEMA.names} for o in keep], schema=OBJECTS_SCHEMA)
+            lock.renew(force=True)
+            target = run_dir.join(f"part-{attempt.attempt_id}-{i:05d}.parquet").path
+            guard(run_dir.uri, lambda path=path, target=target: staged.fs.move(path, target))
+        mine = pa.Table.from_pylist([{k: o[k] for k in OBJECTS_SCHEMA.names} for o in mine_objects],
+                                    schema=OBJECTS_SCHEMA)
         guard(run_dir.uri, lambda: pq.write_table(mine, run_dir.join(OBJECTS).path, filesystem=run_dir.fs))
 
         rows, labelled, by_class, errors = summarise_rows(run_parts(run_dir), run_dir.fs)
         listed = summary["objects"]["listed"]
         summary = {**summary, "attempt": attempt.attempt_id,
-                   "objects": {**summary["objects"], "labelled": len(keep), "skipped": listed - len(keep),
-                               "dropped_late": dropped},
+                   "objects": {**summary["objects"], "labelled": len(mine_objects),
+                               "skipped": listed - len(keep), "dropped_late": dropped,
+                               "left_for_later": len(keep) - len(mine_objects)},
                    "rows": rows, "labelled": labelled, "errors": sum(errors.values()),
                    "errors_by_kind": dict(errors), "by_class": dict(by_class)}
         timings = summary["timings"] = dict(summary.get("timings", {}))

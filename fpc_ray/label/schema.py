@@ -39,6 +39,7 @@ ERROR_KINDS = (
     "unsupported",   # a DICOM transfer syntax no installed decoder handles (MPEG video...)
     "malformed",     # anything else unexpected while decoding, letterboxing or drawing its CAM
     "vanished",      # listed, then gone before it was read
+    "unreadable",    # the storage refused this object (permission, archived storage class)
     "bad_name",      # the listing could not represent its name (a local name that is not UTF-8)
 )
 MAX_ERROR_DETAIL = 200  # an error value stays one short line in reports and logs

@@ -80,7 +80,7 @@ def _figure(png: bytes | None, caption: str) -> str:
 def run_report(run: Location, storage: StorageConfig, hide_sources: bool = False) -> str:
     """The run's page; ``hide_sources`` replaces every source URI with a pseudonym."""
     summary = json.loads(run.join(SUCCESS).read_text())
-    given = summary["input"]  # one prefix, or a list of them
+    given = summary.get("inputs") or summary["input"]  # every prefix (runs before `inputs`: one)
     sources = SourceNames(hide_sources, [given] if isinstance(given, str) else list(given))
     parts = run_parts(run)
     tables = [pq.read_table(p, columns=SUMMARY_COLUMNS, filesystem=run.fs) for p in parts]

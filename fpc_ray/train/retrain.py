@@ -67,22 +67,27 @@ def retrain(cfg: Config, data_uri: str, pointer_uri: str, candidates_uri: str, m
         "production": ({"uri": production, "version": current["model_version"], "top1": current["top1"],
                         "top2": current["top2"]} if current else None),
     }
-    if promoted and read_pointer_state(pointer_uri, storage).token != at_start.token:
-        # Compared against a production that is no longer production: the decision is void.
-        raise ConcurrentChange(f"{pointer_uri} moved while this retrain ran (a concurrent retrain or a manual "
-                               f"rollback); candidate {candidate_uri} left unpromoted, run retrain again")
-    # The card records the decision whichever way it went, so refused candidates explain themselves.
-    card = {**outcome.card, "promotion": record}  # the card run_training just wrote, plus the decision
-    resolve(candidate_uri, storage).join(CARD_FILE).write_text(json.dumps(card, indent=2))
+    card_loc = resolve(candidate_uri, storage).join(CARD_FILE)
+
+    def record_decision() -> None:  # the card says what happened, refused and void candidates too
+        card_loc.write_text(json.dumps({**outcome.card, "promotion": record}, indent=2))
 
     vs = f"{current['top1']:.4f}" if current else "none"
     if promoted:
-        write_pointer(pointer_uri, {"bundle": candidate_uri, "version": outcome.card["version"],
-                                    "promoted_at": record["decided_at"], "test_top1": candidate["top1"],
-                                    "previous": ({"bundle": pointer["bundle"], "version": pointer.get("version")}
-                                                 if pointer else None)}, storage, expected=at_start)
+        try:  # only if the pointer is still what this retrain compared against
+            write_pointer(pointer_uri, {"bundle": candidate_uri, "version": outcome.card["version"],
+                                        "promoted_at": record["decided_at"], "test_top1": candidate["top1"],
+                                        "previous": ({"bundle": pointer["bundle"], "version": pointer.get("version")}
+                                                     if pointer else None)}, storage, expected=at_start)
+        except ConcurrentChange:
+            record["decision"] = "void: the pointer moved while this retrain ran"
+            record_decision()
+            raise ConcurrentChange(f"{pointer_uri} moved while this retrain ran (a concurrent retrain or a manual "
+                                   f"rollback); candidate {candidate_uri} left unpromoted, run retrain again") from None
+        record_decision()
         line = f"promoted {candidate_uri}: test top-1 {candidate['top1']:.4f} vs production {vs} (margin {margin})"
     else:
+        record_decision()
         line = (f"refused {candidate_uri}: test top-1 {candidate['top1']:.4f} is worse than production's {vs} "
                 f"by more than {margin}; {pointer_uri} unchanged")
     return RetrainDecision(promoted, candidate_uri, candidate["top1"], current["top1"] if current else None, line)
