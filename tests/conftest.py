@@ -10,6 +10,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # No request may leave the machine: AWS metadata lookups would hang without a network.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# Ray Train's controller polls its workers every 2 s, so every finished (or failed) worker group is
+# noticed up to 2 s late: a few seconds per training run, tune trial and restart. Every driver,
+# subprocess and local cluster the tests start inherits this.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")
