@@ -21,11 +21,11 @@ from fpc_ray.tune.space import load_tune_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A search small enough for 2 CPUs: 64 px, 2 epochs, four points.
+# A search small enough for 2 CPUs: 64 px, 2 epochs, four points, two trials at a time (one CPU each).
 SMALL_SPACE = """
 base: {train}
 train: {{batch_size: 8, frozen_epochs: 0}}
-search: {{grace_period: 1}}
+search: {{grace_period: 1, max_concurrent: 2}}
 space:
   model.attention.type: {{choice: [cbam, se, eca]}}
   model.head.hidden: {{choice: [[512, 256], [64, 32]]}}
