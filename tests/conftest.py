@@ -41,7 +41,7 @@ def s3_server(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    server.stop()
+    server.stop(grace=0)  # the session is over: nothing will read it again, so no 3 s of SIGTERM grace
 
 
 @pytest.fixture(scope="session")
