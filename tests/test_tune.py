@@ -21,7 +21,7 @@ from fpc_ray.tune.space import load_tune_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A search small enough for 2 CPUs: 64 px, 2 epochs, four points, two trials at a time (one CPU each).
+# A search small enough for 2 CPUs: 64 px, 2 epochs, two trials at a time (one CPU each).
 SMALL_SPACE = """
 base: {train}
 train: {{batch_size: 8, frozen_epochs: 0}}
@@ -113,14 +113,15 @@ def _check_finished_search(out: Path, n: int) -> list[dict]:
 
 
 @pytest.mark.ray
-def test_search_of_4_trials_killed_then_resumed_records_them_and_best_yaml_trains(search_inputs, tmp_path):
+def test_search_of_3_trials_killed_then_resumed_records_them_and_best_yaml_trains(search_inputs, tmp_path):
     """One real search covers both the finished search and resumption: it is killed once its first
     trial has finished, resumed to the end, then checked as a finished search (rows, statuses,
-    leaderboard, best/, best.yaml that `fpc-ray train` reads) whose finished trials were not re-run."""
+    leaderboard, best/, best.yaml that `fpc-ray train` reads) whose finished trials were not re-run.
+    Three trials, two at a time: the default and one more run, then the kill, then the rest."""
     data, spec = search_inputs
     out = tmp_path / "search"
     args = ("tune", "--data", str(data), "--output", str(out), "--config", str(spec),
-            "--num-samples", "4", "--epochs", "2", "--image-size", "64")
+            "--num-samples", "3", "--epochs", "2", "--image-size", "64")
     proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=_env(), start_new_session=True)
     finished: dict[str, float] = {}
@@ -146,7 +147,7 @@ def test_search_of_4_trials_killed_then_resumed_records_them_and_best_yaml_train
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "resuming the search" in done.stdout
     assert "(default)" in done.stdout and "vs the default configuration" in done.stdout
-    rows = _check_finished_search(out, 4)
+    rows = _check_finished_search(out, 3)
     for trial_id, mtime in finished.items():  # finished trials were not trained again
         assert (out / "trials" / trial_id / "model.json").stat().st_mtime_ns == mtime
         assert any(r["trial_id"] == trial_id and r["status"] == "completed" for r in rows)
