@@ -1,4 +1,4 @@
-"""Shared fixtures: a phantom dataset, an embedded S3 server and a local Ray cluster."""
+"""Shared fixtures: a phantom dataset, an embedded S3 server and one local Ray cluster."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # No request may leave the machine: AWS metadata lookups would hang without a network.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# Ray Train's controller polls its workers every 2 s, so every finished (or failed) worker group is
+# noticed up to 2 s late: a few seconds per training run, tune trial and restart. Every driver,
+# subprocess and local cluster the tests start inherits this.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")
@@ -37,16 +41,36 @@ def s3_server(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    server.stop()
+    server.stop(grace=0)  # the session is over: nothing will read it again, so no 3 s of SIGTERM grace
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server) -> str:
+    """One local Ray cluster (2 CPUs) for every in-process Ray test of the session; yields its GCS
+    address, which subprocess drivers join through ``RAY_ADDRESS``.
+
+    Started once the AWS variables point at the embedded S3, so its workers inherit them; set up as
+    ``fpc_ray.cluster.init_ray`` sets up a local cluster (workers at nice 0; the dashboard's port
+    pinned and told to the workers, so Ray Train's placement-group cleaner finds it while other
+    clusters run on the machine). Starting it once saves a cluster start (5-10 s) per module.
+    """
+    import socket
+
+    import ray
+
+    if ray.is_initialized():  # a cluster an in-process run started outside this fixture
+        ray.shutdown()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_port=port, logging_level="WARNING",
+             _system_config={"worker_niceness": 0},
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    """A local Ray cluster with 2 CPUs, shared by a test module."""
-    import ray
-
-    if ray.is_initialized():  # a cluster another module's in-process run left behind
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
-    yield
-    ray.shutdown()
+def ray_local(ray_cluster) -> str:
+    """The session's local Ray cluster (2 CPUs), for a test module; yields its GCS address."""
+    return ray_cluster

@@ -35,22 +35,35 @@ def _ray(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=ROOT)
 
 
+def _cluster_pids() -> list[int]:
+    """This test's Ray processes: those whose command line names its temp dir."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if TEMP_DIR.encode() in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
 def _stop_cluster() -> None:
-    """Stop this test's two nodes only (`ray stop` would stop every Ray process on the machine)."""
+    """Stop this test's two nodes only (`ray stop` would stop every Ray process on the machine):
+    SIGTERM, up to 2 s to exit, then SIGKILL for what is left."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
+        pids = _cluster_pids()
+        for pid in pids:
             try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if TEMP_DIR.encode() in cmdline:
-                try:
-                    os.kill(int(entry), sig)
-                except ProcessLookupError:
-                    pass
-        time.sleep(2)
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 2
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.1)
+            pids = _cluster_pids()
 
 
 @pytest.fixture(scope="module")

@@ -31,9 +31,9 @@ def _train_worker_pids() -> list[int]:
 
 def test_worker_killed_mid_training_resumes_from_checkpoint(tmp_path):
     data, out = tmp_path / "data", tmp_path / "bundle"
-    synthesize(str(data), per_class=30, seed=5, width=160, height=120)
+    synthesize(str(data), per_class=20, seed=5, width=160, height=120)
     cmd = [sys.executable, "-m", "fpc_ray.cli", "train", "--data", str(data), "--output", str(out),
-           "--epochs", "6", "--image-size", "64", "--batch-size", "8", "--num-workers", "2",
+           "--epochs", "4", "--image-size", "64", "--batch-size", "8", "--num-workers", "2",
            "--set", "train.max_failures=1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -57,6 +57,6 @@ def test_worker_killed_mid_training_resumes_from_checkpoint(tmp_path):
     assert proc.returncode == 0, output[-3000:]
     assert "resumed from the checkpoint of epoch" in output, output
     history = json.loads((out / "metrics.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]  # each epoch once, none lost
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # each epoch once, none lost
     card = json.loads((out / "model.json").read_text())
     assert card["metrics"]["test"]["n"] > 0

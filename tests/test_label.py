@@ -28,17 +28,14 @@ pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
 
 @pytest.fixture(scope="module")
-def env(s3_server, tmp_path_factory):
-    """Ray (started after the S3 variables are set), a trained bundle on S3, and phantom data."""
-    import ray
-
-    ray.init(num_cpus=2, logging_level="WARNING")
+def env(s3_server, ray_cluster, tmp_path_factory):
+    """The session's Ray cluster (started after the S3 variables are set), a trained bundle on S3,
+    and phantom data."""
     data = tmp_path_factory.mktemp("label-data")
     synthesize(str(data), per_class=40, seed=8, width=192, height=144)
     cfg = load_config(None, ["train.epochs=6", "data.image_size=128", "train.num_workers=0"])
     run_training(cfg, str(data), "s3://test/models/label")
-    yield {"s3": s3_server, "data": str(data), "model": "s3://test/models/label"}
-    ray.shutdown()
+    return {"s3": s3_server, "data": str(data), "model": "s3://test/models/label", "ray_address": ray_cluster}
 
 
 def _put(client, key: str, body: bytes) -> None:
@@ -138,9 +135,15 @@ def _label_cmd(model, archive, output, *extra):
             "--output", output, "--cam", "gradcam", *extra]
 
 
-def _start(cmd):
+def _joining(env) -> dict:
+    """A driver's environment that joins the module's Ray cluster (as inside a Ray job) instead of
+    starting its own, which costs several seconds on 2 cores. Its actors die with it."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": env["ray_address"]}
+
+
+def _start(cmd, env=None):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                            env=env or {**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
 
 
 def _wait_for_line(proc, needle: str, timeout: float = 120) -> str:
@@ -181,13 +184,14 @@ def _wait_for_staged_part(server, output_key: str, proc, timeout: float = 180) -
 def test_killed_run_commits_nothing_and_rerun_completes(env, big_archive):
     archive, n = big_archive
     output = "s3://test/labels-kill"
-    proc = _start(_label_cmd(env["model"], archive, output, "--batch-size", "4"))
+    proc = _start(_label_cmd(env["model"], archive, output, "--batch-size", "4"), _joining(env))
     _wait_for_line(proc, "to label")
     _wait_for_staged_part(env["s3"], "labels-kill", proc)  # midway: some rows written, not committed
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not _committed_rows(output)
-    done = subprocess.run(_label_cmd(env["model"], archive, output), capture_output=True, text=True)
+    done = subprocess.run(_label_cmd(env["model"], archive, output), capture_output=True, text=True,
+                          env=_joining(env), timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     (table,) = _committed_rows(output)
     uris = table["source_uri"].to_pylist()
@@ -197,7 +201,7 @@ def test_killed_run_commits_nothing_and_rerun_completes(env, big_archive):
 def test_s3_outage_mid_run_fails_cleanly_or_retries_then_rerun_completes(env, big_archive):
     archive, n = big_archive
     output = "s3://test/labels-outage"
-    proc = _start(_label_cmd(env["model"], archive, output, "--batch-size", "4"))
+    proc = _start(_label_cmd(env["model"], archive, output, "--batch-size", "4"), _joining(env))
     _wait_for_line(proc, "to label")
     _wait_for_staged_part(env["s3"], "labels-outage", proc)
     env["s3"].stop()
@@ -208,7 +212,8 @@ def test_s3_outage_mid_run_fails_cleanly_or_retries_then_rerun_completes(env, bi
         errors = [ln for ln in out.splitlines() if ln.startswith("error: ")]
         assert len(errors) == 1, out[-3000:]
         assert not _committed_rows(output)
-        done = subprocess.run(_label_cmd(env["model"], archive, output), capture_output=True, text=True)
+        done = subprocess.run(_label_cmd(env["model"], archive, output), capture_output=True, text=True,
+                              env=_joining(env), timeout=600)
         assert done.returncode == 0, done.stdout + done.stderr
     (table,) = _committed_rows(output)
     assert sorted(set(table["source_uri"].to_pylist())) == sorted(table["source_uri"].to_pylist())
@@ -230,7 +235,7 @@ def test_nightly_job_labels_the_day_looks_back_and_is_idempotent(env, tmp_path):
     def nightly(date: str, *extra: str, model: str = env["model"]):
         cmd = [sys.executable, os.path.join(root, "jobs", "nightly_label.py"), "--model", model,
                "--archive", str(tmp_path / "archive"), "--output", str(tmp_path / "out"), "--date", date, *extra]
-        return subprocess.run(cmd, capture_output=True, text=True)
+        return subprocess.run(cmd, capture_output=True, text=True, env=_joining(env), timeout=600)
 
     first = nightly("2026-11-24")  # the day and, looking back, the day before (22nd, 21st: no folders)
     assert first.returncode == 0, first.stdout + first.stderr

@@ -35,7 +35,7 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def labelled(tmp_path_factory):
+def labelled(tmp_path_factory, ray_cluster):
     """A trained phantom bundle and a committed labelling run over a folder with a broken file."""
     from fpc_ray.label.pipeline import LabelOptions, run_labelling
 
@@ -47,11 +47,8 @@ def labelled(tmp_path_factory):
         shutil.copy(image, archive / image.name)
     (archive / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
     (archive / "notes.txt").write_text("not an image")
-    import ray
-
     run_labelling(str(root / "bundle"), str(archive), str(root / "labels"), LabelOptions(run_id="r1"),
                   echo=lambda s: None)
-    ray.shutdown()  # the in-process cluster run_labelling started; later modules start their own
     return root
 
 

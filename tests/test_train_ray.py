@@ -13,13 +13,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
 
 @pytest.fixture(scope="module")
-def ray_with_s3(s3_server):
-    """Ray started after the AWS variables point at the embedded S3, so workers inherit them."""
-    import ray
-
-    ray.init(num_cpus=2, logging_level="WARNING")
-    yield s3_server
-    ray.shutdown()
+def ray_with_s3(s3_server, ray_cluster):
+    """The session's Ray cluster, started after the AWS variables point at the embedded S3, so
+    workers inherit them."""
+    return s3_server
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""fpc-ray tune: the space's validation, a real small search, and a killed search resumed."""
+"""fpc-ray tune: the space's validation, and one real small search, killed and resumed."""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from fpc_ray.tune.space import load_tune_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A search small enough for 2 CPUs: 64 px, 2 epochs, four points.
+# A search small enough for 2 CPUs: 64 px, 2 epochs, two trials at a time (one CPU each).
 SMALL_SPACE = """
 base: {train}
 train: {{batch_size: 8, frozen_epochs: 0}}
-search: {{grace_period: 1}}
+search: {{grace_period: 1, max_concurrent: 2}}
 space:
   model.attention.type: {{choice: [cbam, se, eca]}}
   model.head.hidden: {{choice: [[512, 256], [64, 32]]}}
@@ -113,33 +113,11 @@ def _check_finished_search(out: Path, n: int) -> list[dict]:
 
 
 @pytest.mark.ray
-def test_search_of_4_trials_records_them_and_best_yaml_trains(search_inputs, tmp_path):
-    data, spec = search_inputs
-    out = tmp_path / "search"
-    done = subprocess.run(_cli("tune", "--data", str(data), "--output", str(out), "--config", str(spec),
-                               "--num-samples", "4", "--epochs", "2", "--image-size", "64"),
-                          capture_output=True, text=True, env=_env(), timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "(default)" in done.stdout and "vs the default configuration" in done.stdout
-    _check_finished_search(out, 4)
-
-    best_yaml = out / "best.yaml"
-    cfg = load_config(best_yaml)  # fpc-ray train reads it as it is
-    assert cfg.data.image_size == 64 and cfg.train.epochs == 2
-    trained = subprocess.run(_cli("train", "--config", str(best_yaml), "--data", str(data),
-                                  "--output", str(tmp_path / "from-best")),
-                             capture_output=True, text=True, env=_env(), timeout=600)
-    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
-    card = json.loads((tmp_path / "from-best" / "model.json").read_text())
-    assert card["config"]["model"] == yaml.safe_load(best_yaml.read_text())["model"]
-
-    again = subprocess.run(_cli("tune", "--data", str(data), "--output", str(out), "--config", str(spec)),
-                           capture_output=True, text=True, env=_env())
-    assert again.returncode == 2 and "--resume" in again.stderr
-
-
-@pytest.mark.ray
-def test_killed_search_resumes_without_rerunning_finished_trials(search_inputs, tmp_path):
+def test_search_of_3_trials_killed_then_resumed_records_them_and_best_yaml_trains(search_inputs, tmp_path):
+    """One real search covers both the finished search and resumption: it is killed once its first
+    trial has finished, resumed to the end, then checked as a finished search (rows, statuses,
+    leaderboard, best/, best.yaml that `fpc-ray train` reads) whose finished trials were not re-run.
+    Three trials, two at a time: the default and one more run, then the kill, then the rest."""
     data, spec = search_inputs
     out = tmp_path / "search"
     args = ("tune", "--data", str(data), "--output", str(out), "--config", str(spec),
@@ -168,10 +146,25 @@ def test_killed_search_resumes_without_rerunning_finished_trials(search_inputs, 
                           capture_output=True, text=True, env=_env(), timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "resuming the search" in done.stdout
+    assert "(default)" in done.stdout and "vs the default configuration" in done.stdout
     rows = _check_finished_search(out, 3)
     for trial_id, mtime in finished.items():  # finished trials were not trained again
         assert (out / "trials" / trial_id / "model.json").stat().st_mtime_ns == mtime
         assert any(r["trial_id"] == trial_id and r["status"] == "completed" for r in rows)
+
+    best_yaml = out / "best.yaml"
+    cfg = load_config(best_yaml)  # fpc-ray train reads it as it is
+    assert cfg.data.image_size == 64 and cfg.train.epochs == 2
+    trained = subprocess.run(_cli("train", "--config", str(best_yaml), "--data", str(data),
+                                  "--output", str(tmp_path / "from-best")),
+                             capture_output=True, text=True, env=_env(), timeout=600)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    card = json.loads((tmp_path / "from-best" / "model.json").read_text())
+    assert card["config"]["model"] == yaml.safe_load(best_yaml.read_text())["model"]
+
+    again = subprocess.run(_cli("tune", "--data", str(data), "--output", str(out), "--config", str(spec)),
+                           capture_output=True, text=True, env=_env())
+    assert again.returncode == 2 and "--resume" in again.stderr
 
 
 def test_resume_without_a_search_is_one_line(tmp_path):
