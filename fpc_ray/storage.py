@@ -136,9 +136,12 @@ class Location:
 
     def check_writable(self) -> None:
         """Write and delete a probe under this directory: fails early on a wrong bucket,
-        endpoint or credentials, before any work is done."""
+        endpoint or credentials, before any work is done. The probe's name is unique, so two
+        runs starting at once on one output never delete each other's."""
+        import secrets
+
         self.makedirs()
-        probe = self.join(".fpc-ray-write-probe")
+        probe = self.join(f".fpc-ray-write-probe-{os.getpid()}-{secrets.token_hex(4)}")
         probe.write_bytes(b"ok")
         probe.delete()
 

@@ -79,3 +79,15 @@ def test_botocore_errors_are_classified_by_http_status(status, outage):
     err = ClientError({"Error": {"Code": str(status), "Message": "<html>Bad Gateway</html>"},
                        "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
     assert is_outage(err) is outage
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_write_probes_of_runs_starting_together_do_not_collide(where, tmp_path, request):
+    """Two runs on one output each probe it at start: neither may delete the other's probe."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if where == "s3":
+        request.getfixturevalue("s3_server")
+    out = resolve(str(tmp_path / "out") if where == "local" else "s3://test/probes")
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda _: out.check_writable(), range(32)))  # raises if a probe was deleted under one
