@@ -258,6 +258,42 @@ def _marker_holder(run_dir: Location) -> str:
         return "another attempt"
 
 
+def _drop_late(attempt: Attempt, objects: list[dict], index: pa.Table, echo: Callable[[str], None]) -> list[dict]:
+    """The objects no run committed since the attempt started holds; the others' rows are dropped."""
+    since = index.filter(pc.invert(pc.is_in(index["run"], pa.array(sorted(attempt.baseline), pa.string()))))
+    late = set(zip(*(since[c].to_pylist() for c in OBJECTS_SCHEMA.names), strict=True))
+    keep = [o for o in objects if (o["uri"], o["size"], o["mtime_ns"]) not in late]
+    if len(keep) < len(objects):
+        _drop_committed(attempt.staged, {o["uri"] for o in objects} - {o["uri"] for o in keep})
+        echo(f"run {attempt.run_id}: dropped the rows of {len(objects) - len(keep)} object(s) that runs "
+             "committed while this one worked already hold")
+    return keep
+
+
+def _move_parts(attempt: Attempt, lock: CommitLock) -> None:
+    """The staged parts into ``run=<id>/``, after clearing a cut-short commit's leftovers there.
+
+    Every destructive step proves the S3 lease is still ours first (a stalled call can outlast
+    it); part names carry the attempt, so a stale holder never overwrites a winner's.
+    """
+    run_dir, staged = attempt.run_dir, attempt.staged
+    lock.renew(force=True)
+    if run_dir.exists():  # a cut-short commit's leftovers: no marker, and we hold the lock
+        guard(run_dir.uri, lambda: run_dir.fs.delete_dir_contents(run_dir.path))
+    run_dir.makedirs()
+    for i, path in enumerate(parquet_parts(staged)):
+        lock.renew(force=True)
+        target = run_dir.join(f"part-{attempt.attempt_id}-{i:05d}.parquet").path
+        guard(run_dir.uri, lambda path=path, target=target: staged.fs.move(path, target))
+
+
+def _timings(summary: dict, commit_started: float, run_started: float | None) -> dict:
+    timings = {**summary.get("timings", {}), "commit_s": round(time.perf_counter() - commit_started, 3)}
+    if run_started is not None:
+        timings["total_s"] = round(time.perf_counter() - run_started, 3)
+    return timings
+
+
 def _accounted_uris(staged: Location) -> set[str]:
     """The objects the staged rows account for: any row but a ``vanished`` one."""
     parts = parquet_parts(staged)
@@ -341,15 +377,7 @@ def commit(attempt: Attempt, objects: list[dict], summary: dict, storage: Storag
             raise ConcurrentChange(f"run {attempt.run_id} was committed under {output.uri} by attempt {other} "
                                    f"while attempt {attempt.attempt_id} worked; this attempt's rows are discarded")
         index, runs = committed_objects(output)
-        new = index.filter(pc.invert(pc.is_in(
-            index["run"], pa.array(sorted(attempt.baseline), pa.string()))))
-        late = set(zip(*(new[c].to_pylist() for c in OBJECTS_SCHEMA.names), strict=True))
-        keep = [o for o in objects if (o["uri"], o["size"], o["mtime_ns"]) not in late]
-        dropped = len(objects) - len(keep)
-        if dropped:
-            _drop_committed(staged, {o["uri"] for o in objects} - {o["uri"] for o in keep})
-            echo(f"run {attempt.run_id}: dropped the rows of {dropped} object(s) that runs committed while "
-                 "this one worked already hold")
+        keep = _drop_late(attempt, objects, index, echo)
 
         # Only objects whose rows are staged, and not `vanished`, count as labelled: an object
         # whose rows were lost (staging cleaned under a very long run) or that was gone when read
@@ -363,16 +391,7 @@ def commit(attempt: Attempt, objects: list[dict], summary: dict, storage: Storag
             runs = runs - {attempt.run_id}
             write_index(output, index, runs)
 
-        # Every destructive step proves the S3 lease is still ours first (a stalled call can
-        # outlast it); part names carry the attempt, so a stale holder never overwrites a winner's.
-        lock.renew(force=True)
-        if run_dir.exists():  # a cut-short commit's leftovers: no marker, and we hold the lock
-            guard(run_dir.uri, lambda: run_dir.fs.delete_dir_contents(run_dir.path))
-        run_dir.makedirs()
-        for i, path in enumerate(parquet_parts(staged)):
-            lock.renew(force=True)
-            target = run_dir.join(f"part-{attempt.attempt_id}-{i:05d}.parquet").path
-            guard(run_dir.uri, lambda path=path, target=target: staged.fs.move(path, target))
+        _move_parts(attempt, lock)
         mine = pa.Table.from_pylist([{k: o[k] for k in OBJECTS_SCHEMA.names} for o in mine_objects],
                                     schema=OBJECTS_SCHEMA)
         guard(run_dir.uri, lambda: pq.write_table(mine, run_dir.join(OBJECTS).path, filesystem=run_dir.fs))
@@ -381,15 +400,12 @@ def commit(attempt: Attempt, objects: list[dict], summary: dict, storage: Storag
         listed = summary["objects"]["listed"]
         summary = {**summary, "attempt": attempt.attempt_id,
                    "objects": {**summary["objects"], "labelled": len(mine_objects),
-                               "skipped": listed - len(keep), "dropped_late": dropped,
+                               "skipped": listed - len(keep), "dropped_late": len(objects) - len(keep),
                                "left_for_later": len(keep) - len(mine_objects)},
                    "rows": rows, "labelled": labelled, "errors": sum(errors.values()),
-                   "errors_by_kind": dict(errors), "by_class": dict(by_class)}
-        timings = summary["timings"] = dict(summary.get("timings", {}))
-        timings["commit_s"] = round(time.perf_counter() - t0, 3)
-        if started is not None:
-            timings["total_s"] = round(time.perf_counter() - started, 3)
-        summary["committed_at"] = dt.datetime.now(dt.UTC).isoformat()
+                   "errors_by_kind": dict(errors), "by_class": dict(by_class),
+                   "timings": _timings(summary, t0, started),
+                   "committed_at": dt.datetime.now(dt.UTC).isoformat()}
         lock.renew(force=True)  # on S3: the lease is still ours right before the marker
         _create_marker(run_dir, json.dumps(summary, indent=2).encode(), storage)
 
