@@ -25,3 +25,34 @@ class ConcurrentChange(RunFailed):
     """Something a command read changed under it (another run committed the same run id, a
     concurrent retrain or a manual rollback moved the pointer); the command changed nothing of
     it and may be run again (exit 1)."""
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The exception the failing code raised, unwrapped from Ray's wrappers.
+
+    Ray Train's worker-group error gives its lowest rank's failure and its controller error the
+    controller's; a task's or actor's error (``RayTaskError.cause``, ``__cause__``,
+    ``__context__``) gives what it wraps. It stops at the first exception that is not Ray's own,
+    so an actor's ``raise OSError(f"{uri}: ...") from e`` gives that error, whose message names
+    the object, not ``e``; a chain of only Ray errors (a lost worker) gives the innermost.
+    """
+    seen = set()
+    while _is_ray(err) and id(err) not in seen:
+        seen.add(id(err))
+        failures = getattr(err, "worker_failures", None)  # Ray Train's WorkerGroupError: rank -> error
+        if failures:
+            nxt = failures[min(failures)]
+        elif getattr(err, "controller_failure", None) is not None:  # Ray Train's ControllerError
+            nxt = err.controller_failure
+        else:
+            nxt = getattr(err, "cause", None)
+            if not isinstance(nxt, BaseException):
+                nxt = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+        if nxt is None:
+            break
+        err = nxt
+    return err
+
+
+def _is_ray(err: BaseException) -> bool:
+    return type(err).__module__.split(".")[0] == "ray"

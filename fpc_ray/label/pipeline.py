@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 
 from fpc_ray.bundle import follow_pointer, read_card
 from fpc_ray.config import StorageConfig
-from fpc_ray.errors import RunFailed, UserError
+from fpc_ray.errors import RunFailed, UserError, root_cause
 from fpc_ray.label.progress import StagedRowsWatcher, configure_ray_data
 from fpc_ray.label.runs import (
     OBJECTS_SCHEMA,
@@ -138,30 +138,6 @@ def list_objects(prefix: Location) -> list[dict]:
     return sorted(out, key=lambda o: o["uri"])
 
 
-def _is_ray(err: BaseException) -> bool:
-    return type(err).__module__.split(".")[0] == "ray"
-
-
-def root_cause(err: BaseException) -> BaseException:
-    """The exception the failing code raised, unwrapped from Ray's wrappers.
-
-    Follows ``RayTaskError.cause``, ``__cause__`` and ``__context__`` and stops at the first
-    exception that is not Ray's own (so an actor's ``raise OSError(f"{uri}: ...") from e`` gives
-    that error, whose message names the object, not ``e``); a chain of only Ray errors (a lost
-    worker) gives the innermost.
-    """
-    seen = set()
-    while _is_ray(err) and id(err) not in seen:
-        seen.add(id(err))
-        nxt = getattr(err, "cause", None)
-        if not isinstance(nxt, BaseException):
-            nxt = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
-        if nxt is None:
-            break
-        err = nxt
-    return err
-
-
 def failure_line(err: BaseException) -> str:
     """One line naming what failed and why, from :func:`root_cause`.
 
@@ -170,7 +146,7 @@ def failure_line(err: BaseException) -> str:
     """
     root = root_cause(err)
     lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()]
-    if _is_ray(root) and lines:
+    if type(root).__module__.split(".")[0] == "ray" and lines:
         return lines[-1][:300]  # a Ray error with no Python cause (a lost worker): its summary
     text = lines[0] if lines else ""
     return f"{type(root).__name__}: {text}"[:300] if text else type(root).__name__

@@ -17,7 +17,7 @@ from fpc_ray.cluster import init_ray
 from fpc_ray.config import Config
 from fpc_ray.data.dataset import SplitArrays, decode_split
 from fpc_ray.data.fetal_planes import CLASS_NAMES, FetalPlanesDB, read_fetal_planes
-from fpc_ray.errors import RunFailed, UserError
+from fpc_ray.errors import RunFailed, UserError, root_cause
 from fpc_ray.storage import Location, is_remote, resolve
 
 RAY_DIR = "ray"  # Ray Train's run storage (checkpoints, state), inside the output folder
@@ -96,31 +96,6 @@ def _best_weights(checkpoint) -> tuple[dict, dict]:
         with open(os.path.join(path, HISTORY)) as f:
             saved = json.load(f)
     return weights, saved
-
-
-def _unwrap(err: BaseException) -> BaseException | None:
-    """The exception one of Ray's wrappers carries, or None."""
-    import ray.exceptions
-
-    failures = getattr(err, "worker_failures", None)  # Ray Train's WorkerGroupError: rank -> error
-    if failures:
-        return failures[min(failures)]
-    if getattr(err, "controller_failure", None) is not None:  # Ray Train's ControllerError
-        return err.controller_failure
-    if isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None:
-        return err.cause
-    return err.__cause__
-
-
-def root_cause(err: BaseException) -> BaseException:
-    """The exception behind a Ray failure: a worker's (the lowest rank's), the controller's or a
-    remote task's own, unwrapped from Ray's wrappers; ``err`` itself when it wraps nothing."""
-    for _ in range(16):  # bounded: wrappers nest a few levels at most
-        inner = _unwrap(err)
-        if inner is None or inner is err:
-            break
-        err = inner
-    return err
 
 
 def training_failure(err: BaseException, what: str) -> Exception:
