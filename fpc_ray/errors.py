@@ -54,5 +54,31 @@ def root_cause(err: BaseException) -> BaseException:
     return err
 
 
+def failure_line(err: BaseException) -> str:
+    """One line naming what failed and why, from :func:`root_cause`.
+
+    Ray's own error text ends in a hint about retries; the cause raised in the actor or worker
+    (whose message names the object) is what a person needs.
+    """
+    root = root_cause(err)
+    lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()]
+    if _is_ray(root) and lines:
+        return lines[-1][:300]  # a Ray error with no Python cause (a lost worker): its summary
+    text = lines[0] if lines else ""
+    return f"{type(root).__name__}: {text}"[:300] if text else type(root).__name__
+
+
+def ray_failure(err: BaseException, what: str) -> Exception:
+    """The one-line error ``"<what>: <root cause>"`` for a failed Ray job (training, labelling).
+
+    A :class:`UserError` behind it (an actor or worker that could not open a file) stays one,
+    exit code 2; anything else becomes a :class:`RunFailed`, exit code 1.
+    """
+    cause = root_cause(err)
+    if isinstance(cause, UserError):
+        return UserError(f"{what}: {cause}")
+    return RunFailed(f"{what}: {failure_line(err)}")
+
+
 def _is_ray(err: BaseException) -> bool:
     return type(err).__module__.split(".")[0] == "ray"

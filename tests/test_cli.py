@@ -148,28 +148,27 @@ def test_ray_training_failures_become_one_line_naming_run_and_cause():
     from ray.exceptions import RayTaskError
     from ray.train import ControllerError, WorkerGroupError
 
-    from fpc_ray.errors import RunFailed, UserError
-    from fpc_ray.train.driver import training_failure
+    from fpc_ray.errors import RunFailed, UserError, ray_failure
 
     what = "training run train-1 for s3://m/b failed after 3 restart(s)"
     worker = WorkerGroupError("[Rank 0 Error Snippet]: ...\nTraceback ...", {
         1: ValueError("rank 1"), 0: RuntimeError("CUDA out of memory\nTried to allocate 2 GiB")})
-    err = training_failure(worker, what)
+    err = ray_failure(worker, what)
     assert isinstance(err, RunFailed)
     assert str(err) == f"{what}: RuntimeError: CUDA out of memory"
 
-    err = training_failure(ControllerError(OSError("s3://m/b/ray: connection refused")), what)
+    err = ray_failure(ControllerError(OSError("s3://m/b/ray: connection refused")), what)
     assert isinstance(err, RunFailed) and str(err).endswith("OSError: s3://m/b/ray: connection refused")
 
     # A mistake the user can fix stays one, even when a worker found it.
-    err = training_failure(WorkerGroupError("...", {0: UserError("model.backbone: Unknown model (x)")}), what)
+    err = ray_failure(WorkerGroupError("...", {0: UserError("model.backbone: Unknown model (x)")}), what)
     assert isinstance(err, UserError) and str(err) == f"{what}: model.backbone: Unknown model (x)"
 
     try:  # a remote task's error, unwrapped to the task's own exception
         raise KeyError("val_top1")
     except KeyError as e:
         task = RayTaskError("evaluate_arrays", "Traceback ...", e)
-    assert str(training_failure(task, what)) == f"{what}: KeyError: 'val_top1'"
+    assert str(ray_failure(task, what)) == f"{what}: KeyError: 'val_top1'"
 
 
 # ---------------------------------------------------------------- label's new options

@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fpc_ray.errors import RunFailed
+from fpc_ray.errors import RunFailed, failure_line
 from fpc_ray.label import runs
 from fpc_ray.label.lock import CommitLock
-from fpc_ray.label.pipeline import BAD_NAME, failure_line, list_objects
+from fpc_ray.label.pipeline import BAD_NAME, list_objects
 from fpc_ray.label.schema import LABEL_SCHEMA
 from fpc_ray.storage import resolve
 

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 
 from fpc_ray.bundle import follow_pointer, read_card
 from fpc_ray.config import StorageConfig
-from fpc_ray.errors import RunFailed, UserError, root_cause
+from fpc_ray.errors import RunFailed, UserError, failure_line, ray_failure
 from fpc_ray.label.progress import StagedRowsWatcher, configure_ray_data
 from fpc_ray.label.runs import (
     OBJECTS_SCHEMA,
@@ -29,6 +29,7 @@ from fpc_ray.label.runs import (
     clean_stale_staging,
     commit,
     committed_objects,
+    object_keys,
     parquet_parts,
     summarise_rows,
 )
@@ -138,20 +139,6 @@ def list_objects(prefix: Location) -> list[dict]:
     return sorted(out, key=lambda o: o["uri"])
 
 
-def failure_line(err: BaseException) -> str:
-    """One line naming what failed and why, from :func:`root_cause`.
-
-    Ray's own error text ends in a hint about retries; the cause raised in the actor (whose
-    message names the object) is what a person needs.
-    """
-    root = root_cause(err)
-    lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()]
-    if type(root).__module__.split(".")[0] == "ray" and lines:
-        return lines[-1][:300]  # a Ray error with no Python cause (a lost worker): its summary
-    text = lines[0] if lines else ""
-    return f"{type(root).__name__}: {text}"[:300] if text else type(root).__name__
-
-
 class PredictorActor:
     """The Ray Data stage: a :class:`~fpc_ray.label.predictor.Predictor` built in the actor.
 
@@ -259,9 +246,7 @@ def _label(todo: list[dict], staged: Location, model_uri: str, card: dict, run_i
             ds.write_parquet(staged.path, filesystem=staged.fs, schema=schema_with_metadata(card),
                              ray_remote_args={"num_cpus": 0.25})
     except Exception as e:  # storage outage or lost workers, after Ray's and S3's retries
-        if isinstance(root_cause(e), UserError):  # e.g. an actor that could not load the bundle
-            raise UserError(f"labelling run {run_id} failed, nothing committed: {root_cause(e)}") from e
-        raise RunFailed(f"labelling run {run_id} failed, nothing committed: {failure_line(e)}") from e
+        raise ray_failure(e, f"labelling run {run_id} failed, nothing committed") from e
 
 
 def run_labelling(model_uri: str, input_uri: str | list[str], output_uri: str, opts: LabelOptions,
@@ -295,7 +280,7 @@ def run_labelling(model_uri: str, input_uri: str | list[str], output_uri: str, o
 
     listed = _list_inputs(sources)
     committed, attempt.baseline = committed_objects(output)
-    seen = set() if opts.full else set(zip(*(committed[c].to_pylist() for c in OBJECTS_SCHEMA.names), strict=True))
+    seen = set() if opts.full else object_keys(committed)
     todo = [o for o in listed if (o["uri"], o["size"], o["mtime_ns"]) not in seen]
     if opts.limit is not None:
         todo = todo[: opts.limit]

@@ -140,6 +140,11 @@ def committed_objects(output: Location) -> tuple[pa.Table, set[str]]:
 def already_labelled(output: Location) -> set[Key]:
     """(uri, size, mtime_ns) of every object in a committed run."""
     table, _ = committed_objects(output)
+    return object_keys(table)
+
+
+def object_keys(table: pa.Table) -> set[Key]:
+    """The (uri, size, mtime_ns) identities of an objects (or index) table's rows."""
     return set(zip(*(table[c].to_pylist() for c in OBJECTS_SCHEMA.names), strict=True))
 
 
@@ -261,7 +266,7 @@ def _marker_holder(run_dir: Location) -> str:
 def _drop_late(attempt: Attempt, objects: list[dict], index: pa.Table, echo: Callable[[str], None]) -> list[dict]:
     """The objects no run committed since the attempt started holds; the others' rows are dropped."""
     since = index.filter(pc.invert(pc.is_in(index["run"], pa.array(sorted(attempt.baseline), pa.string()))))
-    late = set(zip(*(since[c].to_pylist() for c in OBJECTS_SCHEMA.names), strict=True))
+    late = object_keys(since)
     keep = [o for o in objects if (o["uri"], o["size"], o["mtime_ns"]) not in late]
     if len(keep) < len(objects):
         _drop_committed(attempt.staged, {o["uri"] for o in objects} - {o["uri"] for o in keep})

@@ -17,7 +17,7 @@ from fpc_ray.cluster import init_ray
 from fpc_ray.config import Config
 from fpc_ray.data.dataset import SplitArrays, decode_split
 from fpc_ray.data.fetal_planes import CLASS_NAMES, FetalPlanesDB, read_fetal_planes
-from fpc_ray.errors import RunFailed, UserError, root_cause
+from fpc_ray.errors import UserError, ray_failure
 from fpc_ray.storage import Location, is_remote, resolve
 
 RAY_DIR = "ray"  # Ray Train's run storage (checkpoints, state), inside the output folder
@@ -98,22 +98,6 @@ def _best_weights(checkpoint) -> tuple[dict, dict]:
     return weights, saved
 
 
-def training_failure(err: BaseException, what: str) -> Exception:
-    """The one-line error ``"<what>: <root cause>"`` for a Ray failure; ``what`` names the run
-    and its output.
-
-    A :class:`UserError` behind it (a file a worker could not open) stays one, exit code 2;
-    anything else becomes a :class:`RunFailed`, exit code 1. Ray's own message is not used: its
-    last line is a retry hint that names neither the object nor the cause.
-    """
-    cause = root_cause(err)
-    if isinstance(cause, UserError):
-        return UserError(f"{what}: {cause}")
-    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
-    detail = f"{type(cause).__name__}: {lines[0][:300]}" if lines else type(cause).__name__
-    return RunFailed(f"{what}: {detail}")
-
-
 def _fit(trainer, what: str):
     """``trainer.fit()``, with Ray Train's failure (after its restarts) turned into one line."""
     import ray.train
@@ -122,7 +106,7 @@ def _fit(trainer, what: str):
     try:
         return trainer.fit()
     except (ray.train.TrainingFailedError, V1TrainingFailedError) as e:  # Train v2; v1 with RAY_TRAIN_V2_ENABLED=0
-        raise training_failure(e, what) from e
+        raise ray_failure(e, what) from e
 
 
 def _run_storage(out: Location) -> tuple[str, object]:
@@ -239,10 +223,10 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
                 test_report = ray.get(remote.remote(*args))
             except ray.exceptions.RayTaskError as e:  # evaluate_arrays itself raised
                 if isinstance(e.cause, UserError):
-                    raise training_failure(e, f"{what}: test evaluation") from e
+                    raise ray_failure(e, f"{what}: test evaluation") from e
                 raise  # a bug: keep the traceback
             except ray.exceptions.RayError as e:  # its worker or node was lost
-                raise training_failure(e, f"{what}: test evaluation failed") from e
+                raise ray_failure(e, f"{what}: test evaluation failed") from e
 
     blob = weights_bytes(model.state_dict())
     class_counts = {
