@@ -5,7 +5,7 @@
                        parameter counts, resolved config, data fingerprint, val/test metrics
 ``metrics.json``       the per-epoch training history
 
-:func:`write_card` is the one writer of model cards; :func:`load_bundle` the one reader.
+:func:`build_card` assembles model cards and :func:`save_bundle` writes them; :func:`load_bundle` the one reader.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def make_version(weights: bytes, created_at: dt.datetime) -> str:
     return created_at.strftime("%Y%m%dT%H%M%SZ") + "-" + hashlib.sha256(weights).hexdigest()[:8]
 
 
-def write_card(cfg: Config, class_names: list[str], params: dict[str, int], weights: bytes,
+def build_card(cfg: Config, class_names: list[str], params: dict[str, int], weights: bytes,
                **sections) -> dict:
     """Assemble the model card; ``sections`` add data, metrics, training, lineage, ..."""
     created = dt.datetime.now(dt.UTC).replace(microsecond=0)

@@ -181,7 +181,8 @@ def evaluate(
 ) -> None:
     """Score a bundle on a split: top-1/2, macro-F1, per-class metrics, confusion matrix, ECE."""
     from fpc_ray.config import load_config
-    from fpc_ray.evaluate import evaluate_bundle, save_report, summary_lines
+    from fpc_ray.evaluate import save_report, summary_lines
+    from fpc_ray.scoring import evaluate_bundle
 
     cfg = load_config(config, set_)
     report = evaluate_bundle(model, data, split.value, batch_size, use_gpu, cfg.storage)

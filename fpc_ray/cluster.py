@@ -11,6 +11,12 @@ import os
 from fpc_ray.errors import UserError
 
 
+def uses_external_cluster() -> bool:
+    """Whether Ray commands join a cluster named by ``RAY_ADDRESS`` (which may autoscale, so the
+    local machine's resources say nothing about it) rather than start a local one."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
 def init_ray() -> None:
     """Connect to the cluster in ``RAY_ADDRESS``, or start a quiet local one."""
     import ray
@@ -19,7 +25,7 @@ def init_ray() -> None:
         return
     # The dashboard stays on: Ray Train's placement-group cleaner asks the state API it serves.
     kwargs: dict = {"log_to_driver": True, "logging_level": "WARNING"}
-    if not os.environ.get("RAY_ADDRESS"):
+    if not uses_external_cluster():
         # Ray runs workers at nice 15 so its daemons stay responsive; on a laptop-sized local
         # cluster that makes torch's threads stall behind every idle daemon tick (measured:
         # -10..30 % training throughput on 2 cores). A cluster's nodes keep Ray's default.

@@ -17,6 +17,9 @@ from fpc_ray.errors import UserError
 
 AttentionType = Literal["none", "se", "eca", "cbam", "mhsa"]
 Activation = Literal["relu", "gelu", "silu"]
+# How `fpc-ray label` draws each frame's class activation map (fpc_ray.label.cam computes them).
+CamMethod = Literal["gradcam", "gradcam++", "eigencam", "none"]
+CAM_METHODS: tuple[str, ...] = CamMethod.__args__
 
 
 class StrictModel(BaseModel):

@@ -17,9 +17,10 @@ from fpc_ray.config import load_config
 from fpc_ray.data.fetal_planes import read_fetal_planes
 from fpc_ray.data.synth import synthesize
 from fpc_ray.devtools.s3server import EmbeddedS3
-from fpc_ray.evaluate import evaluate_bundle, save_report, summary_lines
+from fpc_ray.evaluate import save_report, summary_lines
 from fpc_ray.label.pipeline import LabelOptions, run_labelling
 from fpc_ray.report import build_report
+from fpc_ray.scoring import evaluate_bundle
 from fpc_ray.train.driver import run_training
 
 BROKEN = {"empty.png": b"", "notes.txt": b"scanner export log\n", "cut.png": None}

@@ -54,6 +54,15 @@ def root_cause(err: BaseException) -> BaseException:
     return err
 
 
+def exception_line(err: BaseException, limit: int = 300) -> str:
+    """``err`` as one line: its message's first non-blank line, or its type where it has none.
+
+    Every one-line error in fpc-ray (storage, Ray failures, trials) is made here.
+    """
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(err).__name__)[:limit]
+
+
 def failure_line(err: BaseException) -> str:
     """One line naming what failed and why, from :func:`root_cause`.
 
@@ -63,9 +72,9 @@ def failure_line(err: BaseException) -> str:
     root = root_cause(err)
     lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()]
     if _is_ray(root) and lines:
-        return lines[-1][:300]  # a Ray error with no Python cause (a lost worker): its summary
-    text = lines[0] if lines else ""
-    return f"{type(root).__name__}: {text}"[:300] if text else type(root).__name__
+        # A Ray error with no Python cause (a lost worker): its summary is its last line.
+        return lines[-1][:300]
+    return f"{type(root).__name__}: {exception_line(root)}"[:300] if lines else type(root).__name__
 
 
 def ray_failure(err: BaseException, what: str) -> Exception:

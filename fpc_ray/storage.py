@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from fpc_ray.config import StorageConfig
-from fpc_ray.errors import StorageUnavailable, UserError
+from fpc_ray.errors import StorageUnavailable, UserError, exception_line
 
 
 def is_remote(uri: str) -> bool:
@@ -185,10 +185,10 @@ def storage_error(uri: str, err: BaseException) -> Exception:
     if isinstance(err, FileNotFoundError):
         return UserError(f"not found: {uri}")
     if isinstance(err, PermissionError):
-        return UserError(f"permission denied: {uri} ({_first_line(err)})")
+        return UserError(f"permission denied: {uri} ({exception_line(err)})")
     if is_outage(err):
-        return StorageUnavailable(f"storage unavailable for {uri}: {_first_line(err)}")
-    return UserError(f"cannot access {uri}: {_first_line(err)}")
+        return StorageUnavailable(f"storage unavailable for {uri}: {exception_line(err)}")
+    return UserError(f"cannot access {uri}: {exception_line(err)}")
 
 
 def guard(uri: str, fn):
@@ -201,11 +201,6 @@ def guard(uri: str, fn):
         if type(e).__module__.startswith(("botocore", "boto3")):
             raise storage_error(uri, e) from None
         raise
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def resolve(uri: str | os.PathLike, storage: StorageConfig | None = None,

@@ -27,6 +27,21 @@ def phantom_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def trained_bundle(tmp_path_factory) -> dict:
+    """One bundle trained in-process on phantom data, shared by every test that only needs *a*
+    trained model (labelling, reports, CAMs, the CLI's evaluate): ``{"bundle", "data"}`` paths.
+
+    Tests of training itself (Ray Train workers, resuming, retraining, the CLI's ``train``) still
+    train their own. 64 px and four epochs: accurate on phantoms (the labelling tests check it).
+    """
+    from tests.phantom import phantom_bundle
+
+    root = tmp_path_factory.mktemp("trained")
+    phantom_bundle(root, seed=5, epochs=4, per_class=20)
+    return {"bundle": str(root / "bundle"), "data": str(root / "data")}
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A SeaweedFS S3 server on loopback with a ``test`` bucket; the AWS variables point at it."""
     from fpc_ray.devtools.s3server import EmbeddedS3

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fpc_ray.bundle import CARD_FILE, HISTORY_FILE, WEIGHTS_FILE, load_bundle, read_card, save_bundle, weights_bytes
-from fpc_ray.bundle import write_card as make_card
+from fpc_ray.bundle import build_card as make_card
 from fpc_ray.cli import app
 from fpc_ray.config import load_config
 from fpc_ray.data.fetal_planes import CLASS_NAMES

@@ -6,7 +6,7 @@ import pytest
 
 from fpc_ray.config import load_config
 from fpc_ray.data.synth import synthesize
-from fpc_ray.evaluate import evaluate_bundle
+from fpc_ray.scoring import evaluate_bundle
 from fpc_ray.train.driver import run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]

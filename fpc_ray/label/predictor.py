@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 
 from fpc_ray.data.transforms import eval_transform, letterbox, letterbox_box
+from fpc_ray.inference import autocast, place_model, select_device, transform_batch
 from fpc_ray.label.decode import DecodeError, decode_object
 from fpc_ray.label.schema import LABEL_SCHEMA, error_text
 
@@ -202,10 +203,8 @@ class Predictor:
             torch.set_num_threads(threads)
 
         bundle = load_bundle(model_uri, StorageConfig.model_validate(storage or {}))
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = bundle.model.to(self.device).eval()
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.device = select_device(use_gpu)
+        self.model = place_model(bundle.model, self.device).eval()
         self.class_names = bundle.class_names
         self.version = bundle.version
         self.size = bundle.card["input"]["size"]
@@ -224,12 +223,9 @@ class Predictor:
         return probs, cams
 
     def _infer_pass(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray] | None]:
-        from fpc_ray.evaluate import autocast
         from fpc_ray.label.cam import predict_with_gradcam, predict_with_library_cam
 
-        batch = torch.stack([self.transform(image=im)["image"] for im in images]).to(self.device)
-        if self.device.type == "cuda":
-            batch = batch.contiguous(memory_format=torch.channels_last)
+        batch = transform_batch(images, self.transform, self.device)
         if self.cam == "none":
             with torch.inference_mode(), autocast(self.device):
                 probs = self.model(batch).float().softmax(dim=1)

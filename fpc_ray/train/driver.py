@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fpc_ray.bundle import CARD_FILE, load_bundle, save_bundle, weights_bytes, write_card
-from fpc_ray.cluster import init_ray
+from fpc_ray.bundle import CARD_FILE, build_card, load_bundle, save_bundle, weights_bytes
+from fpc_ray.cluster import init_ray, uses_external_cluster
 from fpc_ray.config import Config
 from fpc_ray.data.dataset import SplitArrays, decode_split
 from fpc_ray.data.fetal_planes import CLASS_NAMES, FetalPlanesDB, read_fetal_planes
@@ -66,7 +66,7 @@ def check_workers_fit(num_workers: int, cpus_per_worker: float, use_gpu: bool) -
     """
     import ray
 
-    if os.environ.get("RAY_ADDRESS"):
+    if uses_external_cluster():
         return
     have = ray.cluster_resources()
     cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
@@ -136,8 +136,8 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from fpc_ray.evaluate import evaluate_arrays
     from fpc_ray.model import build_model, count_parameters, normalization
+    from fpc_ray.scoring import evaluate_arrays
     from fpc_ray.train.loop import discard_local_checkpoint, train_loop_per_worker
 
     tc = cfg.train
@@ -234,7 +234,7 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
         for name, a in arrays.items()
     }
     lineage = {"parent_version": parent.version, "parent_uri": tc.init_from} if parent else None
-    card = write_card(
+    card = build_card(
         cfg, list(CLASS_NAMES), count_parameters(model), blob,
         data={"uri": data_uri, "fingerprint": db.fingerprint, "images": class_counts,
               "patients": {n: len({r.patient for r in recs}) for n, recs in splits.items()}},

@@ -24,7 +24,7 @@ from torch.utils.data.distributed import DistributedSampler
 from fpc_ray.config import Config
 from fpc_ray.data.dataset import PlaneDataset, SplitArrays
 from fpc_ray.data.transforms import train_transform
-from fpc_ray.evaluate import autocast, predict_probs
+from fpc_ray.inference import autocast, place_model, predict_probs, to_device
 from fpc_ray.model import build_model, normalization
 from fpc_ray.train.recipe import build_loss, build_optimizer, build_scheduler, seed_everything
 
@@ -148,9 +148,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_model(cfg.model, len(class_names), cfg.storage, pretrained=init_weights is None)
     if init_weights is not None:
         model.load_state_dict(init_weights)
-    model.to(device)
-    if on_gpu:
-        model.to(memory_format=torch.channels_last)
+    place_model(model, device)
 
     sampler = DistributedSampler(range(len(train)), num_replicas=world, rank=rank, shuffle=True,
                                  seed=tc.seed, drop_last=len(train) >= world * tc.batch_size)
@@ -193,10 +191,8 @@ def train_loop_per_worker(config: dict) -> None:
         loss_sum, seen = 0.0, 0
         quarter = max(1, len(loader) // 4) if config.get("progress_within_epoch") and rank == 0 else 0
         for step, (images, labels) in enumerate(loader, 1):
-            images = images.to(device, non_blocking=True)
+            images = to_device(images, device)
             labels = labels.to(device, non_blocking=True)
-            if on_gpu:
-                images = images.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp):
                 logits = wrapped(images)
             loss = loss_fn(logits.float(), labels)

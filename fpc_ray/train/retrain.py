@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from fpc_ray.bundle import CARD_FILE, read_pointer_state, write_pointer
 from fpc_ray.config import Config
 from fpc_ray.errors import ConcurrentChange
-from fpc_ray.evaluate import evaluate_bundle
+from fpc_ray.scoring import evaluate_bundle
 from fpc_ray.storage import resolve
 
 

@@ -27,8 +27,9 @@ import pyarrow.parquet as pq
 import yaml
 
 from fpc_ray.bundle import BUNDLE_FILES, CARD_FILE, read_card
+from fpc_ray.cluster import uses_external_cluster
 from fpc_ray.config import Config
-from fpc_ray.errors import UserError
+from fpc_ray.errors import UserError, failure_line
 from fpc_ray.storage import Location, is_remote, resolve
 from fpc_ray.tune.space import TuneSpec, apply_point
 
@@ -120,7 +121,7 @@ def _local_cpus_per_worker(spec: TuneSpec) -> float | None:
     """On a local cluster, the CPUs each trial worker gets so concurrent trials fill the machine."""
     import ray
 
-    if os.environ.get("RAY_ADDRESS"):
+    if uses_external_cluster():
         return None
     cpus = ray.cluster_resources().get("CPU", 1.0)
     per = cpus / (spec.search.max_concurrent * spec.search.workers_per_trial)
@@ -282,7 +283,7 @@ def _row(spec: TuneSpec, result, out: Location, default_point: dict) -> dict:
         best_val_top2=float(history["val_top2"].max()) if has_history and "val_top2" in history else None,
         epochs_run=int(history["epoch"].max()) if has_history and "epoch" in history else 0,
         bundle=None,
-        error=str(result.error).strip().splitlines()[-1][:500] if result.error else None,
+        error=failure_line(result.error) if result.error else None,
     )
     return row
 
