@@ -1,8 +1,12 @@
 import numpy as np
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
+from timm.layers import EcaModule, SEModule, get_act_layer
+from timm.layers.cbam import CbamModule
 
+from fpc_ray.bundle import input_contract
 from fpc_ray.config import Config, ModelConfig, load_config
 from fpc_ray.errors import UserError
 from fpc_ray.model import CAM_TARGET, build_model, count_parameters
@@ -59,11 +63,32 @@ def test_timm_api_reset_classifier_and_freeze():
 
 def test_cam_target_is_the_refined_feature_map():
     model = build_model(_cfg(), 6).eval()
-    captured = {}
-    model.cam_target_layer.register_forward_hook(lambda m, i, o: captured.setdefault("out", o))
+    captured = []
+    model.cam_target_layer.register_forward_hook(lambda m, i, o: captured.append(o))
     x = torch.randn(1, 3, 64, 64)
-    torch.testing.assert_close(captured.get("out", model.forward_features(x)), model.forward_features(x))
+    feats = model.forward_features(x)
+    assert len(captured) == 1, "the CAM target layer did not run in forward_features"
+    torch.testing.assert_close(captured[0], feats)
     assert getattr(model, CAM_TARGET) is model.cam_target_layer
+
+
+def test_layers_are_timms():
+    """se / eca / cbam are timm's create_attn layers, the head's activations timm's get_act_layer."""
+    for attention, cls in [("se", SEModule), ("eca", EcaModule), ("cbam", CbamModule)]:
+        assert type(build_model(_cfg(**{"attention.type": attention}), 6).attention) is cls
+    for activation in ["relu", "gelu", "silu"]:
+        head = build_model(_cfg(**{"head.activation": activation}), 6).head
+        assert type(head.act1) is type(head.act2) is get_act_layer(activation)
+
+
+def test_forward_head_goes_through_head_from_pooled():
+    model = build_model(_cfg(), 6).eval()
+    feats = torch.randn(2, 1280, 3, 3)
+    torch.testing.assert_close(model.forward_head(feats), model.head_from_pooled(feats.mean(dim=(2, 3))))
+    torch.testing.assert_close(model.forward_head(feats, pre_logits=True),
+                               model.head_from_pooled(feats.mean(dim=(2, 3)), pre_logits=True))
+    with pytest.raises(ValueError, match="changes the feature width"):
+        model.reset_classifier(6, global_pool="catavgmax")
 
 
 def test_mhsa_is_identity_at_init_and_size_agnostic():
@@ -124,3 +149,43 @@ def test_pretrained_errors(tmp_path):
     save_file({"x": torch.zeros(3)}, str(wrong))
     with pytest.raises(UserError, match="does not fit"):
         build_model(_cfg(pretrained=str(wrong)), 6)
+
+
+def test_timm_create_model_builds_the_default_classifier():
+    """Importing fpc_ray.model registers it: one line builds the default config's classifier."""
+    assert timm.list_models("fpc_*") == ["fpc_efficientnet_lite0"]
+    model = timm.create_model("fpc_efficientnet_lite0")
+    reference = build_model(Config().model, 6, pretrained=False)
+    assert model.cfg == Config().model.model_copy(update={"pretrained": "none"})
+    assert list(model.state_dict()) == list(reference.state_dict())
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 6)
+
+    cfg = model.pretrained_cfg
+    contract = input_contract(Config())
+    assert cfg["input_size"] == (3, contract["size"], contract["size"]) and cfg["crop_mode"] == "border"
+    assert list(cfg["mean"]) == contract["mean"] and list(cfg["std"]) == contract["std"]
+    assert cfg["num_classes"] == 6 and cfg["architecture"] == "fpc_efficientnet_lite0"
+    assert model.get_classifier() is model.get_submodule(cfg["classifier"])
+    assert isinstance(model.get_submodule(cfg["first_conv"]), torch.nn.Conv2d)
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    assert data_cfg["mean"] == tuple(contract["mean"]) and data_cfg["interpolation"] == "box"
+
+
+def test_timm_create_model_takes_classes_and_the_model_section():
+    model = timm.create_model("fpc_efficientnet_lite0", num_classes=3, drop_rate=0.1,
+                              attention={"type": "se", "reduction": 8}, head={"hidden": [32, 16]})
+    assert model.cfg.attention.type == "se" and model.cfg.head.hidden == (32, 16)
+    assert model.cfg.drop_rate == 0.1 and model.pretrained_cfg["num_classes"] == 3
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    with pytest.raises(ValueError, match="backbone"):
+        timm.create_model("fpc_efficientnet_lite0", backbone="efficientnet_b0")
+
+
+def test_timm_create_model_pretrained_loads_the_packaged_lite0_weights():
+    from fpc_ray.model.weights import lite0_in1k_state_dict
+
+    model = timm.create_model("fpc_efficientnet_lite0", pretrained=True)
+    assert model.weights_source == "lite0-in1k"
+    torch.testing.assert_close(model.backbone.conv_stem.weight, lite0_in1k_state_dict()["conv_stem.weight"])
+    random = timm.create_model("fpc_efficientnet_lite0")
+    assert not torch.equal(random.backbone.conv_stem.weight, model.backbone.conv_stem.weight)

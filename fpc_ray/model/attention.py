@@ -1,14 +1,14 @@
 """Attention blocks that refine the backbone's last feature map (NCHW in, same shape out).
 
-``se``, ``eca`` and ``cbam`` are timm's own layers; ``mhsa`` is multi-head self-attention over
-the spatial tokens with a fixed 2-D sine-cosine position code, so it works at any input size.
+``se``, ``eca`` and ``cbam`` are timm's own layers, made by timm's ``create_attn``; ``mhsa``
+(timm has nothing like it) is multi-head self-attention over the spatial tokens with a fixed
+2-D sine-cosine position code, so it works at any input size.
 """
 
 from __future__ import annotations
 
 import torch
-from timm.layers import EcaModule, SEModule
-from timm.layers.cbam import CbamModule
+from timm.layers import create_attn
 from torch import nn
 
 from fpc_ray.config import AttentionConfig
@@ -63,17 +63,15 @@ class SpatialSelfAttention(nn.Module):
 
 def create_attention(cfg: AttentionConfig, channels: int) -> nn.Module:
     """Map ``cfg.type`` to a module over ``channels`` feature channels."""
-    rd_ratio = 1.0 / cfg.reduction
     if cfg.type == "none":
         return nn.Identity()
-    if cfg.type == "se":
-        return SEModule(channels, rd_ratio=rd_ratio)
-    if cfg.type == "eca":
-        # ECA picks its 1-D kernel from the channel count (gamma=2, beta=1 as in the paper).
-        return EcaModule(channels)
-    if cfg.type == "cbam":
-        return CbamModule(channels, rd_ratio=rd_ratio)
     if cfg.type == "mhsa":
         return SpatialSelfAttention(channels, dim=cfg.dim, heads=cfg.heads)
-    raise ValueError(f"unknown attention type {cfg.type!r}")
+    # se and cbam reduce the channels by cfg.reduction; ECA picks its 1-D kernel from the
+    # channel count (gamma=2, beta=1 as in the paper).
+    rd_ratio = 1.0 / cfg.reduction
+    timm_kwargs = {"se": {"rd_ratio": rd_ratio}, "eca": {}, "cbam": {"rd_ratio": rd_ratio}}
+    if cfg.type not in timm_kwargs:
+        raise ValueError(f"unknown attention type {cfg.type!r}")
+    return create_attn(cfg.type, channels, **timm_kwargs[cfg.type])
 
