@@ -41,9 +41,16 @@ def _save(folder: Path, model: tuple[bytes, dict]) -> None:
 
 
 def test_a_saved_bundle_loads(two_models, tmp_path):
+    import torch
+    from safetensors.torch import load as st_load
+
     _save(tmp_path / "b", two_models[0])
     bundle = load_bundle(str(tmp_path / "b"))
     assert bundle.version == two_models[0][1]["version"]
+    saved, loaded = st_load(two_models[0][0]), bundle.model.state_dict()
+    assert sorted(loaded) == sorted(saved)
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert not bundle.model.training
 
 
 def test_a_flipped_byte_is_refused_in_one_line_naming_the_bundle(two_models, tmp_path, phantom_dir):
