@@ -94,8 +94,8 @@ def _check_rows(uri: str, rows: list[dict]) -> None:
     for row in rows:
         assert row["source_uri"] == uri
         if row["error"] is not None:
-            kind, sep, _ = row["error"].partition(": ")
-            assert sep and kind in ERROR_KINDS and "\n" not in row["error"], row["error"]
+            kind = error_kind(row["error"])
+            assert row["error"].startswith(f"{kind}: ") and kind in ERROR_KINDS and "\n" not in row["error"], row
             assert row["pixels"] is None and row["width"] is None
             continue
         assert row["width"] > 0 and row["height"] > 0
