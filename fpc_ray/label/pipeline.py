@@ -1,7 +1,9 @@
 """``fpc-ray label``: list -> read + decode -> predict + CAM -> Parquet, committed exclusively.
 
-This module builds the Ray Data graph and its options; what a committed run is (layout, staging
-attempts, the commit lock, the index) lives in :mod:`fpc_ray.label.runs`. A run that dies leaves
+This module builds the Ray Data graph and runs it; what a run reads is listed by
+:mod:`fpc_ray.label.listing`, how its actors are sized is :mod:`fpc_ray.label.resources`, and what
+a committed run is (layout, staging attempts, the commit lock, the index) lives in
+:mod:`fpc_ray.label.runs`. A run that dies leaves
 only its own staging behind; the next run labels whatever is not in a committed run, so nothing
 is duplicated and nothing lost, also when two runs work on one output at once.
 """
