@@ -5,6 +5,13 @@ The CLI turns a :class:`UserError` into a single ``error: ...`` line and exit co
 anything else is a bug and keeps its traceback.
 """
 
+import os
+import re
+
+# The S3 client's reason code at the head of its messages (``AWS Error ACCESS_DENIED during ...``).
+_AWS_REASON = re.compile(r"AWS Error \w+(?: \(HTTP status \d+\))?")
+_ERRNO = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)
+
 
 class UserError(Exception):
     """A problem the user can fix: bad config, missing file, unreadable data, bad credentials."""
@@ -61,6 +68,26 @@ def exception_line(err: BaseException, limit: int = 300) -> str:
     """
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     return (lines[0] if lines else type(err).__name__)[:limit]
+
+
+def private_reason(err: BaseException) -> str:
+    """``err`` as a reason that quotes nothing of its message: the storage's reason code (``AWS
+    Error ACCESS_DENIED``) or errno (``[Errno 13] Permission denied``) where it has one, else its
+    type.
+
+    Messages quote what they failed on: an object's key or path, a DICOM header value (a
+    malformed PatientName). What an error row says of an object must carry no identifier, so it
+    says why in these words only.
+    """
+    text = str(err)
+    aws = _AWS_REASON.search(text)
+    if aws:
+        return aws.group(0)
+    code = getattr(err, "errno", None)
+    if not isinstance(code, int):
+        found = _ERRNO.search(text)
+        code = int(found.group(1)) if found else None
+    return f"[Errno {code}] {os.strerror(code)}" if code is not None else type(err).__name__
 
 
 def failure_line(err: BaseException) -> str:

@@ -72,6 +72,25 @@ def dicom_big_endian_16bit(gray: np.ndarray) -> bytes:
     return _bytes(ds)
 
 
+def dicom_windowed(values: np.ndarray, center: float | None = None, width: float | None = None,
+                   voi_lut: tuple[int, np.ndarray] | None = None, photometric: str = "MONOCHROME2") -> bytes:
+    """12-bit values in 16-bit MONOCHROME carrying a window (WindowCenter / WindowWidth), a VOI LUT
+    (``(first value mapped, 16-bit entries)``, a VOILUTSequence), both, or neither."""
+    ds = _base(UltrasoundImageStorage, *values.shape, bits=16)
+    ds.BitsStored, ds.HighBit, ds.PhotometricInterpretation = 12, 11, photometric
+    if center is not None:
+        ds.WindowCenter, ds.WindowWidth = center, width
+    if voi_lut is not None:
+        first, entries = voi_lut
+        item = Dataset()
+        item.LUTDescriptor = [len(entries), first, 16]
+        item.LUTData = np.asarray(entries, "<u2").tobytes()
+        item["LUTData"].VR = "OW"
+        ds.VOILUTSequence = [item]
+    ds.PixelData = values.astype("<u2").tobytes()
+    return _bytes(ds)
+
+
 def dicom_rgb_multiframe(frames: list[np.ndarray]) -> bytes:
     rgb = np.stack([np.stack([f] * 3, axis=-1) for f in frames])
     ds = _base(UltrasoundMultiFrameImageStorage, *frames[0].shape, frames=len(frames), samples=3)
@@ -134,13 +153,13 @@ def dicom_mpeg2_video() -> bytes:
     return _bytes(ds)
 
 
-def png_bomb() -> bytes:
-    """A valid PNG header claiming 100000 x 100000 pixels, with a tiny body."""
+def png_bomb(width: int = 100000, height: int = 100000) -> bytes:
+    """A valid PNG header claiming ``width x height`` pixels, with a tiny body."""
     buf = io.BytesIO()
     Image.new("L", (1, 1)).save(buf, format="PNG")
     data = bytearray(buf.getvalue())
     ihdr = 8 + 8  # signature, then length + type of the IHDR chunk
-    data[ihdr:ihdr + 8] = struct.pack(">II", 100000, 100000)
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
     crc = zlib.crc32(bytes(data[12:ihdr + 13])) & 0xFFFFFFFF
     data[ihdr + 13:ihdr + 17] = struct.pack(">I", crc)
     return bytes(data)

@@ -9,6 +9,8 @@ from fpc_ray.config import AugmentConfig
 from fpc_ray.data.fetal_planes import CLASS_NAMES, CSV_NAME, parse_csv, read_fetal_planes
 from fpc_ray.data.synth import synthesize
 from fpc_ray.data.transforms import (
+    MAX_PIXELS,
+    TooManyPixels,
     decode_image_bytes,
     eval_transform,
     letterbox,
@@ -121,6 +123,21 @@ def test_decode_gray_rgb_rgba_16bit_palette():
     assert decode_image_bytes(buf.getvalue()).shape == (48, 64)
     _, jpg = cv2.imencode(".jpg", gray)
     assert decode_image_bytes(jpg.tobytes()).shape == (48, 64)
+
+
+def test_one_pixel_limit_for_training_and_labelling_without_touching_pils_global():
+    """A header claiming 9000x8000 (72 MP): over MAX_PIXELS, under what PIL refuses by itself, so
+    only the limit checked before decoding stops it; the training and the labelling decoder alike."""
+    from fpc_ray.label.decode import DecodeError, decode_object
+    from tests.fixtures_archive import png_bomb
+
+    assert 9000 * 8000 > MAX_PIXELS
+    with pytest.raises(TooManyPixels, match=f"9000x8000 pixels exceeds the limit of {MAX_PIXELS}"):
+        decode_image_bytes(png_bomb(9000, 8000))
+    with pytest.raises(DecodeError) as err:
+        decode_object("big.png", png_bomb(9000, 8000))
+    assert str(err.value) == f"too_large: 9000x8000 pixels exceeds the limit of {MAX_PIXELS}"
+    assert Image.MAX_IMAGE_PIXELS == 1024 * 1024 * 1024 // 4 // 3  # PIL's own default: no import changed it
 
 
 def test_to_gray_rejects_odd_shapes():

@@ -51,6 +51,7 @@ def test_multiframe_rgb_and_jpeg_cine_with_stride():
     ("nopixels", fx.dicom_without_pixels(), "no_pixels"),
     ("cut.dcm", fx.dicom_mono(GRAY)[:-500], "truncated"),
     ("bomb.png", fx.png_bomb(), "too_large"),
+    ("over_the_limit.png", fx.png_bomb(9000, 8000), "too_large"),  # PIL alone would decode it
     ("clip.dcm", fx.dicom_mpeg2_video(), "unsupported"),
 ])
 def test_broken_objects_get_a_kind(name, data, kind):
@@ -169,3 +170,46 @@ def test_a_cine_of_more_frames_than_the_limit_is_too_large_unless_strided():
         decode_object("cine.dcm", data)
     assert err.value.kind == "too_large" and "--frame-stride" in str(err.value)
     assert len(decode_object("cine.dcm", data, frame_stride=2).frames) == MAX_FRAMES // 2 + 1
+
+
+# 12-bit values 0..4080 in steps of 16 along each row.
+RAMP12 = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (8, 1))
+
+
+def _gray(data: bytes) -> np.ndarray:
+    (_, gray), = decode_object("w.dcm", data).frames
+    return gray
+
+
+def _linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """PS3.3 C.11.2.1.2.1 (the LINEAR VOI function) into 0..255, written out independently."""
+    scaled = ((values.astype(float) - (center - 0.5)) / (width - 1) + 0.5) * 255
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def test_dicom_without_a_window_is_scaled_by_its_stored_bits():
+    _close(_gray(fx.dicom_windowed(RAMP12)), np.rint(RAMP12 * (255 / 4095)).astype(np.uint8), 1)
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_dicom_window_center_and_width_are_applied(photometric):
+    gray = _gray(fx.dicom_windowed(RAMP12, center=1000, width=500, photometric=photometric))
+    want = _linear_window(RAMP12, 1000, 500)
+    _close(gray, want if photometric == "MONOCHROME2" else 255 - want, 1)
+    assert gray.min() == 0 and gray.max() == 255  # the window is narrower than the data
+
+
+def test_dicom_voi_lut_sequence_is_applied_before_a_window():
+    """A VOILUTSequence (16-bit entries) maps each value; where a window is there too, the LUT
+    wins (pydicom's and the standard's order of preference)."""
+    lut = np.where(np.arange(4096) >= 2048, 65535, 16384).astype(np.uint16)
+    want = np.where(RAMP12 >= 2048, 255, 64).astype(np.uint8)
+    _close(_gray(fx.dicom_windowed(RAMP12, voi_lut=(0, lut))), want, 0)
+    _close(_gray(fx.dicom_windowed(RAMP12, center=1000, width=500, voi_lut=(0, lut))), want, 0)
+
+
+def test_a_window_pydicom_cannot_apply_leaves_the_stored_bit_scaling():
+    plain = _gray(fx.dicom_windowed(RAMP12))
+    assert np.array_equal(_gray(fx.dicom_windowed(RAMP12, center=1000, width=0)), plain)  # LINEAR needs >= 1
+    unknown = fx._patched(fx.dicom_windowed(RAMP12, center=1000, width=500), VOILUTFunction="CUBIC")
+    assert np.array_equal(_gray(unknown), plain)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from fpc_ray.label.predictor import ReadDecode, draw_cams, printable_name
-from fpc_ray.label.schema import ERROR_KINDS
+from fpc_ray.label.schema import ERROR_KINDS, error_kind
 from tests import fixtures_archive as fx
 
 GRAY = (np.add.outer(np.arange(48), np.arange(64)) * 2 % 256).astype(np.uint8)
@@ -38,6 +38,8 @@ def _seeds() -> dict[str, bytes]:
         "rgbcine.dcm": fx.dicom_rgb_multiframe(FRAMES), "ybrcine.dcm": fx.dicom_jpeg_ybr_cine(FRAMES),
         "rle.dcm": fx.dicom_rle(GRAY), "j2k.dcm": fx.dicom_j2k(GRAY), "palette.dcm": fx.dicom_palette(GRAY),
         "deflated.dcm": fx.dicom_deflated(GRAY),
+        "windowed.dcm": fx.dicom_windowed(GRAY.astype(np.uint16) * 16, center=1000, width=500),
+        "voilut.dcm": fx.dicom_windowed(GRAY.astype(np.uint16) * 16, voi_lut=(0, np.arange(4096, dtype=np.uint16))),
     }
 
 
@@ -92,8 +94,8 @@ def _check_rows(uri: str, rows: list[dict]) -> None:
     for row in rows:
         assert row["source_uri"] == uri
         if row["error"] is not None:
-            kind, sep, _ = row["error"].partition(": ")
-            assert sep and kind in ERROR_KINDS and "\n" not in row["error"], row["error"]
+            kind = error_kind(row["error"])
+            assert row["error"].startswith(f"{kind}: ") and kind in ERROR_KINDS and "\n" not in row["error"], row
             assert row["pixels"] is None and row["width"] is None
             continue
         assert row["width"] > 0 and row["height"] > 0
@@ -126,7 +128,7 @@ def test_mutated_objects_of_every_kind_end_as_rows(tmp_path):
     for (uri, _, _), (rows, seconds) in zip(objects, _through_actor_path(reader, objects), strict=True):
         _check_rows(uri, rows)
         assert seconds < SECONDS_PER_OBJECT, (uri, seconds)
-        kinds += [row["error"].split(":")[0] if row["error"] else "ok" for row in rows]
+        kinds += [error_kind(row["error"]) if row["error"] else "ok" for row in rows]
         # The DICOM seeds carry a patient's identifiers: a mutant's error or UIDs never quote them.
         text = repr([{k: row[k] for k in ("error", "study_uid", "series_uid", "sop_uid")} for row in rows])
         assert not any(v in text or v.replace("^", " ") in text for v in fx.PATIENT.values()), (uri, text)
@@ -177,7 +179,8 @@ def test_named_failures_end_as_error_rows(tmp_path):
         name = printable_name(uri)  # what a row can hold: a UTF-8 string
         _check_rows(name, rows)
         assert len(rows) == 1 and rows[0]["error"], uri
-        got[os.path.basename(name) + ("" if listed or name == uri else " (unlisted)")] = rows[0]["error"].split(":")[0]
+        got[os.path.basename(name) + ("" if listed or name == uri else " (unlisted)")] = error_kind(rows[0]["error"])
+        assert "xxxx" not in rows[0]["error"], rows[0]["error"]  # a storage refusal never quotes the name
     expected = {name: kind for name, (_, kind) in cases.items()}
     expected |= {"x" * 300 + ".png": "unreadable",
                  "gone.png": "vanished", "caf\\xe9.png": "bad_name", "caf\\xe9.png (unlisted)": "bad_name",

@@ -15,11 +15,10 @@ import pyarrow.dataset as pads
 import pytest
 
 from fpc_ray.label.pipeline import LabelOptions, run_labelling
-from fpc_ray.label.schema import ERROR_KINDS
+from fpc_ray.label.schema import ERROR_KINDS, error_kind
 from fpc_ray.label.uids import valid_uid
 from fpc_ray.storage import resolve
 from tests import fixtures_archive as fx
-from tests.phantom import phantom_bundle
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
@@ -29,10 +28,9 @@ CAP = 4 * 1024**2  # --max-object-size for the run: the oversized object need no
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory, ray_local):
-    root = tmp_path_factory.mktemp("hostile")
-    phantom_bundle(root, seed=13, epochs=1)
-    return str(root / "bundle")
+def model(trained_bundle, ray_local):
+    """The session's trained bundle: what it predicts does not matter here, only that it runs."""
+    return trained_bundle["bundle"]
 
 
 def _hostile_objects() -> dict[str, tuple[bytes, str | int]]:
@@ -86,7 +84,7 @@ def _check_one_row_set_per_object(rows: list[dict], expected: dict[str, str | in
             assert all(r["label"] and r["gradcam_png"] for r in got), uri
         else:
             (row,) = got
-            assert row["error"].split(":")[0] == want and row["label"] is None, (uri, row["error"])
+            assert error_kind(row["error"]) == want and row["label"] is None, (uri, row["error"])
         for r in got:
             assert all(r[k] is None or valid_uid(r[k]) for k in ("study_uid", "series_uid", "sop_uid")), r
 
@@ -105,7 +103,8 @@ def test_a_hostile_s3_archive_commits_one_row_set_per_object(model, s3_server):
     _check_one_row_set_per_object(rows, expected)
     kinds = {w for w in expected.values() if isinstance(w, str)}
     assert summary["errors_by_kind"] == {k: sum(w == k for w in expected.values()) for k in kinds}
-    assert set(summary["errors_by_kind"]) <= set(ERROR_KINDS)
+    # Every kind an object's bytes can earn; the rest are the listing's and the storage's (test_fuzz.py).
+    assert set(summary["errors_by_kind"]) == set(ERROR_KINDS) - {"vanished", "unreadable", "bad_name"}
     assert "Doe^Jane" not in repr(rows)
     # Incremental: nothing is left to label, whatever the objects held.
     again = run_labelling(model, "s3://test/hostile/", "s3://test/hostile-labels", LabelOptions(run_id="again"))

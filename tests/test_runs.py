@@ -17,7 +17,6 @@ import pytest
 from fpc_ray.errors import RunFailed, failure_line
 from fpc_ray.label import runs
 from fpc_ray.label.lock import CommitLock
-from fpc_ray.label.pipeline import BAD_NAME, list_objects
 from fpc_ray.label.schema import LABEL_SCHEMA
 from fpc_ray.storage import resolve
 
@@ -291,27 +290,6 @@ def test_s3_conditional_create_refuses_an_existing_key(s3_server):
     assert loc.read_bytes() == b"one"
     assert not delete_if_match(loc, '"0000"') and loc.exists()
     assert delete_if_match(loc, etag) and not loc.exists()
-
-
-def test_local_listing_stays_inside_the_prefix_and_survives_loops_and_bad_names(tmp_path):
-    root, outside = tmp_path / "in", tmp_path / "secret"
-    (root / "a" / "b").mkdir(parents=True)
-    outside.mkdir()
-    (outside / "leak.png").write_bytes(b"x")
-    (root / "a" / "b" / "img.png").write_bytes(b"png")
-    (root / "out-dir").symlink_to(outside, target_is_directory=True)
-    (root / "out-file.png").symlink_to(outside / "leak.png")
-    (root / "a" / "b" / "loop").symlink_to(root / "a", target_is_directory=True)
-    (root / "alias.png").symlink_to(root / "a" / "b" / "img.png")  # inside: listed under its name
-    (root / "0-link").symlink_to(root / "a", target_is_directory=True)  # sorts first; the real path wins
-    bad = os.path.join(os.fsencode(root), b"caf\xe9.png")
-    with open(bad, "wb") as f:
-        f.write(b"x")
-    listed = list_objects(resolve(str(root)))
-    uris = [o["uri"][len(str(root)) + 1:] for o in listed]
-    assert uris == ["a/b/img.png", "alias.png", "caf\\xe9.png"], uris
-    errors = {o["uri"][len(str(root)) + 1:]: o["listing_error"] for o in listed}
-    assert errors == {"a/b/img.png": None, "alias.png": None, "caf\\xe9.png": BAD_NAME}
 
 
 def test_failure_line_names_the_actors_error_not_rays_retry_hint():

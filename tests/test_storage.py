@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from fpc_ray.errors import StorageUnavailable, UserError
-from fpc_ray.label.pipeline import list_objects
+from fpc_ray.label.listing import list_objects
 from fpc_ray.storage import is_outage, resolve
 
 pytestmark = pytest.mark.s3

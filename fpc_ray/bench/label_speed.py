@@ -35,7 +35,7 @@ from fpc_ray.bundle import load_bundle, read_card
 from fpc_ray.data.transforms import eval_transform
 from fpc_ray.errors import RunFailed, UserError
 from fpc_ray.label.cam import predict_with_gradcam
-from fpc_ray.label.pipeline import list_objects
+from fpc_ray.label.listing import list_objects
 from fpc_ray.label.predictor import ReadDecode, cam_thumbnail
 from fpc_ray.label.runs import SUCCESS
 from fpc_ray.storage import resolve
@@ -204,6 +204,12 @@ def run_benchmark(model_uri: str, data_dir: str, images: int = 2000, batch_size:
             rates["bare"].append(images / _timed(bare_cmd))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return _report(rates, images, batch_size, repeats, small_peak, big_peak)
+
+
+def _report(rates: dict[str, list[float]], images: int, batch_size: int, repeats: int, small_peak: float,
+            big_peak: float) -> list[str]:
+    """The report lines of :func:`run_benchmark`: the best rate of each contender, and the targets."""
     none_rate, cam_rate, bare, stage = (max(rates[k]) for k in ("none", "gradcam", "bare", "stage"))
     a, b, c = cam_rate / none_rate, cam_rate / bare, big_peak / small_peak
     verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731

@@ -22,9 +22,26 @@ from fpc_ray.config import AugmentConfig
 if TYPE_CHECKING:
     import albumentations as A
 
-# PIL refuses images above this many pixels (a decompression bomb guard); 16k x 16k is far
-# above any ultrasound frame.
-Image.MAX_IMAGE_PIXELS = 16384 * 16384
+# The most pixels one object may decode to, all its frames together: the decompression bomb
+# guard of training and labelling alike, checked from the header before any decoder allocates
+# (PIL's own guard, a process-wide setting, is left as it is: it refuses only far larger images).
+# Ultrasound frames and cines are far below.
+MAX_PIXELS = 64_000_000
+
+
+class TooManyPixels(ValueError):
+    """An image whose header claims more than :data:`MAX_PIXELS`: refused before decoding."""
+
+
+def check_pixels(width: int, height: int, frames: int = 1, what: str = "") -> None:
+    """Refuse ``frames`` images of ``width x height`` over :data:`MAX_PIXELS`, before decoding.
+
+    Raises:
+        TooManyPixels: naming the size and the limit (``what`` says what claimed it).
+    """
+    if width * height * frames > MAX_PIXELS:
+        count = f"{frames} x " if frames > 1 else ""
+        raise TooManyPixels(f"{what}{count}{width}x{height} pixels exceeds the limit of {MAX_PIXELS}")
 
 
 def to_gray_u8(image: np.ndarray) -> np.ndarray:
@@ -70,8 +87,13 @@ def open_image(data: bytes) -> Image.Image:
 
 
 def decode_image_bytes(data: bytes) -> np.ndarray:
-    """PNG / JPEG bytes to an HxW uint8 grayscale array."""
+    """PNG / JPEG bytes to an HxW uint8 grayscale array.
+
+    Raises:
+        TooManyPixels: the header claims more than :data:`MAX_PIXELS` (nothing is decoded).
+    """
     with open_image(data) as im:
+        check_pixels(*im.size)
         if im.mode == "P":
             im = im.convert("RGBA" if "transparency" in im.info else "RGB")
         elif im.mode in ("I;16", "I;16B", "I;16L"):

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from fpc_ray.data.transforms import decode_image_bytes, open_image, to_gray_u8
+from fpc_ray.data.transforms import MAX_PIXELS, TooManyPixels, decode_image_bytes, open_image, to_gray_u8
+from fpc_ray.errors import private_reason
 from fpc_ray.label.codestream import deflated_dataset_size, j2k_size, jpeg_size
 from fpc_ray.label.schema import error_text
 from fpc_ray.label.uids import output_uid
 
-MAX_PIXELS = 64_000_000  # all frames of one object together; ultrasound cines are far below
+# MAX_PIXELS (transforms.py, shared with training): all frames of one object together.
 # Frames kept from one object (after --frame-stride): each becomes a letterboxed model input and
 # a thumbnail, whatever its source size, so a cine of a million 8x8 frames passes MAX_PIXELS and
 # would still fill the actor's memory. A minute at 30 frames/s is 1,800.
@@ -35,6 +36,7 @@ DICM_OFFSET = 128
 # A deflated DICOM dataset may inflate to its pixel data plus headers, no more: past this, pydicom's
 # own whole-file zlib.decompress would be the bomb.
 MAX_INFLATED_BYTES = MAX_DECODED_BYTES + 64 * 1024**2
+_VOI_BAND_PIXELS = 1 << 20  # pixels windowed at once (see _apply_voi)
 _UID_KEYWORDS = {"study_uid": "StudyInstanceUID", "series_uid": "SeriesInstanceUID",
                  "sop_uid": "SOPInstanceUID"}
 
@@ -60,28 +62,20 @@ def is_dicom(uri: str, data: bytes) -> bool:
     return uri.lower().endswith((".dcm", ".dicom")) or data[DICM_OFFSET:DICM_OFFSET + 4] == b"DICM"
 
 
-def _describe(e: BaseException) -> str:
-    """A third-party exception as its type alone: decoders quote header values in their messages
-    (a malformed PatientName, a date), and an error row must never carry an identifier."""
-    return type(e).__name__
-
-
 def _decode_raster(data: bytes) -> np.ndarray:
     try:
-        with open_image(data) as im:
-            w, h = im.size
-            if w * h > MAX_PIXELS:
-                raise DecodeError("too_large", f"{w}x{h} pixels exceeds the limit of {MAX_PIXELS}")
-    except DecodeError:
-        raise
+        open_image(data).close()  # the format, from the header alone
     except Image.DecompressionBombError as e:
         raise DecodeError("too_large", str(e)) from None
     except Exception:
         raise DecodeError("not_an_image", "not a PNG, JPEG or DICOM file") from None
     try:
         return decode_image_bytes(data)
+    except TooManyPixels as e:
+        raise DecodeError("too_large", str(e)) from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise DecodeError("truncated", f"image data is incomplete or corrupt ({_describe(e)})") from None
+        # Decoders quote header values in their messages: the reason only (see private_reason).
+        raise DecodeError("truncated", f"image data is incomplete or corrupt ({private_reason(e)})") from None
 
 
 @dataclass
@@ -198,7 +192,7 @@ def _dicom_frames(data: bytes, frame_stride: int, uid_key: str | None) -> Decode
         except MemoryError:
             raise DecodeError("too_large", "pixel data does not fit in memory") from None
         except Exception as e:  # pydicom and its plugins raise many types for corrupt pixel data
-            raise DecodeError("truncated", f"pixel data cannot be decoded ({_describe(e)})") from None
+            raise DecodeError("truncated", f"pixel data cannot be decoded ({private_reason(e)})") from None
         frames.append((index, _to_gray(arr, ds, photometric)))
     return Decoded(frames, uids)
 
@@ -213,11 +207,56 @@ def _to_gray(frame: np.ndarray, ds, photometric: str) -> np.ndarray:
         from pydicom.pixels import apply_color_lut
 
         frame = apply_color_lut(frame, ds)
-    gray = to_gray_u8(_window(frame, ds))
+    gray = to_gray_u8(_window(frame, ds, photometric))
     return 255 - gray if photometric == "MONOCHROME1" else gray
 
 
-def _window(frame: np.ndarray, ds) -> np.ndarray:
+def _window(frame: np.ndarray, ds, photometric: str) -> np.ndarray:
+    """A monochrome frame through the file's VOI LUT or window (what a viewer shows) where it
+    carries one; otherwise, and where pydicom cannot apply it (a width below 1, an unknown VOI
+    function, a LUT of the wrong length), scaled by its stored bit depth: the pixels themselves
+    are sound, so a broken presentation setting costs the window, not the object."""
+    if frame.ndim == 2 and photometric in ("MONOCHROME1", "MONOCHROME2") and _voi_kind(ds):
+        try:
+            return _apply_voi(frame, ds)
+        except MemoryError:
+            raise
+        except Exception:
+            pass
+    return _scale_to_stored_bits(frame, ds)
+
+
+def _voi_kind(ds) -> str | None:
+    """``"lut"`` or ``"window"``: what pydicom's ``apply_voi_lut`` applies (a VOI LUT before a
+    window), or None where the file carries neither."""
+    seq = ds.get("VOILUTSequence")
+    if seq and seq[0].get("LUTDescriptor") is not None and seq[0].get("LUTData") is not None:
+        return "lut"
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        return "window"
+    return None
+
+
+def _apply_voi(frame: np.ndarray, ds) -> np.ndarray:
+    """The modality LUT (rescale) and then the VOI LUT or window, as 8 bits, a band of rows at a
+    time: pydicom computes in float64, and a whole frame of it would be 8 bytes a pixel."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing
+
+    if _voi_kind(ds) == "lut":  # PS3.3 C.11.2.1.1: n-bit entries map into 0 .. 2^n - 1
+        lo, hi = 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+    else:  # the window maps everything below it to the bottom of its output range, above to the top
+        lo, hi = (float(v) for v in apply_windowing(np.array([-np.inf, np.inf]), ds))
+    if not hi > lo:
+        raise ValueError("empty VOI output range")
+    out = np.empty(frame.shape, np.uint8)
+    step = max(1, _VOI_BAND_PIXELS // max(1, frame.shape[1]))
+    for top in range(0, frame.shape[0], step):
+        values = apply_voi_lut(apply_modality_lut(frame[top:top + step], ds), ds)
+        out[top:top + step] = np.clip(np.rint((values - lo) * (255.0 / (hi - lo))), 0, 255)
+    return out
+
+
+def _scale_to_stored_bits(frame: np.ndarray, ds) -> np.ndarray:
     """Scale deep monochrome frames to their stored bit depth, not the container type's."""
     if frame.ndim == 2 and frame.dtype != np.uint8:
         bits = min(max(int(ds.get("BitsStored", 16) or 16), 1), 32)
@@ -262,7 +301,7 @@ def decode_object(uri: str, data: bytes, frame_stride: int = 1, uid_key: str | N
     except MemoryError:
         raise DecodeError("too_large", "decoding ran out of memory") from None
     except Exception as e:  # a parser bug or a case nobody anticipated: this object's failure only
-        raise DecodeError("malformed", _describe(e)) from None
+        raise DecodeError("malformed", private_reason(e)) from None
     if not decoded.frames:
         raise DecodeError("no_pixels", "no frames")
     for index, gray in decoded.frames:

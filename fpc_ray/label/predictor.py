@@ -21,9 +21,10 @@ import pyarrow as pa
 import torch
 
 from fpc_ray.data.transforms import eval_transform, letterbox, letterbox_box
+from fpc_ray.errors import private_reason
 from fpc_ray.inference import autocast, place_model, select_device, transform_batch
 from fpc_ray.label.decode import DecodeError, decode_object
-from fpc_ray.label.schema import LABEL_SCHEMA, error_text
+from fpc_ray.label.schema import LABEL_SCHEMA, error_kind, error_text
 
 _PASSED_THROUGH = ("source_uri", "frame", "study_uid", "series_uid", "sop_uid", "width", "height",
                    "content_sha256", "error")
@@ -34,15 +35,6 @@ DEFAULT_MAX_OBJECT_BYTES = 2 * 1024**3  # generous for cine loops; a bigger obje
 _READ_CHUNK = 64 * 1024**2
 # The object is no longer there to read: deleted, or replaced by a folder, after the listing.
 _VANISHED = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
-
-
-def _short(err: OSError) -> str:
-    """The storage's reason as a short code: its first line's head (no key, no header value)."""
-    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    for marker in ("AWS Error ", "[Errno"):
-        if marker in line:
-            return line[line.index(marker):][:80]
-    return type(err).__name__
 
 
 def error_row(uri: str, error: str, sha256: str | None = None) -> dict:
@@ -119,8 +111,8 @@ class ReadDecode:
             OSError: storage failures other than not-found (infrastructure: the run must fail).
         """
         if listing_error:  # re-checked: a kind outside ERROR_KINDS is the lister's bug
-            kind, _, detail = listing_error.partition(":")
-            return [error_row(printable_name(uri), error_text(kind.strip(), detail))]
+            kind = error_kind(listing_error)
+            return [error_row(printable_name(uri), error_text(kind, listing_error[len(kind) + 1:]))]
         if printable_name(uri) != uri:  # a string column cannot hold it, and a row must name it
             return [error_row(printable_name(uri), error_text("bad_name", "the name is not valid UTF-8"))]
         cap = self.max_object_bytes
@@ -140,7 +132,7 @@ class ReadDecode:
                 raise
             # This object's own refusal (no permission, an archived storage class, a KMS key the
             # role lacks): its row; if every object is refused, --max-error-rate fails the run.
-            return [error_row(uri, error_text("unreadable", f"the storage refused to read it ({_short(e)})"))]
+            return [error_row(uri, error_text("unreadable", f"the storage refused to read it ({private_reason(e)})"))]
         if data is None:
             return [error_row(uri, error_text("too_large", f"over the per-object cap of {cap} bytes "
                                                            f"(the listing said {size})"))]
@@ -152,8 +144,7 @@ class ReadDecode:
         except MemoryError:
             return [error_row(uri, error_text("too_large", "ran out of memory"), sha256)]
         except Exception as e:  # letterbox or thumbnail of an odd frame: this object's failure only
-            # The type alone, no message: see decode._describe.
-            return [error_row(uri, error_text("malformed", type(e).__name__), sha256)]
+            return [error_row(uri, error_text("malformed", private_reason(e)), sha256)]
 
     def _frame_rows(self, uri: str, data: bytes, sha256: str) -> list[dict]:
         decoded = decode_object(uri, data, self.frame_stride, self.uid_key)
@@ -191,16 +182,16 @@ class Predictor:
     """Batch of listed objects -> a LABEL_SCHEMA table. Loads the bundle once per actor."""
 
     def __init__(self, model_uri: str, storage: dict | None, cam: str, use_gpu: bool, run_id: str,
-                 thumb_size: int = 128, frame_stride: int = 1, threads: int | None = None,
+                 thumb_size: int = 128, frame_stride: int = 1, torch_threads: int | None = None,
                  decode_threads: int = 2, max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
                  uid_key: str | None = None):
         from fpc_ray.bundle import load_bundle
         from fpc_ray.config import StorageConfig
 
-        if threads:
+        if torch_threads:
             # Ray pins torch to the actor's reserved CPUs (one); inference is the bottleneck,
             # so the driver lets each CPU predictor use its share of the node's cores.
-            torch.set_num_threads(threads)
+            torch.set_num_threads(torch_threads)
 
         bundle = load_bundle(model_uri, StorageConfig.model_validate(storage or {}))
         self.device = select_device(use_gpu)

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from fpc_ray.config import StorageConfig
 from fpc_ray.errors import ConcurrentChange, UserError
 from fpc_ray.label.lock import CommitLock
+from fpc_ray.label.schema import error_kind
 from fpc_ray.storage import Location, guard, is_remote
 
 SUCCESS = "_SUCCESS.json"
@@ -221,7 +222,7 @@ def summarise_rows(parts: list[str], fs: pafs.FileSystem) -> tuple[int, int, Cou
     if not parts:
         return 0, 0, Counter(), Counter()
     table = pads.dataset(parts, filesystem=fs, format="parquet").to_table(columns=["label", "error"])
-    errors = Counter(e.split(":", 1)[0] for e in table["error"].to_pylist() if e)
+    errors = Counter(error_kind(e) for e in table["error"].to_pylist() if e)
     labels = Counter(v for v in table["label"].to_pylist() if v)
     return table.num_rows, sum(labels.values()), labels, errors
 
@@ -352,6 +353,26 @@ def _create_marker(run_dir: Location, body: bytes, storage: StorageConfig | None
         os.unlink(tmp)
 
 
+def _forget_relabelled_run(output: Location, run_id: str, index: pa.Table,
+                           runs: set[str]) -> tuple[pa.Table, set[str]]:
+    """The index without ``run_id`` where it still names it (its folder was deleted to relabel
+    it), rewritten before the folder fills again: else a commit cut short would count."""
+    if run_id not in read_index(output)[1]:
+        return index, runs
+    index, runs = index.filter(pc.not_equal(index["run"], run_id)), runs - {run_id}
+    write_index(output, index, runs)
+    return index, runs
+
+
+def _committed_summary(summary: dict, attempt: Attempt, counts: dict, timings: dict) -> dict:
+    """The summary with what the moved parts hold: rows, labels, errors by kind, classes."""
+    rows, labelled, by_class, errors = summarise_rows(run_parts(attempt.run_dir), attempt.run_dir.fs)
+    return {**summary, "attempt": attempt.attempt_id, "objects": {**summary["objects"], **counts},
+            "rows": rows, "labelled": labelled, "errors": sum(errors.values()),
+            "errors_by_kind": dict(errors), "by_class": dict(by_class), "timings": timings,
+            "committed_at": dt.datetime.now(dt.UTC).isoformat()}
+
+
 def commit(attempt: Attempt, objects: list[dict], summary: dict, storage: StorageConfig | None = None,
            echo: Callable[[str], None] = print, lock_wait_s: float | None = None,
            started: float | None = None) -> dict:
@@ -389,28 +410,16 @@ def commit(attempt: Attempt, objects: list[dict], summary: dict, storage: Storag
         # (a replica lagging) is left to a later run's listing instead of being skipped forever.
         accounted = _accounted_uris(staged)
         mine_objects = [o for o in keep if o["uri"] in accounted]
-        if attempt.run_id in read_index(output)[1]:
-            # The index still names this run id (its folder was deleted to relabel it): forget it
-            # before the folder fills again, or a commit cut short below would count as committed.
-            index = index.filter(pc.not_equal(index["run"], attempt.run_id))
-            runs = runs - {attempt.run_id}
-            write_index(output, index, runs)
+        index, runs = _forget_relabelled_run(output, attempt.run_id, index, runs)
 
         _move_parts(attempt, lock)
         mine = pa.Table.from_pylist([{k: o[k] for k in OBJECTS_SCHEMA.names} for o in mine_objects],
                                     schema=OBJECTS_SCHEMA)
         guard(run_dir.uri, lambda: pq.write_table(mine, run_dir.join(OBJECTS).path, filesystem=run_dir.fs))
 
-        rows, labelled, by_class, errors = summarise_rows(run_parts(run_dir), run_dir.fs)
-        listed = summary["objects"]["listed"]
-        summary = {**summary, "attempt": attempt.attempt_id,
-                   "objects": {**summary["objects"], "labelled": len(mine_objects),
-                               "skipped": listed - len(keep), "dropped_late": len(objects) - len(keep),
-                               "left_for_later": len(keep) - len(mine_objects)},
-                   "rows": rows, "labelled": labelled, "errors": sum(errors.values()),
-                   "errors_by_kind": dict(errors), "by_class": dict(by_class),
-                   "timings": _timings(summary, t0, started),
-                   "committed_at": dt.datetime.now(dt.UTC).isoformat()}
+        counts = {"labelled": len(mine_objects), "skipped": summary["objects"]["listed"] - len(keep),
+                  "dropped_late": len(objects) - len(keep), "left_for_later": len(keep) - len(mine_objects)}
+        summary = _committed_summary(summary, attempt, counts, _timings(summary, t0, started))
         lock.renew(force=True)  # on S3: the lease is still ours right before the marker
         _create_marker(run_dir, json.dumps(summary, indent=2).encode(), storage)
 

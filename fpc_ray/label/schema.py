@@ -59,6 +59,12 @@ def error_text(kind: str, detail: str) -> str:
     return f"{kind}: {detail}"
 
 
+def error_kind(error: str) -> str:
+    """The kind of an ``error`` value: ``"kind: detail"`` -> ``"kind"`` (what :func:`error_text`
+    wrote; a value without a colon is all kind)."""
+    return error.split(":", 1)[0]
+
+
 def schema_with_metadata(card: dict) -> pa.Schema:
     """LABEL_SCHEMA carrying the model card and class names as Parquet key-value metadata."""
     return LABEL_SCHEMA.with_metadata({
