@@ -80,6 +80,14 @@ def test_retrain_whose_pointer_moves_meanwhile_is_void(trained_bundle, tmp_path)
     assert read_card(str(candidate))["promotion"]["decision"].startswith("void")
 
 
+def test_unwritable_pointer_fails_before_training(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(UserError, match="a-file"):
+        retrain(_cfg(), str(tmp_path / "data"), str(tmp_path / "a-file" / "production.json"),
+                str(tmp_path / "candidates"), echo=lambda s: None)
+    assert not (tmp_path / "candidates").exists()  # nothing trained, nothing written
+
+
 def test_pointer_errors_are_user_errors(tmp_path):
     bad = tmp_path / "p.json"
     with pytest.raises(UserError, match="no such model pointer"):

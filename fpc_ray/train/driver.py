@@ -127,8 +127,8 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
         check_workers_fit(tc.num_workers, tc.cpus_per_worker, tc.use_gpu)
     run_name = run_name or "train-" + dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     what = f"training run {run_name} for {out.uri}"
+    quiet_report_logs()  # an in-process run reports in this process (and Ray Train logs its set-up)
     trainer = _build_trainer(cfg, prepared, parent, out, run_name, callbacks)
-    quiet_report_logs()  # an in-process run reports in this process
     result = _fit(trainer, f"{what} failed after {tc.max_failures} restart(s)")
 
     model, history, best = _trained_model(cfg, result.checkpoint)

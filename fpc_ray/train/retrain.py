@@ -53,6 +53,8 @@ def retrain(cfg: Config, data_uri: str, pointer_uri: str, candidates_uri: str, m
     storage = cfg.storage
     test_data_uri = test_data_uri or data_uri
     at_start = read_pointer_state(pointer_uri, storage)  # promotion rewrites it only if still this
+    # A pointer that could never be written fails now, as one line, not after the training.
+    resolve(pointer_uri.rsplit("/", 1)[0] if "/" in pointer_uri else ".", storage).check_writable()
     production = at_start.record["bundle"] if at_start.record else None
     cfg = cfg.model_copy(deep=True)
     cfg.train.init_from = production
