@@ -1,4 +1,5 @@
-"""The retraining loop promotes a better candidate, refuses a worse one, and records both."""
+"""The retraining loop: the promotion rule, one real retrain from a production pointer, and the
+pointer's compare-and-swap."""
 
 from __future__ import annotations
 
@@ -8,49 +9,83 @@ import pytest
 
 from fpc_ray.bundle import read_card, read_pointer, write_pointer
 from fpc_ray.config import load_config
-from fpc_ray.data.synth import synthesize
-from fpc_ray.errors import UserError
-from fpc_ray.train.retrain import retrain
+from fpc_ray.errors import ConcurrentChange, UserError
+from fpc_ray.scoring import evaluate_bundle
+from fpc_ray.train.retrain import promotes, retrain
 
 
 def _cfg(**sets):
-    base = {"data.image_size": 64, "train.num_workers": 0, "train.batch_size": 16, "train.frozen_epochs": 0}
+    base = {"data.image_size": 64, "train.num_workers": 0, "train.batch_size": 16, "train.frozen_epochs": 0,
+            "train.epochs": 1, "train.lr": 1e-4}
     base.update(sets)
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
 
 
-def test_retrain_promotes_better_and_refuses_worse(tmp_path):
-    data = tmp_path / "data"
-    synthesize(str(data), per_class=24, seed=21, width=128, height=96)
+@pytest.mark.parametrize(("candidate", "production", "margin", "promoted"), [
+    (0.10, None, 0.01, True),    # no production model yet: the first candidate is promoted
+    (0.80, 0.80, 0.0, True),     # equal
+    (0.90, 0.80, 0.0, True),     # better
+    (0.80, 0.81, 0.01, True),    # worse by exactly the margin (0.81 - 0.80 > 0.01 in binary floats)
+    (0.795, 0.80, 0.01, True),   # worse, within the margin
+    (0.79, 0.81, 0.01, False),   # worse by more than the margin
+    (0.7999, 0.80, 0.0, False),  # no margin: any drop refuses
+])
+def test_promotion_rule(candidate, production, margin, promoted):
+    assert promotes(candidate, production, margin) is promoted
+
+
+def _production(trained_bundle, tmp_path) -> tuple[str, str, str]:
+    """A pointer at the session's trained bundle, the candidates' prefix and the data."""
     pointer, candidates = str(tmp_path / "models" / "production.json"), str(tmp_path / "models" / "candidates")
+    (tmp_path / "models").mkdir()
+    version = read_card(trained_bundle["bundle"])["version"]
+    write_pointer(pointer, {"bundle": trained_bundle["bundle"], "version": version})
+    return pointer, candidates, trained_bundle["data"]
 
-    # No production yet: a barely trained first model is promoted (the bootstrap).
-    first = retrain(_cfg(**{"train.epochs": 1, "train.lr": 1e-6}), str(data), pointer, candidates, echo=lambda s: None)
-    assert first.promoted and first.production_top1 is None
-    assert read_pointer(pointer)["bundle"] == first.candidate_uri
 
-    # A real fine-tune from it is better on the same test set: promoted, pointer moves.
-    better = retrain(_cfg(**{"train.epochs": 3}), str(data), pointer, candidates, echo=lambda s: None)
-    assert better.production_top1 == pytest.approx(first.candidate_top1)
-    assert better.candidate_top1 > better.production_top1
-    assert better.promoted, better.line
+def test_retrain_fine_tunes_production_scores_both_and_swaps_the_pointer(trained_bundle, tmp_path):
+    pointer, candidates, data = _production(trained_bundle, tmp_path)
+    production = evaluate_bundle(trained_bundle["bundle"], data, "test")
+    # A short, gentle fine-tune of a good model: as good on the test set within the margin.
+    decision = retrain(_cfg(), data, pointer, candidates, margin=0.05, echo=lambda s: None)
+    candidate = evaluate_bundle(decision.candidate_uri, data, "test")
+    assert decision.production_top1 == pytest.approx(production["top1"])
+    assert decision.candidate_top1 == pytest.approx(candidate["top1"])
+    assert decision.promoted, decision.line
+    assert decision.line.startswith(f"promoted {decision.candidate_uri}")
     record = read_pointer(pointer)
-    assert record["bundle"] == better.candidate_uri and record["previous"]["bundle"] == first.candidate_uri
-    card = read_card(better.candidate_uri)
-    assert card["lineage"]["parent_uri"] == first.candidate_uri
-    assert card["promotion"]["decision"] == "promoted"
-    assert card["promotion"]["production"]["top1"] == pytest.approx(first.candidate_top1)
-
-    # A wrecked fine-tune (learning rate 1.0) is worse by more than the margin: refused, pointer kept.
-    worse = retrain(_cfg(**{"train.epochs": 1, "train.lr": 1.0, "train.grad_clip": 0}), str(data), pointer,
-                    candidates, margin=0.01, echo=lambda s: None)
-    assert worse.candidate_top1 < better.candidate_top1 - 0.01
-    assert not worse.promoted and "refused" in worse.line
-    assert read_pointer(pointer)["bundle"] == better.candidate_uri
-    assert read_card(worse.candidate_uri)["promotion"]["decision"] == "refused"
-
+    assert record["bundle"] == decision.candidate_uri and record["previous"]["bundle"] == trained_bundle["bundle"]
+    assert record["test_top1"] == pytest.approx(candidate["top1"])
+    card = read_card(decision.candidate_uri)
+    assert card["lineage"]["parent_uri"] == trained_bundle["bundle"]
+    promotion = card["promotion"]
+    assert promotion["decision"] == "promoted" and promotion["margin"] == 0.05
+    assert promotion["production"]["top1"] == pytest.approx(production["top1"])
+    assert promotion["candidate"] == {"version": card["version"], "top1": candidate["top1"], "top2": candidate["top2"]}
+    assert promotion["test_data"]["n"] == candidate["n"] > 0
     # Everything that takes a model takes the pointer.
-    assert read_card(pointer)["version"] == read_card(better.candidate_uri)["version"]
+    assert read_card(pointer)["version"] == card["version"]
+
+
+def test_retrain_whose_pointer_moves_meanwhile_is_void(trained_bundle, tmp_path):
+    pointer, candidates, data = _production(trained_bundle, tmp_path)
+
+    def rollback_meanwhile(line: str) -> None:  # called once the retrain has read the pointer
+        write_pointer(pointer, {"bundle": trained_bundle["bundle"], "version": "rolled-back"})
+
+    with pytest.raises(ConcurrentChange, match="moved while this retrain ran"):
+        retrain(_cfg(), data, pointer, candidates, margin=1.0, echo=rollback_meanwhile)
+    assert read_pointer(pointer)["version"] == "rolled-back"  # the rollback stands
+    (candidate,) = (tmp_path / "models" / "candidates").iterdir()
+    assert read_card(str(candidate))["promotion"]["decision"].startswith("void")
+
+
+def test_unwritable_pointer_fails_before_training(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(UserError, match="a-file"):
+        retrain(_cfg(), str(tmp_path / "data"), str(tmp_path / "a-file" / "production.json"),
+                str(tmp_path / "candidates"), echo=lambda s: None)
+    assert not (tmp_path / "candidates").exists()  # nothing trained, nothing written
 
 
 def test_pointer_errors_are_user_errors(tmp_path):
@@ -73,7 +108,6 @@ def test_pointer_errors_are_user_errors(tmp_path):
 def test_pointer_rewrite_is_a_compare_and_swap(where, tmp_path, request):
     """A promotion rewrites the pointer only if it is still what the retrain read at its start."""
     from fpc_ray.bundle import read_pointer_state
-    from fpc_ray.errors import ConcurrentChange
 
     if where == "s3":
         import uuid

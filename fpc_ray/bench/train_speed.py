@@ -38,7 +38,7 @@ def plain_loop_images_per_s(cfg: Config, data_uri: str) -> float:
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc, len(loader))
     loss_fn = build_loss(tc, train.labels, len(CLASS_NAMES))
-    rates = []
+    rates, updates = [], 0
     for _ in range(tc.epochs):
         model.train()
         t0, seen = time.perf_counter(), 0
@@ -48,7 +48,8 @@ def plain_loop_images_per_s(cfg: Config, data_uri: str) -> float:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
-            scheduler.step()
+            updates += 1
+            scheduler.step_update(updates)
             seen += len(labels)
         rates.append(seen / (time.perf_counter() - t0))
     return sum(rates[1:]) / len(rates[1:])

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
-import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from fpc_ray.bundle import CARD_FILE, build_card, load_bundle, save_bundle, weights_bytes
+from fpc_ray.bundle import CARD_FILE, Bundle, build_card, load_bundle, save_bundle, weights_bytes
 from fpc_ray.cluster import init_ray, uses_external_cluster
 from fpc_ray.config import Config
 from fpc_ray.data.dataset import SplitArrays, decode_split
@@ -84,20 +81,6 @@ def _split_summary(db: FetalPlanesDB, splits: dict) -> str:
     return f"data: {db.root.uri}: " + ", ".join(parts)
 
 
-def _best_weights(checkpoint) -> tuple[dict, dict]:
-    """The best epoch's weights and the history, from the run's latest checkpoint."""
-    from safetensors.torch import load_file
-
-    from fpc_ray.train.loop import BEST_WEIGHTS, HISTORY, WEIGHTS
-
-    with checkpoint.as_directory() as path:
-        best_path = os.path.join(path, BEST_WEIGHTS)
-        weights = load_file(best_path if os.path.exists(best_path) else os.path.join(path, WEIGHTS))
-        with open(os.path.join(path, HISTORY)) as f:
-            saved = json.load(f)
-    return weights, saved
-
-
 def _fit(trainer, what: str):
     """``trainer.fit()``, with Ray Train's failure (after its restarts) turned into one line."""
     import ray.train
@@ -131,52 +114,77 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
         RunFailed: when Ray Train fails more often than ``train.max_failures`` allows, or the
             test evaluation's Ray task is lost; the message names the run and the root cause.
     """
-    import ray
-    import ray.exceptions
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from fpc_ray.train.loop import quiet_report_logs
 
-    from fpc_ray.model import build_model, count_parameters, normalization
-    from fpc_ray.scoring import evaluate_arrays
-    from fpc_ray.train.loop import discard_local_checkpoint, train_loop_per_worker
-
+    out = _check_output(output_uri, cfg, overwrite)
+    cfg, parent = _with_parent(cfg)
+    started = time.perf_counter()
+    if prepared is None or prepared.image_size != cfg.data.image_size:
+        prepared = prepare_data(cfg, data_uri)
     tc = cfg.train
+    if tc.num_workers:
+        init_ray()
+        check_workers_fit(tc.num_workers, tc.cpus_per_worker, tc.use_gpu)
+    run_name = run_name or "train-" + dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    what = f"training run {run_name} for {out.uri}"
+    quiet_report_logs()  # an in-process run reports in this process (and Ray Train logs its set-up)
+    trainer = _build_trainer(cfg, prepared, parent, out, run_name, callbacks)
+    result = _fit(trainer, f"{what} failed after {tc.max_failures} restart(s)")
+
+    model, history, best = _trained_model(cfg, result.checkpoint)
+    test_report = _score_test_split(cfg, model, prepared.arrays["test"], what)
+    blob = weights_bytes(model.state_dict())
+    card = _card(cfg, prepared, model, blob, history, best, test_report, parent,
+                 wall_s=time.perf_counter() - started,
+                 ray_run=out.join(RAY_DIR, run_name).uri if tc.num_workers else None)
+    save_bundle(out, blob, card, history)
+    return TrainingOutcome(out.uri, card, history)
+
+
+def _check_output(output_uri: str, cfg: Config, overwrite: bool) -> Location:
+    """The output location, refused where it already holds a bundle (unless ``overwrite``) or is
+    not writable."""
     out = resolve(output_uri, cfg.storage)
     if out.join(CARD_FILE).exists() and not overwrite:
         raise UserError(f"{out.uri} already holds a model bundle; choose another --output or pass --overwrite")
     out.check_writable()
+    return out
 
-    parent = None
-    if tc.init_from:
-        parent = load_bundle(tc.init_from, cfg.storage)
-        if parent.class_names != list(CLASS_NAMES):
-            raise UserError(f"{tc.init_from}: its classes {parent.class_names} differ from {list(CLASS_NAMES)}")
-        # Continuing means the same architecture: the parent's model section wins.
-        cfg = cfg.model_copy(update={"model": parent.config.model})
 
-    started = time.perf_counter()
-    if prepared is None or prepared.image_size != cfg.data.image_size:
-        prepared = prepare_data(cfg, data_uri)
-    db, splits, arrays = prepared.db, prepared.splits, prepared.arrays
+def _with_parent(cfg: Config) -> tuple[Config, Bundle | None]:
+    """The bundle ``train.init_from`` names (or None), and the config with its model section:
+    continuing means the same architecture."""
+    if not cfg.train.init_from:
+        return cfg, None
+    parent = load_bundle(cfg.train.init_from, cfg.storage)
+    if parent.class_names != list(CLASS_NAMES):
+        raise UserError(f"{cfg.train.init_from}: its classes {parent.class_names} differ from {list(CLASS_NAMES)}")
+    return cfg.model_copy(update={"model": parent.config.model}), parent
 
+
+def _build_trainer(cfg: Config, prepared: PreparedData, parent: Bundle | None, out: Location, run_name: str,
+                   callbacks: list | None):
+    """Ray Train's TorchTrainer for the run: the data shared once, storage under the output."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from fpc_ray.train.loop import train_loop_per_worker
+
+    tc = cfg.train
     in_process = tc.num_workers == 0
-    if not in_process:
-        init_ray()
-        check_workers_fit(tc.num_workers, tc.cpus_per_worker, tc.use_gpu)
     share = (lambda x: x) if in_process else ray.put
-    init_weights = parent.model.state_dict() if parent else None
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
-        "train": share(arrays["train"]),
-        "val": share(arrays["val"]),
+        "train": share(prepared.arrays["train"]),
+        "val": share(prepared.arrays["val"]),
         "class_names": list(CLASS_NAMES),
-        "init_weights": share(init_weights) if init_weights is not None else None,
+        "init_weights": share(parent.model.state_dict()) if parent else None,
         # In a terminal, a line at each quarter epoch too (epochs on real data take minutes).
         "progress_within_epoch": sys.stdout.isatty(),
     }
     storage_path, storage_fs = _run_storage(out)
-    run_name = run_name or "train-" + dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
@@ -196,54 +204,70 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
             ),
         ),
     )
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # in-process runs log each report
-    what = f"training run {run_name} for {out.uri}"
-    result = _fit(trainer, f"{what} failed after {tc.max_failures} restart(s)")
 
-    weights, saved = _best_weights(result.checkpoint)
-    discard_local_checkpoint(result.checkpoint.path)  # an in-process run's last one, in /tmp
-    history, best = saved["history"], saved["best"]
+
+def _trained_model(cfg: Config, checkpoint) -> tuple[object, list[dict], dict]:
+    """The best epoch's model (in eval mode), the history and the best epoch's metrics, from the
+    run's latest checkpoint; an in-process run's checkpoint folder in /tmp is removed after."""
+    from fpc_ray.model import build_model
+    from fpc_ray.train.checkpoint import best_weights, discard_local_checkpoint, read_history
+
+    with checkpoint.as_directory() as path:
+        weights = best_weights(path)
+        history, best = read_history(path)
+    discard_local_checkpoint(checkpoint.path)
     model = build_model(cfg.model, len(CLASS_NAMES), pretrained=False)
     model.load_state_dict(weights)
     model.eval()
+    return model, history, best
 
+
+def _score_test_split(cfg: Config, model, test: SplitArrays, what: str) -> dict | None:
+    """The model's report on the test split (None when it is empty); on a cluster it runs as a
+    Ray task, where the workers' resources (and GPUs) are."""
+    import ray
+    import ray.exceptions
+
+    from fpc_ray.model import normalization
+    from fpc_ray.scoring import evaluate_arrays
+
+    if not len(test):
+        return None
+    tc = cfg.train
     mean, std = normalization(cfg.model.backbone)
-    test: SplitArrays = arrays["test"]
-    test_report = None
-    if len(test):
-        args = (model, test.images, test.labels, list(CLASS_NAMES), mean, std, 2 * tc.batch_size, tc.use_gpu)
-        if in_process:
-            test_report = evaluate_arrays(*args)
-        else:  # on the cluster, where the workers' resources (and GPUs) are
-            # DEFAULT: not inside the placement group of a Tune trial that runs this driver
-            remote = ray.remote(evaluate_arrays).options(num_cpus=tc.cpus_per_worker,
-                                                         num_gpus=1 if tc.use_gpu else 0,
-                                                         scheduling_strategy="DEFAULT")
-            try:
-                test_report = ray.get(remote.remote(*args))
-            except ray.exceptions.RayTaskError as e:  # evaluate_arrays itself raised
-                if isinstance(e.cause, UserError):
-                    raise ray_failure(e, f"{what}: test evaluation") from e
-                raise  # a bug: keep the traceback
-            except ray.exceptions.RayError as e:  # its worker or node was lost
-                raise ray_failure(e, f"{what}: test evaluation failed") from e
+    args = (model, test.images, test.labels, list(CLASS_NAMES), mean, std, 2 * tc.batch_size, tc.use_gpu)
+    if tc.num_workers == 0:
+        return evaluate_arrays(*args)
+    # DEFAULT: not inside the placement group of a Tune trial that runs this driver
+    remote = ray.remote(evaluate_arrays).options(num_cpus=tc.cpus_per_worker, num_gpus=1 if tc.use_gpu else 0,
+                                                 scheduling_strategy="DEFAULT")
+    try:
+        return ray.get(remote.remote(*args))
+    except ray.exceptions.RayTaskError as e:  # evaluate_arrays itself raised
+        if isinstance(e.cause, UserError):
+            raise ray_failure(e, f"{what}: test evaluation") from e
+        raise  # a bug: keep the traceback
+    except ray.exceptions.RayError as e:  # its worker or node was lost
+        raise ray_failure(e, f"{what}: test evaluation failed") from e
 
-    blob = weights_bytes(model.state_dict())
+
+def _card(cfg: Config, prepared: PreparedData, model, blob: bytes, history: list[dict], best: dict,
+          test_report: dict | None, parent: Bundle | None, *, wall_s: float, ray_run: str | None) -> dict:
+    """The bundle's card: config, data (fingerprint, counts), metrics, training and lineage."""
+    from fpc_ray.model import count_parameters
+
+    tc = cfg.train
     class_counts = {
         name: dict(zip(CLASS_NAMES, np.bincount(a.labels, minlength=len(CLASS_NAMES)).tolist(), strict=True))
-        for name, a in arrays.items()
+        for name, a in prepared.arrays.items()
     }
-    lineage = {"parent_version": parent.version, "parent_uri": tc.init_from} if parent else None
-    card = build_card(
+    return build_card(
         cfg, list(CLASS_NAMES), count_parameters(model), blob,
-        data={"uri": data_uri, "fingerprint": db.fingerprint, "images": class_counts,
-              "patients": {n: len({r.patient for r in recs}) for n, recs in splits.items()}},
+        data={"uri": prepared.data_uri, "fingerprint": prepared.db.fingerprint, "images": class_counts,
+              "patients": {n: len({r.patient for r in recs}) for n, recs in prepared.splits.items()}},
         metrics={"val": {k: best[k] for k in ("epoch", "val_top1", "val_top2", "val_loss")},
                  "test": test_report},
         training={"epochs": len(history), "best_epoch": best["epoch"], "num_workers": tc.num_workers,
-                  "use_gpu": tc.use_gpu, "wall_s": round(time.perf_counter() - started, 1),
-                  "ray_run": None if in_process else out.join(RAY_DIR, run_name).uri},
-        lineage=lineage,
+                  "use_gpu": tc.use_gpu, "wall_s": round(wall_s, 1), "ray_run": ray_run},
+        lineage={"parent_version": parent.version, "parent_uri": tc.init_from} if parent else None,
     )
-    save_bundle(out, blob, card, history)
-    return TrainingOutcome(out.uri, card, history)

@@ -1,12 +1,14 @@
-"""The optimisation recipe: seeding, AdamW groups, warm-up + cosine schedule, balanced loss."""
+"""The optimisation recipe: seeding, AdamW (timm's parameter groups), timm's warm-up + cosine schedule,
+balanced loss."""
 
 from __future__ import annotations
 
-import math
 import random
 
 import numpy as np
 import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from fpc_ray.config import TrainConfig
@@ -19,33 +21,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; biases and norm parameters (1-D tensors) get no weight decay.
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW through timm, with no weight decay on biases and norm parameters (timm's 1-D filter).
 
-    Frozen parameters are included so the optimizer need not be rebuilt when they thaw; AdamW
-    skips parameters whose gradient is None.
+    timm groups only the parameters that require a gradient, so this must run while every
+    parameter is trainable: before frozen epochs freeze the backbone. Then the backbone is in the
+    optimizer when it thaws (AdamW skips parameters whose gradient is None meanwhile).
     """
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-    )
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"build the optimizer before freezing parameters ({len(frozen)} frozen, e.g. {frozen[0]}): "
+                         "frozen ones would never be trained")
+    return create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay, filter_bias_and_bn=True)
 
 
-def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """Per-step linear warm-up for ``warmup_epochs``, then cosine decay to 1 % of the peak."""
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> CosineLRScheduler:
+    """Linear warm-up over ``warmup_epochs``, then cosine decay to 1 % of the peak, per optimizer step.
+
+    Step it with ``step_update(updates)`` after each optimizer step (``updates``: steps done); the
+    learning rate it sets is the next step's. The warm-up's W steps run at peak x 1/W, 2/W, ...,
+    1; the cosine starts at the last of them and reaches 1 % after the run's last step.
+    """
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))
+    ramp = max(0, warmup - 1)  # timm's warm-up steps before the cosine's first (peak) step
+    return CosineLRScheduler(optimizer, t_initial=total - ramp, lr_min=0.01 * cfg.lr, warmup_t=ramp,
+                             warmup_lr_init=cfg.lr / warmup if warmup else 0.0, warmup_prefix=True,
+                             t_in_epochs=False)
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate the next optimizer step uses (every group shares it)."""
+    return optimizer.param_groups[0]["lr"]
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:

@@ -20,8 +20,8 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fpc_ray.bundle import CARD_FILE, read_pointer_state, write_pointer
-from fpc_ray.config import Config
+from fpc_ray.bundle import CARD_FILE, PointerState, read_pointer_state, write_pointer
+from fpc_ray.config import Config, StorageConfig
 from fpc_ray.errors import ConcurrentChange
 from fpc_ray.scoring import evaluate_bundle
 from fpc_ray.storage import resolve
@@ -36,6 +36,15 @@ class RetrainDecision:
     line: str
 
 
+def promotes(candidate_top1: float, production_top1: float | None, margin: float) -> bool:
+    """The promotion rule: no production model yet, or a test top-1 at most ``margin`` below it.
+
+    A drop of exactly ``margin`` promotes; the tolerance keeps float rounding of the subtraction
+    (0.81 - 0.80 > 0.01 in binary) from refusing it.
+    """
+    return production_top1 is None or candidate_top1 >= production_top1 - margin - 1e-9
+
+
 def retrain(cfg: Config, data_uri: str, pointer_uri: str, candidates_uri: str, margin: float = 0.01,
             test_data_uri: str | None = None, echo: Callable[[str], None] = print) -> RetrainDecision:
     """Train a candidate, compare it with production on one test set, promote it or not."""
@@ -44,50 +53,64 @@ def retrain(cfg: Config, data_uri: str, pointer_uri: str, candidates_uri: str, m
     storage = cfg.storage
     test_data_uri = test_data_uri or data_uri
     at_start = read_pointer_state(pointer_uri, storage)  # promotion rewrites it only if still this
-    pointer = at_start.record
-    production = pointer["bundle"] if pointer else None
+    # A pointer that could never be written fails now, as one line, not after the training.
+    resolve(pointer_uri.rsplit("/", 1)[0] if "/" in pointer_uri else ".", storage).check_writable()
+    production = at_start.record["bundle"] if at_start.record else None
     cfg = cfg.model_copy(deep=True)
     cfg.train.init_from = production
     # Sortable by time, and unique: two retrains can start within the same second.
     stamp = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
     candidate_uri = resolve(candidates_uri, storage).join(stamp).uri
     echo(f"retrain: production {production or '(none yet)'}; candidate -> {candidate_uri}")
-    outcome = run_training(cfg, data_uri, candidate_uri)
+    card = run_training(cfg, data_uri, candidate_uri).card
 
     candidate = evaluate_bundle(candidate_uri, test_data_uri, "test", storage=storage, use_gpu=cfg.train.use_gpu)
     current = (evaluate_bundle(production, test_data_uri, "test", storage=storage, use_gpu=cfg.train.use_gpu)
                if production else None)
-    promoted = current is None or candidate["top1"] >= current["top1"] - margin
-    record = {
+    promoted = promotes(candidate["top1"], current["top1"] if current else None, margin)
+    record = _promotion_record(promoted, margin, test_data_uri, card, candidate, production, current)
+    vs = f"{current['top1']:.4f}" if current else "none"
+    if promoted:
+        _promote(pointer_uri, at_start, candidate_uri, card, record, storage)
+        line = f"promoted {candidate_uri}: test top-1 {candidate['top1']:.4f} vs production {vs} (margin {margin})"
+    else:
+        _write_decision(candidate_uri, card, record, storage)
+        line = (f"refused {candidate_uri}: test top-1 {candidate['top1']:.4f} is worse than production's {vs} "
+                f"by more than {margin}; {pointer_uri} unchanged")
+    return RetrainDecision(promoted, candidate_uri, candidate["top1"], current["top1"] if current else None, line)
+
+
+def _promotion_record(promoted: bool, margin: float, test_data_uri: str, card: dict, candidate: dict,
+                      production: str | None, current: dict | None) -> dict:
+    """The decision and both scores, as the candidate's card records them under ``promotion``."""
+    return {
         "decision": "promoted" if promoted else "refused",
         "decided_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "margin": margin,
         "test_data": {"uri": test_data_uri, "fingerprint": candidate["data_fingerprint"], "n": candidate["n"]},
-        "candidate": {"version": outcome.card["version"], "top1": candidate["top1"], "top2": candidate["top2"]},
+        "candidate": {"version": card["version"], "top1": candidate["top1"], "top2": candidate["top2"]},
         "production": ({"uri": production, "version": current["model_version"], "top1": current["top1"],
                         "top2": current["top2"]} if current else None),
     }
-    card_loc = resolve(candidate_uri, storage).join(CARD_FILE)
 
-    def record_decision() -> None:  # the card says what happened, refused and void candidates too
-        card_loc.write_text(json.dumps({**outcome.card, "promotion": record}, indent=2))
 
-    vs = f"{current['top1']:.4f}" if current else "none"
-    if promoted:
-        try:  # only if the pointer is still what this retrain compared against
-            write_pointer(pointer_uri, {"bundle": candidate_uri, "version": outcome.card["version"],
-                                        "promoted_at": record["decided_at"], "test_top1": candidate["top1"],
-                                        "previous": ({"bundle": pointer["bundle"], "version": pointer.get("version")}
-                                                     if pointer else None)}, storage, expected=at_start)
-        except ConcurrentChange:
-            record["decision"] = "void: the pointer moved while this retrain ran"
-            record_decision()
-            raise ConcurrentChange(f"{pointer_uri} moved while this retrain ran (a concurrent retrain or a manual "
-                                   f"rollback); candidate {candidate_uri} left unpromoted, run retrain again") from None
-        record_decision()
-        line = f"promoted {candidate_uri}: test top-1 {candidate['top1']:.4f} vs production {vs} (margin {margin})"
-    else:
-        record_decision()
-        line = (f"refused {candidate_uri}: test top-1 {candidate['top1']:.4f} is worse than production's {vs} "
-                f"by more than {margin}; {pointer_uri} unchanged")
-    return RetrainDecision(promoted, candidate_uri, candidate["top1"], current["top1"] if current else None, line)
+def _write_decision(candidate_uri: str, card: dict, record: dict, storage: StorageConfig) -> None:
+    """The candidate's card says what happened: promoted, refused and void candidates alike."""
+    resolve(candidate_uri, storage).join(CARD_FILE).write_text(json.dumps({**card, "promotion": record}, indent=2))
+
+
+def _promote(pointer_uri: str, at_start: PointerState, candidate_uri: str, card: dict, record: dict,
+             storage: StorageConfig) -> None:
+    """Point production at the candidate, only if the pointer is still what the retrain read."""
+    pointer = at_start.record
+    try:
+        write_pointer(pointer_uri, {"bundle": candidate_uri, "version": card["version"],
+                                    "promoted_at": record["decided_at"], "test_top1": record["candidate"]["top1"],
+                                    "previous": ({"bundle": pointer["bundle"], "version": pointer.get("version")}
+                                                 if pointer else None)}, storage, expected=at_start)
+    except ConcurrentChange:
+        record["decision"] = "void: the pointer moved while this retrain ran"
+        _write_decision(candidate_uri, card, record, storage)
+        raise ConcurrentChange(f"{pointer_uri} moved while this retrain ran (a concurrent retrain or a manual "
+                               f"rollback); candidate {candidate_uri} left unpromoted, run retrain again") from None
+    _write_decision(candidate_uri, card, record, storage)
