@@ -140,8 +140,7 @@ def _progress(echo: Callable[[str], None], spec: TuneSpec):
 
     class Progress(Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
-            point = ", ".join(f"{k.split('.')[-1] if k.split('.')[-1] != 'type' else k.split('.')[-2]}="
-                              f"{_short(_decode(trial.config[k]))}" for k in keys)
+            point = ", ".join(f"{_short_name(k)}={_short_value(_decode(trial.config[k]))}" for k in keys)
             echo(f"trial {trial.trial_id} started: {point}")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -160,7 +159,14 @@ def _progress(echo: Callable[[str], None], spec: TuneSpec):
     return Progress()
 
 
-def _short(value: Any) -> str:
+def _short_name(key: str) -> str:
+    """A space key's column name: its last part (``lr``), or the one before a bare ``type``
+    (``model.attention.type`` is ``attention``)."""
+    parts = key.split(".")
+    return parts[-2] if parts[-1] == "type" and len(parts) > 1 else parts[-1]
+
+
+def _short_value(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value).replace(" ", "")
 
 
@@ -315,7 +321,7 @@ def _write_best(spec: TuneSpec, out: Location, best: dict) -> None:
 
 def _leaderboard(spec: TuneSpec, rows: list[dict], best: dict | None, default: dict | None) -> list[str]:
     keys = list(spec.space)
-    short = [k.split(".")[-1] if k.split(".")[-1] not in ("type",) else k.split(".")[-2] for k in keys]
+    short = [_short_name(k) for k in keys]
     lines = [f"{'rank':>4}  {'trial':<10} {'status':<9} {'val_top1':>8} {'val_top2':>8} {'epochs':>6} "
              f"{'params':>9}  " + "  ".join(short)]
     for i, r in enumerate(rows, 1):
