@@ -208,7 +208,7 @@ def _tuner(spec: TuneSpec, data_uri: str, out: Location, resume: bool, echo: Cal
     )
 
 
-def _start(spec: TuneSpec, data_uri: str, out: Location, resume: bool) -> tuple[TuneSpec, str]:
+def _save_or_restore_spec(spec: TuneSpec, data_uri: str, out: Location, resume: bool) -> tuple[TuneSpec, str]:
     """Check OUTPUT against --resume; save or read back the spec."""
     saved = out.join(SPEC_FILE)
     if resume:
@@ -231,7 +231,7 @@ def run_search(spec: TuneSpec, data_uri: str, output_uri: str, resume: bool = Fa
     from fpc_ray.train.driver import check_workers_fit
 
     out = resolve(output_uri, spec.base.storage)
-    spec, data_uri = _start(spec, data_uri, out, resume)
+    spec, data_uri = _save_or_restore_spec(spec, data_uri, out, resume)
     init_ray()
     cpus = _local_cpus_per_worker(spec)
     if cpus is not None and not resume:
@@ -249,7 +249,7 @@ def run_search(spec: TuneSpec, data_uri: str, output_uri: str, resume: bool = Fa
 
     grid = _tuner(spec, data_uri, out, resume, echo).fit()
     default_point = spec.default_point() or {}
-    rows = [_row(spec, result, out, default_point) for result in grid]
+    rows = [_trial_row(spec, result, out, default_point) for result in grid]
     rows.sort(key=lambda r: (r["best_val_top1"] is None, -(r["best_val_top1"] or 0), -(r["best_val_top2"] or 0)))
     _write_trials(out, rows)
     best = next((r for r in rows if r["status"] == "completed"), None)
@@ -260,7 +260,7 @@ def run_search(spec: TuneSpec, data_uri: str, output_uri: str, resume: bool = Fa
 
 
 # ---------------------------------------------------------------- results
-def _row(spec: TuneSpec, result, out: Location, default_point: dict) -> dict:
+def _trial_row(spec: TuneSpec, result, out: Location, default_point: dict) -> dict:
     from fpc_ray.data.fetal_planes import CLASS_NAMES
     from fpc_ray.model import build_model, count_parameters
 
