@@ -231,3 +231,28 @@ def test_tune_resume_help_says_the_output_is_trusted_like_code():
 def test_report_help_offers_no_source_uri():
     text = _plain_help("report")
     assert "--no-source-uri-in-report" in text and "pseudonym" in text
+
+
+# ---------------------------------------------------------------- albumentations' update check
+@pytest.mark.slow
+def test_importing_fpc_ray_changes_no_environment_variable():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    done = subprocess.run([sys.executable, "-c", "import os, fpc_ray, fpc_ray.cli, fpc_ray.cluster; "
+                           "print('NO_ALBUMENTATIONS_UPDATE' in os.environ)"],
+                          capture_output=True, text=True, env=env)
+    assert done.stdout.strip() == "False", done.stdout + done.stderr
+
+
+def test_the_cli_entry_point_turns_albumentations_update_check_off(monkeypatch):
+    import sys
+
+    from fpc_ray.cli import main
+
+    monkeypatch.delenv("NO_ALBUMENTATIONS_UPDATE", raising=False)
+    monkeypatch.setattr(sys, "argv", ["fpc-ray", "--help"])
+    with pytest.raises(SystemExit):
+        main()
+    assert os.environ["NO_ALBUMENTATIONS_UPDATE"] == "1"
