@@ -23,6 +23,8 @@ from typing import Annotated
 import typer
 from typer.exceptions import TyperException
 
+from fpc_ray.cluster import skip_update_checks
+from fpc_ray.config import CamMethod
 from fpc_ray.errors import RunFailed, UserError
 
 app = typer.Typer(
@@ -200,13 +202,6 @@ UID_KEY_ENV = "FPC_RAY_UID_KEY"
 MIN_UID_KEY_CHARS = 16
 
 
-class CamMethod(StrEnum):
-    gradcam = "gradcam"
-    gradcam_pp = "gradcam++"
-    eigencam = "eigencam"
-    none = "none"
-
-
 @app.command()
 @one_line_errors
 def label(
@@ -215,7 +210,7 @@ def label(
                                              "depth; repeat the option to label several prefixes in one run.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Output prefix for run=<id>/ folders.")],
     run_id: Annotated[str | None, typer.Option("--run-id", help="Default: UTC timestamp.")] = None,
-    cam: Annotated[CamMethod, typer.Option("--cam")] = CamMethod.gradcam,
+    cam: Annotated[CamMethod, typer.Option("--cam")] = "gradcam",
     thumb_size: Annotated[int, typer.Option("--thumb-size", min=16, max=1024, help="Long side, px.")] = 128,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Predictor actors.")] = 1,
@@ -249,7 +244,7 @@ def label(
     from fpc_ray.label.pipeline import LabelOptions, run_labelling
 
     cfg = load_config(config, set_)
-    opts = LabelOptions(run_id=run_id, cam=cam.value, thumb_size=thumb_size, batch_size=batch_size,
+    opts = LabelOptions(run_id=run_id, cam=cam, thumb_size=thumb_size, batch_size=batch_size,
                         workers=workers, use_gpu=use_gpu, frame_stride=frame_stride, full=full,
                         max_error_rate=max_error_rate, limit=limit, max_object_bytes=max_object_bytes,
                         uid_key=uid_key)
@@ -434,6 +429,7 @@ def bench_history(
 
 def main() -> None:
     """Console entry point: click's usage errors become one line, like every other error."""
+    skip_update_checks()
     try:
         rc = app(standalone_mode=False)
     except typer.Abort:

@@ -1,4 +1,6 @@
-"""Classification metrics from predicted probabilities: the one implementation every command uses."""
+"""Classification metrics from predicted probabilities, for ``fpc-ray evaluate`` and the test report
+in every bundle (training's validation sums its own top-1/top-2 counts, to all-reduce them across
+workers)."""
 
 from __future__ import annotations
 

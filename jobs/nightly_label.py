@@ -18,6 +18,8 @@ import argparse
 import datetime as dt
 import sys
 
+from fpc_ray.config import CAM_METHODS
+
 
 def day_prefix(archive: str, day: dt.date) -> str:
     """ARCHIVE/YYYY/MM/DD/ for a local path or an s3:// URI."""
@@ -40,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="also label what is new in this many days' folders before --date (default 3)")
     parser.add_argument("--workers", type=int, default=1, help="predictor actors")
     parser.add_argument("--use-gpu", action="store_true")
-    parser.add_argument("--cam", default="gradcam", choices=["gradcam", "gradcam++", "eigencam", "none"])
+    parser.add_argument("--cam", default="gradcam", choices=CAM_METHODS)
     return parser
 
 
@@ -77,7 +79,10 @@ def run(args: argparse.Namespace, echo=print) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # argparse exits 2 with its own one-line usage error
 
+    from fpc_ray.cluster import skip_update_checks
     from fpc_ray.errors import RunFailed, UserError
+
+    skip_update_checks()
 
     try:
         return run(args)

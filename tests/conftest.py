@@ -6,6 +6,11 @@ import os
 
 import pytest
 
+from fpc_ray.cluster import skip_update_checks
+
+# The tests run commands in-process (typer's CliRunner), bypassing the CLI's main: albumentations
+# must not ask PyPI for a newer version here or in the workers of the clusters this process starts.
+skip_update_checks()
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # No request may leave the machine: AWS metadata lookups would hang without a network.
@@ -14,6 +19,27 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 # noticed up to 2 s late: a few seconds per training run, tune trial and restart. Every driver,
 # subprocess and local cluster the tests start inherits this.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+# Tests that start a cluster, a server or training (directly or through these fixtures) are the
+# slow lane; `pytest -m "not slow"` runs the rest, the unit tests, in under a minute. Tests that
+# start training or subprocesses without these fixtures carry @pytest.mark.slow themselves.
+SLOW_FIXTURES = {"ray_cluster", "ray_local", "s3_server", "trained_bundle"}
+SLOW_MARKS = {"ray", "s3"}
+
+
+def _is_slow(item) -> bool:
+    if SLOW_FIXTURES & set(item.fixturenames) or any(item.get_closest_marker(m) for m in SLOW_MARKS):
+        return True
+    # A test parametrized onto "s3" starts the server through request.getfixturevalue, which
+    # its fixture names do not show.
+    params = getattr(item, "callspec", None)
+    return params is not None and any(isinstance(v, str) and v == "s3" for v in params.params.values())
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,15 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.phantom import phantom_bundle
-
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-# The head's GCS port sits outside both nodes' worker port ranges (10002-19999 by default).
-HEAD_PORT, DASHBOARD_PORT = 6391, 8276
-TEMP_DIR = "/tmp/fpc-ray-2node"
 
 
 def _env() -> dict:
@@ -35,7 +31,20 @@ def _ray(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=ROOT)
 
 
-def _cluster_pids() -> list[int]:
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports nothing listens on, from the kernel's ephemeral range (above Ray's default
+    worker ports, 10002-19999, which other clusters on the machine may use)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _cluster_pids(temp_dir: str) -> list[int]:
     """This test's Ray processes: those whose command line names its temp dir."""
     pids = []
     for entry in os.listdir("/proc"):
@@ -45,16 +54,16 @@ def _cluster_pids() -> list[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if TEMP_DIR.encode() in cmdline:
+        if temp_dir.encode() in cmdline:
             pids.append(int(entry))
     return pids
 
 
-def _stop_cluster() -> None:
+def _stop_cluster(temp_dir: str) -> None:
     """Stop this test's two nodes only (`ray stop` would stop every Ray process on the machine):
     SIGTERM, up to 2 s to exit, then SIGKILL for what is left."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _cluster_pids()
+        pids = _cluster_pids(temp_dir)
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -63,32 +72,43 @@ def _stop_cluster() -> None:
         deadline = time.monotonic() + 2
         while pids and time.monotonic() < deadline:
             time.sleep(0.1)
-            pids = _cluster_pids()
+            pids = _cluster_pids(temp_dir)
+
+
+def _wait_for_nodes(dashboard: str, n: int, timeout: float = 60) -> None:
+    from ray.util.state import list_nodes
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [x for x in list_nodes(address=dashboard, raise_on_missing_output=False) if x.state == "ALIVE"]
+        if len(alive) >= n:
+            return
+        assert time.monotonic() < deadline, f"{len(alive)} of {n} nodes came up"
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    _stop_cluster()
-    shutil.rmtree(TEMP_DIR, ignore_errors=True)
-    head = _ray("start", "--head", f"--port={HEAD_PORT}", "--num-cpus=1", f"--temp-dir={TEMP_DIR}",
-                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}",
-                "--min-worker-port=10002", "--max-worker-port=10499", "--ray-client-server-port=6392",
-                "--dashboard-agent-listen-port=52381", "--metrics-export-port=52382")
-    assert head.returncode == 0, head.stdout + head.stderr
+def cluster(tmp_path_factory):
+    """Two Ray nodes of one CPU each, on free ports, with a temp dir of their own. Workers bind
+    random ports (worker port range 0), so no port range is shared with another cluster."""
+    temp_dir = str(tmp_path_factory.mktemp("ray2node"))
+    head_port, dashboard_port, client_port, *agent_ports = _free_ports(7)
+    random_worker_ports = ("--min-worker-port=0", "--max-worker-port=0")
     try:
-        worker = _ray("start", f"--address=127.0.0.1:{HEAD_PORT}", "--num-cpus=1",
-                      "--min-worker-port=10500", "--max-worker-port=10999",
-                      "--dashboard-agent-listen-port=52383", "--metrics-export-port=52384")
+        head = _ray("start", "--head", f"--port={head_port}", "--num-cpus=1", f"--temp-dir={temp_dir}",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                    f"--ray-client-server-port={client_port}", *random_worker_ports,
+                    f"--dashboard-agent-listen-port={agent_ports[0]}", f"--metrics-export-port={agent_ports[1]}")
+        assert head.returncode == 0, head.stdout + head.stderr
+        # The second node has its own agent and metrics ports (both nodes share one address).
+        worker = _ray("start", f"--address=127.0.0.1:{head_port}", "--num-cpus=1", *random_worker_ports,
+                      f"--dashboard-agent-listen-port={agent_ports[2]}", f"--metrics-export-port={agent_ports[3]}")
         assert worker.returncode == 0, worker.stdout + worker.stderr
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            status = _ray("status", f"--address=127.0.0.1:{HEAD_PORT}")
-            if status.stdout.count("node_") >= 2 or "2.0 CPU" in status.stdout or "0.0/2.0 CPU" in status.stdout:
-                break
-            time.sleep(1)
-        yield f"http://127.0.0.1:{DASHBOARD_PORT}"
+        dashboard = f"http://127.0.0.1:{dashboard_port}"
+        _wait_for_nodes(dashboard, 2)
+        yield dashboard
     finally:
-        _stop_cluster()
+        _stop_cluster(temp_dir)
 
 
 def _submit(address: str, *entrypoint: str) -> subprocess.CompletedProcess:
@@ -96,15 +116,8 @@ def _submit(address: str, *entrypoint: str) -> subprocess.CompletedProcess:
                 timeout=900)
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cluster")
-    phantom_bundle(root, seed=4, epochs=1)
-    return root
-
-
-def test_nightly_job_submitted_to_a_two_node_cluster_commits_its_run(cluster, bundle, tmp_path):
-    images = sorted((bundle / "data" / "Images").glob("*.png"))
+def test_nightly_job_submitted_to_a_two_node_cluster_commits_its_run(cluster, trained_bundle, tmp_path):
+    images = sorted((Path(trained_bundle["data"]) / "Images").glob("*.png"))
     day, other = tmp_path / "archive" / "2026" / "11" / "24", tmp_path / "archive" / "2026" / "11" / "19"
     day.mkdir(parents=True)
     other.mkdir(parents=True)
@@ -112,17 +125,17 @@ def test_nightly_job_submitted_to_a_two_node_cluster_commits_its_run(cluster, bu
         shutil.copy(image, day / image.name)
     shutil.copy(images[12], other / images[12].name)  # beyond the job's 3-day look-back: not labelled
     out = tmp_path / "labels"
-    done = _submit(cluster, "jobs/nightly_label.py", "--model", str(bundle / "bundle"),
+    done = _submit(cluster, "jobs/nightly_label.py", "--model", trained_bundle["bundle"],
                    "--archive", str(tmp_path / "archive"), "--output", str(out), "--date", "2026-11-24")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     summary = json.loads((out / "run=nightly-2026-11-24" / "_SUCCESS.json").read_text())
     assert summary["objects"]["labelled"] == 12 and summary["rows"] == 12 and summary["errors"] == 0
 
 
-def test_two_worker_training_job_is_placed_on_both_nodes(cluster, bundle, tmp_path):
+def test_two_worker_training_job_is_placed_on_both_nodes(cluster, trained_bundle, tmp_path):
     from ray.util.state import list_actors
 
-    done = _submit(cluster, "jobs/train.py", "--data", str(bundle / "data"), "--output", str(tmp_path / "b"),
+    done = _submit(cluster, "jobs/train.py", "--data", trained_bundle["data"], "--output", str(tmp_path / "b"),
                    "--epochs", "1", "--image-size", "64", "--num-workers", "2",
                    "--set", "train.cpus_per_worker=1", "--set", "model.pretrained=none")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

@@ -7,12 +7,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from tests.phantom import phantom_bundle
+from fpc_ray.cli import app
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -35,27 +35,26 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def labelled(tmp_path_factory, ray_cluster):
-    """A trained phantom bundle and a committed labelling run over a folder with a broken file."""
+def labelled(tmp_path_factory, trained_bundle, ray_cluster):
+    """The session's trained phantom bundle and a committed labelling run over a folder with a
+    broken file: ``{"bundle", "run"}`` paths."""
     from fpc_ray.label.pipeline import LabelOptions, run_labelling
 
     root = tmp_path_factory.mktemp("report")
-    phantom_bundle(root, seed=8, epochs=2)
     archive = root / "archive"
     archive.mkdir()
-    for image in sorted((root / "data" / "Images").glob("*.png"))[:30]:
+    for image in sorted((Path(trained_bundle["data"]) / "Images").glob("*.png"))[:30]:
         shutil.copy(image, archive / image.name)
     (archive / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
     (archive / "notes.txt").write_text("not an image")
-    run_labelling(str(root / "bundle"), str(archive), str(root / "labels"), LabelOptions(run_id="r1"),
+    run_labelling(trained_bundle["bundle"], str(archive), str(root / "labels"), LabelOptions(run_id="r1"),
                   echo=lambda s: None)
-    return root
+    return {"bundle": Path(trained_bundle["bundle"]), "run": root / "labels" / "run=r1"}
 
 
 def _report(target: Path, out: Path) -> str:
-    done = subprocess.run([sys.executable, "-m", "fpc_ray", "report", str(target), "--output", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    result = CliRunner().invoke(app, ["report", str(target), "--output", str(out)])
+    assert result.exit_code == 0, result.output
     return out.read_text()
 
 
@@ -79,7 +78,7 @@ def _render(chromium: str, page: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.ray
 def test_model_report_embeds_its_pictures_and_renders(labelled, chromium, tmp_path):
-    page = _report(labelled / "bundle", tmp_path / "model.html")
+    page = _report(labelled["bundle"], tmp_path / "model.html")
     _assert_self_contained(page)
     for title in ("Training curves", "Confusion matrix", "Per-class precision, recall and F1", "Calibration",
                   "Model card"):
@@ -92,7 +91,7 @@ def test_model_report_embeds_its_pictures_and_renders(labelled, chromium, tmp_pa
 
 @pytest.mark.ray
 def test_run_report_embeds_galleries_and_errors_and_renders(labelled, chromium, tmp_path):
-    page = _report(labelled / "labels" / "run=r1", tmp_path / "run.html")
+    page = _report(labelled["run"], tmp_path / "run.html")
     _assert_self_contained(page)
     for title in ("Frames by class", "Confidence", "Studies", "Least confident frames", "A sample per class",
                   "Errors (2)", "not_an_image", "broken.png", "notes.txt", "label_s"):
@@ -107,9 +106,8 @@ def test_run_report_embeds_galleries_and_errors_and_renders(labelled, chromium, 
 
 
 def test_report_of_neither_is_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "fpc_ray", "report", str(tmp_path), "--output",
-                           str(tmp_path / "x.html")], capture_output=True, text=True)
-    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "not a model bundle" in done.stderr
+    done = CliRunner().invoke(app, ["report", str(tmp_path), "--output", str(tmp_path / "x.html")])
+    assert done.exit_code == 2 and done.output.count("\n") == 1 and "not a model bundle" in done.output
     assert not (tmp_path / "x.html").exists()
 
 
@@ -156,10 +154,6 @@ def _committed_run(folder: Path) -> Path:
 
 @pytest.mark.parametrize("hide", [False, True])
 def test_run_report_can_leave_out_every_source_uri(tmp_path, hide):
-    from typer.testing import CliRunner
-
-    from fpc_ray.cli import app
-
     run = _committed_run(tmp_path / "labels")
     out = tmp_path / "run.html"
     flags = ["--no-source-uri-in-report"] if hide else []

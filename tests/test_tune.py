@@ -13,13 +13,16 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from fpc_ray.cli import app
 from fpc_ray.config import load_config
 from fpc_ray.data.synth import synthesize
 from fpc_ray.errors import UserError
 from fpc_ray.tune.space import load_tune_spec
 
 ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
 
 # A search small enough for 2 CPUs: 64 px, 2 epochs, two trials at a time (one CPU each).
 SMALL_SPACE = """
@@ -75,11 +78,10 @@ def test_bad_space_names_the_field(tmp_path, space, field):
 def test_bad_space_exits_2_with_one_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("space:\n  model.attention.type: {choice: [cbam, transformer]}\n")
-    done = subprocess.run(_cli("tune", "--data", str(tmp_path), "--output", str(tmp_path / "o"),
-                               "--config", str(path)), capture_output=True, text=True, env=_env())
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: space.model.attention.type"), done.stderr
+    done = runner.invoke(app, ["tune", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--config", str(path)])
+    assert done.exit_code == 2
+    lines = done.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: space.model.attention.type"), done.output
     assert not (tmp_path / "o").exists()
 
 
@@ -112,24 +114,16 @@ def _check_finished_search(out: Path, n: int) -> list[dict]:
     return rows
 
 
-@pytest.mark.ray
-def test_search_of_3_trials_killed_then_resumed_records_them_and_best_yaml_trains(search_inputs, tmp_path):
-    """One real search covers both the finished search and resumption: it is killed once its first
-    trial has finished, resumed to the end, then checked as a finished search (rows, statuses,
-    leaderboard, best/, best.yaml that `fpc-ray train` reads) whose finished trials were not re-run.
-    Three trials, two at a time: the default and one more run, then the kill, then the rest."""
-    data, spec = search_inputs
-    out = tmp_path / "search"
-    args = ("tune", "--data", str(data), "--output", str(out), "--config", str(spec),
-            "--num-samples", "3", "--epochs", "2", "--image-size", "64")
-    proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env(), start_new_session=True)
-    finished: dict[str, float] = {}
+def _run_until_a_trial_finishes(cmd: list[str], env: dict, out: Path) -> dict[str, int]:
+    """Start a search, SIGKILL its driver once a trial's bundle is written; the finished trials'
+    card mtimes."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    finished: dict[str, int] = {}
     deadline = time.monotonic() + 600
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            cards = list(out.glob("trials/*/model.json"))
-            if cards:
+            if list(out.glob("trials/*/model.json")):
                 time.sleep(0.5)  # let the bundle's last file land
                 finished = {c.parent.name: c.stat().st_mtime_ns for c in out.glob("trials/*/model.json")}
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -138,15 +132,33 @@ def test_search_of_3_trials_killed_then_resumed_records_them_and_best_yaml_train
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert finished, "no trial finished before the search ended"
+        output = proc.communicate()[0]
+    assert finished, f"no trial finished before the search ended: {output[-3000:]}"
+    return finished
+
+
+@pytest.mark.ray
+def test_search_of_3_trials_killed_then_resumed_records_them_and_best_yaml_trains(search_inputs, ray_local,
+                                                                                   tmp_path):
+    """One real search covers both the finished search and resumption: it is killed once its first
+    trial has finished, resumed to the end, then checked as a finished search (rows, statuses,
+    leaderboard, best/, best.yaml that `fpc-ray train` reads) whose finished trials were not re-run.
+    Three trials, two at a time: the default and one more run, then the kill, then the rest.
+
+    Both searches run on the session's Ray cluster: the first in a driver process that joins it
+    through RAY_ADDRESS (as inside a Ray job) and is killed, its actors dying with it; the resumed
+    one in this process, as on a local cluster (trial CPUs sized from the cluster's)."""
+    data, spec = search_inputs
+    out = tmp_path / "search"
+    args = ("tune", "--data", str(data), "--output", str(out), "--config", str(spec),
+            "--num-samples", "3", "--epochs", "2", "--image-size", "64")
+    finished = _run_until_a_trial_finishes(_cli(*args), {**_env(), "RAY_ADDRESS": ray_local}, out)
     assert not (out / "trials.parquet").exists()
 
-    done = subprocess.run(_cli("tune", "--data", str(data), "--output", str(out), "--resume"),
-                          capture_output=True, text=True, env=_env(), timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "resuming the search" in done.stdout
-    assert "(default)" in done.stdout and "vs the default configuration" in done.stdout
+    done = runner.invoke(app, ["tune", "--data", str(data), "--output", str(out), "--resume"])
+    assert done.exit_code == 0, done.output[-3000:]
+    assert "resuming the search" in done.output
+    assert "(default)" in done.output and "vs the default configuration" in done.output
     rows = _check_finished_search(out, 3)
     for trial_id, mtime in finished.items():  # finished trials were not trained again
         assert (out / "trials" / trial_id / "model.json").stat().st_mtime_ns == mtime
@@ -155,19 +167,17 @@ def test_search_of_3_trials_killed_then_resumed_records_them_and_best_yaml_train
     best_yaml = out / "best.yaml"
     cfg = load_config(best_yaml)  # fpc-ray train reads it as it is
     assert cfg.data.image_size == 64 and cfg.train.epochs == 2
-    trained = subprocess.run(_cli("train", "--config", str(best_yaml), "--data", str(data),
-                                  "--output", str(tmp_path / "from-best")),
-                             capture_output=True, text=True, env=_env(), timeout=600)
-    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    # In-process (0 Ray workers): the search's trials already trained this config on Ray.
+    trained = runner.invoke(app, ["train", "--config", str(best_yaml), "--data", str(data),
+                                  "--output", str(tmp_path / "from-best"), "--num-workers", "0"])
+    assert trained.exit_code == 0, trained.output[-3000:]
     card = json.loads((tmp_path / "from-best" / "model.json").read_text())
     assert card["config"]["model"] == yaml.safe_load(best_yaml.read_text())["model"]
 
-    again = subprocess.run(_cli("tune", "--data", str(data), "--output", str(out), "--config", str(spec)),
-                           capture_output=True, text=True, env=_env())
-    assert again.returncode == 2 and "--resume" in again.stderr
+    again = runner.invoke(app, ["tune", "--data", str(data), "--output", str(out), "--config", str(spec)])
+    assert again.exit_code == 2 and "--resume" in again.output
 
 
 def test_resume_without_a_search_is_one_line(tmp_path):
-    done = subprocess.run(_cli("tune", "--data", str(tmp_path), "--output", str(tmp_path / "none"), "--resume"),
-                          capture_output=True, text=True, env=_env())
-    assert done.returncode == 2 and done.stderr.startswith("error: --resume: no search to resume"), done.stderr
+    done = runner.invoke(app, ["tune", "--data", str(tmp_path), "--output", str(tmp_path / "none"), "--resume"])
+    assert done.exit_code == 2 and done.output.startswith("error: --resume: no search to resume"), done.output

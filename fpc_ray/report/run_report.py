@@ -86,7 +86,6 @@ def run_report(run: Location, storage: StorageConfig, hide_sources: bool = False
     tables = [pq.read_table(p, columns=SUMMARY_COLUMNS, filesystem=run.fs) for p in parts]
     rows = [(pi, ri, r) for pi, t in enumerate(tables) for ri, r in enumerate(t.to_pylist())]
     labelled = [x for x in rows if x[2]["label"] is not None]
-    sections = []
 
     timings = summary.get("timings", {})
     overview = [("run", summary["run_id"]), ("model", f"{summary['model_version']} ({summary['model_uri']})"),
@@ -96,59 +95,69 @@ def run_report(run: Location, storage: StorageConfig, hide_sources: bool = False
                 ("labelled frames", summary["labelled"]), ("errors", summary["errors"]),
                 *((f"time: {k}", v) for k, v in timings.items()),
                 ("options", sources.text(json.dumps(summary.get("options", {}))))]
-    sections.append(section("Run", table(["", "value"], overview)))
-
-    by_class = Counter(r["label"] for _, _, r in labelled)
-    if by_class:
-        names = sorted(by_class, key=lambda n: -by_class[n])
-        sections.append(section("Frames by class", img_tag(plots.bar_png(names, [by_class[n] for n in names],
-                                                                         "labelled frames per class"), "by class")))
-        conf = [r["confidence"] for _, _, r in labelled]
-        sections.append(section(
-            "Confidence", img_tag(plots.histogram_png(conf, "top-1 confidence", "confidence"), "confidence histogram"),
-            f"<p>median {np.median(conf):.3f}; below 0.5: {sum(c < 0.5 for c in conf)} of {len(conf)} frames</p>"))
-        studies = Counter(r["study_uid"] or "(not DICOM)" for _, _, r in labelled)
-        by_study = Counter()
-        for _, _, r in labelled:
-            by_study[(r["study_uid"] or "(not DICOM)", r["label"])] += 1
-        top = studies.most_common(30)
-        sections.append(section(
-            f"Studies ({len(studies)}; the {len(top)} largest)",
-            table(["study UID", "frames", "classes"],
-                  [(s, n, ", ".join(f"{lab} {c}" for (st, lab), c in sorted(by_study.items()) if st == s))
-                   for s, n in top], numeric={1})))
-
-        # Galleries: only the chosen rows' thumbnails are read, so memory stays small.
-        least = sorted(labelled, key=lambda x: x[2]["confidence"])[:LEAST_CONFIDENT]
-        sample: list = []
-        for name in sorted(by_class):
-            sample += [x for x in labelled if x[2]["label"] == name][:PER_CLASS]
-        pngs = _thumbnails(parts, run, least + sample)
-        sections.append(section(
-            "Least confident frames",
-            "<div class=\"gallery\">" + "".join(
-                _figure(pngs.get((p, i)), f"{r['label']} {r['confidence']:.2f} · {sources.object(r['source_uri'])}"
-                        + (f" [frame {r['frame']}]" if r["frame"] else "")) for p, i, r in least) + "</div>"))
-        per_class_html = []
-        for name in sorted(by_class):
-            chosen = [x for x in sample if x[2]["label"] == name]
-            per_class_html.append(f"<h3>{esc(name)}</h3><div class=\"gallery\">" + "".join(
-                _figure(pngs.get((p, i)), f"{r['confidence']:.2f} · {sources.object(r['source_uri'])}")
-                for p, i, r in chosen) + "</div>")
-        sections.append(section("A sample per class", *per_class_html))
-
-    errors = [r for _, _, r in rows if r["error"]]
-    if errors:
-        kinds = Counter(e["error"].split(":")[0] for e in errors)
-        blocks = [img_tag(plots.bar_png(list(kinds), list(kinds.values()), "errors by kind"), "errors by kind")]
-        for kind, n in kinds.most_common():
-            shown = [e for e in errors if e["error"].split(":")[0] == kind][:ERRORS_SHOWN]
-            listed = [(sources.object(e["source_uri"]), sources.text(e["error"], e["source_uri"])) for e in shown]
-            blocks.append(f"<h3>{esc(kind)} ({n})</h3>" + table(["source", "error"], listed))
-        sections.append(section(f"Errors ({len(errors)})", *blocks))
-    else:
-        sections.append(section("Errors", "<p>None: every object decoded.</p>"))
+    sections = [section("Run", table(["", "value"], overview))]
+    if labelled:
+        sections += _label_sections(labelled)
+        sections += _gallery_sections(labelled, parts, run, sources)
+    sections.append(_errors_section([r for _, _, r in rows if r["error"]], sources))
     return page(f"fpc-ray labelling run {summary['run_id']}", esc(run.uri), sections)
+
+
+def _label_sections(labelled: list) -> list[str]:
+    """Frames by class, the confidence histogram and the largest studies."""
+    by_class = Counter(r["label"] for _, _, r in labelled)
+    names = sorted(by_class, key=lambda n: -by_class[n])
+    conf = [r["confidence"] for _, _, r in labelled]
+    studies = Counter(r["study_uid"] or "(not DICOM)" for _, _, r in labelled)
+    by_study = Counter()
+    for _, _, r in labelled:
+        by_study[(r["study_uid"] or "(not DICOM)", r["label"])] += 1
+    top = studies.most_common(30)
+    return [
+        section("Frames by class", img_tag(plots.bar_png(names, [by_class[n] for n in names],
+                                                         "labelled frames per class"), "by class")),
+        section("Confidence",
+                img_tag(plots.histogram_png(conf, "top-1 confidence", "confidence"), "confidence histogram"),
+                f"<p>median {np.median(conf):.3f}; below 0.5: {sum(c < 0.5 for c in conf)} of {len(conf)} frames</p>"),
+        section(f"Studies ({len(studies)}; the {len(top)} largest)",
+                table(["study UID", "frames", "classes"],
+                      [(s, n, ", ".join(f"{lab} {c}" for (st, lab), c in sorted(by_study.items()) if st == s))
+                       for s, n in top], numeric={1})),
+    ]
+
+
+def _gallery_sections(labelled: list, parts: list[str], run: Location, sources: SourceNames) -> list[str]:
+    """The least confident frames and a sample per class; only the chosen rows' thumbnails are
+    read, so memory stays small."""
+    classes = sorted({r["label"] for _, _, r in labelled})
+    least = sorted(labelled, key=lambda x: x[2]["confidence"])[:LEAST_CONFIDENT]
+    sample: list = []
+    for name in classes:
+        sample += [x for x in labelled if x[2]["label"] == name][:PER_CLASS]
+    pngs = _thumbnails(parts, run, least + sample)
+    least_html = "<div class=\"gallery\">" + "".join(
+        _figure(pngs.get((p, i)), f"{r['label']} {r['confidence']:.2f} · {sources.object(r['source_uri'])}"
+                + (f" [frame {r['frame']}]" if r["frame"] else "")) for p, i, r in least) + "</div>"
+    per_class_html = []
+    for name in classes:
+        chosen = [x for x in sample if x[2]["label"] == name]
+        per_class_html.append(f"<h3>{esc(name)}</h3><div class=\"gallery\">" + "".join(
+            _figure(pngs.get((p, i)), f"{r['confidence']:.2f} · {sources.object(r['source_uri'])}")
+            for p, i, r in chosen) + "</div>")
+    return [section("Least confident frames", least_html), section("A sample per class", *per_class_html)]
+
+
+def _errors_section(errors: list[dict], sources: SourceNames) -> str:
+    """The error rows by kind, at most ERRORS_SHOWN of each."""
+    if not errors:
+        return section("Errors", "<p>None: every object decoded.</p>")
+    kinds = Counter(e["error"].split(":")[0] for e in errors)
+    blocks = [img_tag(plots.bar_png(list(kinds), list(kinds.values()), "errors by kind"), "errors by kind")]
+    for kind, n in kinds.most_common():
+        shown = [e for e in errors if e["error"].split(":")[0] == kind][:ERRORS_SHOWN]
+        listed = [(sources.object(e["source_uri"]), sources.text(e["error"], e["source_uri"])) for e in shown]
+        blocks.append(f"<h3>{esc(kind)} ({n})</h3>" + table(["source", "error"], listed))
+    return section(f"Errors ({len(errors)})", *blocks)
 
 
 def _thumbnails(parts: list[str], run: Location, chosen: list) -> dict:

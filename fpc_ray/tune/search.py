@@ -140,8 +140,7 @@ def _progress(echo: Callable[[str], None], spec: TuneSpec):
 
     class Progress(Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
-            point = ", ".join(f"{k.split('.')[-1] if k.split('.')[-1] != 'type' else k.split('.')[-2]}="
-                              f"{_short(_decode(trial.config[k]))}" for k in keys)
+            point = ", ".join(f"{_short_name(k)}={_short_value(_decode(trial.config[k]))}" for k in keys)
             echo(f"trial {trial.trial_id} started: {point}")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -160,7 +159,14 @@ def _progress(echo: Callable[[str], None], spec: TuneSpec):
     return Progress()
 
 
-def _short(value: Any) -> str:
+def _short_name(key: str) -> str:
+    """A space key's column name: its last part (``lr``), or the one before a bare ``type``
+    (``model.attention.type`` is ``attention``)."""
+    parts = key.split(".")
+    return parts[-2] if parts[-1] == "type" and len(parts) > 1 else parts[-1]
+
+
+def _short_value(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value).replace(" ", "")
 
 
@@ -202,7 +208,7 @@ def _tuner(spec: TuneSpec, data_uri: str, out: Location, resume: bool, echo: Cal
     )
 
 
-def _start(spec: TuneSpec, data_uri: str, out: Location, resume: bool) -> tuple[TuneSpec, str]:
+def _save_or_restore_spec(spec: TuneSpec, data_uri: str, out: Location, resume: bool) -> tuple[TuneSpec, str]:
     """Check OUTPUT against --resume; save or read back the spec."""
     saved = out.join(SPEC_FILE)
     if resume:
@@ -225,7 +231,7 @@ def run_search(spec: TuneSpec, data_uri: str, output_uri: str, resume: bool = Fa
     from fpc_ray.train.driver import check_workers_fit
 
     out = resolve(output_uri, spec.base.storage)
-    spec, data_uri = _start(spec, data_uri, out, resume)
+    spec, data_uri = _save_or_restore_spec(spec, data_uri, out, resume)
     init_ray()
     cpus = _local_cpus_per_worker(spec)
     if cpus is not None and not resume:
@@ -243,7 +249,7 @@ def run_search(spec: TuneSpec, data_uri: str, output_uri: str, resume: bool = Fa
 
     grid = _tuner(spec, data_uri, out, resume, echo).fit()
     default_point = spec.default_point() or {}
-    rows = [_row(spec, result, out, default_point) for result in grid]
+    rows = [_trial_row(spec, result, out, default_point) for result in grid]
     rows.sort(key=lambda r: (r["best_val_top1"] is None, -(r["best_val_top1"] or 0), -(r["best_val_top2"] or 0)))
     _write_trials(out, rows)
     best = next((r for r in rows if r["status"] == "completed"), None)
@@ -254,7 +260,7 @@ def run_search(spec: TuneSpec, data_uri: str, output_uri: str, resume: bool = Fa
 
 
 # ---------------------------------------------------------------- results
-def _row(spec: TuneSpec, result, out: Location, default_point: dict) -> dict:
+def _trial_row(spec: TuneSpec, result, out: Location, default_point: dict) -> dict:
     from fpc_ray.data.fetal_planes import CLASS_NAMES
     from fpc_ray.model import build_model, count_parameters
 
@@ -315,7 +321,7 @@ def _write_best(spec: TuneSpec, out: Location, best: dict) -> None:
 
 def _leaderboard(spec: TuneSpec, rows: list[dict], best: dict | None, default: dict | None) -> list[str]:
     keys = list(spec.space)
-    short = [k.split(".")[-1] if k.split(".")[-1] not in ("type",) else k.split(".")[-2] for k in keys]
+    short = [_short_name(k) for k in keys]
     lines = [f"{'rank':>4}  {'trial':<10} {'status':<9} {'val_top1':>8} {'val_top2':>8} {'epochs':>6} "
              f"{'params':>9}  " + "  ".join(short)]
     for i, r in enumerate(rows, 1):
