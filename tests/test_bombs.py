@@ -18,6 +18,9 @@ import pytest
 
 from tests import fixtures_archive as fx
 
+# Every test here measures a fresh interpreter's memory in a subprocess (a few seconds each).
+pytestmark = pytest.mark.slow
+
 MAX_GROWTH_MB = 300
 GRAY = np.zeros((64, 64), np.uint8)
 

@@ -23,7 +23,7 @@ from fpc_ray.label.schema import LABEL_SCHEMA, error_kind
 from fpc_ray.storage import resolve
 from tests import fixtures_archive as fx
 
-pytestmark = [pytest.mark.ray, pytest.mark.s3]
+# Every test here but the block-shaping one uses `env` (Ray and S3): conftest marks those slow.
 
 
 @pytest.fixture(scope="module")

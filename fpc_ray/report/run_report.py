@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from fpc_ray import plots
 from fpc_ray.config import StorageConfig
 from fpc_ray.label.runs import SUCCESS, run_parts
+from fpc_ray.label.schema import error_kind
 from fpc_ray.report.page import esc, page, section, table
 from fpc_ray.report.page import img as img_tag
 from fpc_ray.storage import Location
@@ -151,10 +152,10 @@ def _errors_section(errors: list[dict], sources: SourceNames) -> str:
     """The error rows by kind, at most ERRORS_SHOWN of each."""
     if not errors:
         return section("Errors", "<p>None: every object decoded.</p>")
-    kinds = Counter(e["error"].split(":")[0] for e in errors)
+    kinds = Counter(error_kind(e["error"]) for e in errors)
     blocks = [img_tag(plots.bar_png(list(kinds), list(kinds.values()), "errors by kind"), "errors by kind")]
     for kind, n in kinds.most_common():
-        shown = [e for e in errors if e["error"].split(":")[0] == kind][:ERRORS_SHOWN]
+        shown = [e for e in errors if error_kind(e["error"]) == kind][:ERRORS_SHOWN]
         listed = [(sources.object(e["source_uri"]), sources.text(e["error"], e["source_uri"])) for e in shown]
         blocks.append(f"<h3>{esc(kind)} ({n})</h3>" + table(["source", "error"], listed))
     return section(f"Errors ({len(errors)})", *blocks)
