@@ -6,8 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from pathlib import Path
 
 import pytest
 
@@ -16,34 +14,25 @@ from fpc_ray.data.synth import synthesize
 pytestmark = pytest.mark.ray
 
 
-def _train_worker_pids(marker: bytes) -> list[int]:
-    """Ray Train workers of the cluster this test started: their environment carries ``marker``
-    (a local cluster's workers inherit the environment of the driver that started it), so another
-    Ray cluster's workers on the machine are never touched."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if b"RayTrainWorker" not in Path(f"/proc/{entry}/cmdline").read_bytes():
-                continue
-            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-        if marker in environ:
-            pids.append(int(entry))
-    return sorted(pids)
+def _train_worker_pids() -> list[int]:
+    """The Ray Train workers alive in this session's cluster (tests run one at a time, so they are
+    this test's run's), from Ray's state API: another Ray cluster's workers on the machine are
+    never touched."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                         detail=True, raise_on_missing_output=False)
+    return sorted(a.pid for a in actors if a.pid)
 
 
-def test_worker_killed_mid_training_resumes_from_checkpoint(tmp_path):
+def test_worker_killed_mid_training_resumes_from_checkpoint(ray_cluster, tmp_path):
     data, out = tmp_path / "data", tmp_path / "bundle"
     synthesize(str(data), per_class=12, seed=5, width=128, height=96)
     cmd = [sys.executable, "-m", "fpc_ray.cli", "train", "--data", str(data), "--output", str(out),
            "--epochs", "3", "--image-size", "64", "--batch-size", "8", "--num-workers", "2",
            "--set", "train.max_failures=1"]
-    marker = f"FPC_TEST_RUN={uuid.uuid4().hex}"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", marker.split("=")[0]: marker.split("=")[1]}
-    env.pop("RAY_ADDRESS", None)  # a cluster of its own, whose workers carry the marker
+    # The CLI joins the session's cluster (as inside a Ray job): no cluster start of its own.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_cluster}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     killed = None
     deadline = time.monotonic() + 300
@@ -51,7 +40,7 @@ def test_worker_killed_mid_training_resumes_from_checkpoint(tmp_path):
         while time.monotonic() < deadline and proc.poll() is None:
             # The controller writes its snapshot once a checkpoint is registered for restarts.
             if list(out.glob("ray/train-*/checkpoint_manager_snapshot.json")):
-                pids = _train_worker_pids(marker.encode())
+                pids = _train_worker_pids()
                 if pids:
                     killed = pids[-1]
                     os.kill(killed, signal.SIGKILL)

@@ -105,6 +105,9 @@ class EmbeddedS3:
             f"-filer.port={self.filer_port}", "-s3", f"-s3.port={self.s3_port}",
             f"-s3.config={self._identity_file()}", "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-volume.max=100", "-master.volumeSizeLimitMB=64",
+            # One master: nothing to elect. A restart on existing state otherwise waits out the
+            # default 10 s election timeout (and more) before it answers.
+            "-master.electionTimeout=1s",
         ]
         log = open(self.data_dir / "weed.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
