@@ -5,7 +5,8 @@
                        parameter counts, resolved config, data fingerprint, val/test metrics
 ``metrics.json``       the per-epoch training history
 
-:func:`build_card` assembles model cards and :func:`save_bundle` writes them; :func:`load_bundle` the one reader.
+:func:`build_card` assembles model cards and :func:`save_bundle` writes a bundle (the retraining
+loop later adds its promotion record to the card); :func:`load_bundle` is the one reader.
 """
 
 from __future__ import annotations

@@ -71,19 +71,21 @@ def exception_line(err: BaseException, limit: int = 300) -> str:
 
 
 def private_reason(err: BaseException) -> str:
-    """``err`` as a reason that quotes nothing of its message: the storage's reason code (``AWS
-    Error ACCESS_DENIED``) or errno (``[Errno 13] Permission denied``) where it has one, else its
-    type.
+    """``err`` as a reason that quotes nothing of its message: for a storage error (an OSError)
+    its reason code (``AWS Error ACCESS_DENIED``) or errno (``[Errno 13] Permission denied``) where
+    it has one; else, and for every other exception, its type.
 
     Messages quote what they failed on: an object's key or path, a DICOM header value (a
     malformed PatientName). What an error row says of an object must carry no identifier, so it
     says why in these words only.
     """
-    text = str(err)
+    if not isinstance(err, OSError):  # a decoder's error: its message may quote a header value
+        return type(err).__name__
+    text = str(err)  # a storage error (pyarrow raises OSError): its reason code or errno only
     aws = _AWS_REASON.search(text)
     if aws:
         return aws.group(0)
-    code = getattr(err, "errno", None)
+    code = err.errno
     if not isinstance(code, int):
         found = _ERRNO.search(text)
         code = int(found.group(1)) if found else None

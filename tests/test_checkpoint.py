@@ -132,3 +132,23 @@ def test_clean_up_removes_only_our_temp_folders(written, tmp_path):
         assert not os.path.exists(path)
     finally:
         os.rmdir(stranger)
+
+
+def test_a_checkpoint_written_before_timms_scheduler_resumes_where_it_stood(written):
+    """Checkpoints of fpc-ray before issue 12 hold torch's LambdaLR state and no step count (a
+    killed search or run resumed after an upgrade): the steps come from LambdaLR's own count."""
+    path, *_ = written
+    state = torch.load(os.path.join(path, STATE), weights_only=True)
+    model, optimizer, _ = _parts(1)
+    old = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    for _ in range(state["updates"]):
+        optimizer.step()
+        old.step()
+    torch.save({"optimizer": state["optimizer"], "scheduler": old.state_dict(), "epoch": state["epoch"]},
+               os.path.join(path, STATE))
+    model, optimizer, scheduler = _parts(2)
+    progress = resume(path, model, optimizer, scheduler, torch.device("cpu"))
+    assert progress.updates == 2 * STEPS and progress.epochs_done == 2
+    _, reference_optimizer, reference = _parts(3)
+    reference.step_update(2 * STEPS)
+    assert current_lr(optimizer) == pytest.approx(current_lr(reference_optimizer))

@@ -213,3 +213,13 @@ def test_a_window_pydicom_cannot_apply_leaves_the_stored_bit_scaling():
     assert np.array_equal(_gray(fx.dicom_windowed(RAMP12, center=1000, width=0)), plain)  # LINEAR needs >= 1
     unknown = fx._patched(fx.dicom_windowed(RAMP12, center=1000, width=500), VOILUTFunction="CUBIC")
     assert np.array_equal(_gray(unknown), plain)
+
+
+@pytest.mark.parametrize("width, height", [(11000, 9000), (14000, 14000)])
+def test_past_pils_own_limits_is_our_too_large_without_a_warning(width, height, recwarn):
+    """PIL warns past 89 MP and refuses past 179 MP on its own: both are ours to report, as one
+    too_large row and no DecompressionBombWarning in the actor's log."""
+    with pytest.raises(DecodeError) as err:
+        decode_object("big.png", fx.png_bomb(width, height))
+    assert err.value.kind == "too_large" and "exceeds the limit of 64000000" in str(err.value)
+    assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from fpc_ray.errors import StorageUnavailable, UserError
+from fpc_ray.errors import StorageUnavailable, UserError, private_reason
 from fpc_ray.label.listing import list_objects
 from fpc_ray.storage import is_outage, resolve
 
@@ -91,3 +91,16 @@ def test_write_probes_of_runs_starting_together_do_not_collide(where, tmp_path, 
     out = resolve(str(tmp_path / "out") if where == "local" else "s3://test/probes")
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(lambda _: out.check_writable(), range(32)))  # raises if a probe was deleted under one
+
+
+@pytest.mark.parametrize("err, reason", [
+    (OSError("s3://b/k: AWS Error ACCESS_DENIED during GetObject operation"), "AWS Error ACCESS_DENIED"),
+    (FileNotFoundError(2, "No such file", "/archive/DOE^JANE.dcm"), "[Errno 2] No such file or directory"),
+    (OSError("[errno 36] File name too long: /archive/DOE^JANE"), "[Errno 36] File name too long"),
+    (OSError("read failed at /archive/DOE^JANE.dcm"), "OSError"),
+    # A decoder's error quotes header values: only its type, whatever the message looks like.
+    (ValueError("bad PatientName 'AWS Error DOE_JANE_MRN8675309'"), "ValueError"),
+    (ValueError("[errno 5] in tag (0010,0010) DOE^JANE"), "ValueError"),
+])
+def test_private_reason_quotes_no_identifier(err, reason):
+    assert private_reason(err) == reason

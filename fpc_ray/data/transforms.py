@@ -10,6 +10,8 @@ without it (half a second of every actor's start-up on a 2-core machine).
 from __future__ import annotations
 
 import io
+import re
+import warnings
 from typing import TYPE_CHECKING
 
 import cv2
@@ -80,10 +82,21 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 def open_image(data: bytes) -> Image.Image:
     """Open PNG / JPEG bytes lazily (only the header is read), refusing every other format.
 
+    PIL has a pixel limit of its own (a warning past 89 MP, an error past 179 MP): ours is the one
+    that counts, so PIL's warning is silenced here and its error reported as ours.
+
     Raises:
         PIL.UnidentifiedImageError: not a PNG or JPEG.
+        TooManyPixels: past PIL's own limit (any size past ours is refused by :func:`check_pixels`).
     """
-    return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as e:
+        claimed = re.search(r"\((\d+) pixels\)", str(e))
+        raise TooManyPixels(f"{claimed.group(1) if claimed else 'more than 179M'} pixels exceeds the limit of "
+                            f"{MAX_PIXELS}") from None
 
 
 def decode_image_bytes(data: bytes) -> np.ndarray:

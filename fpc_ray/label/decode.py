@@ -16,7 +16,6 @@ import io
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
 from fpc_ray.data.transforms import MAX_PIXELS, TooManyPixels, decode_image_bytes, open_image, to_gray_u8
 from fpc_ray.errors import private_reason
@@ -65,7 +64,7 @@ def is_dicom(uri: str, data: bytes) -> bool:
 def _decode_raster(data: bytes) -> np.ndarray:
     try:
         open_image(data).close()  # the format, from the header alone
-    except Image.DecompressionBombError as e:
+    except TooManyPixels as e:
         raise DecodeError("too_large", str(e)) from None
     except Exception:
         raise DecodeError("not_an_image", "not a PNG, JPEG or DICOM file") from None

@@ -43,7 +43,8 @@ def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 class Progress:
     """Where a run stands: epochs done, optimizer steps done, each epoch's metrics and the best.
 
-    ``best_state`` (the best epoch's weights) is kept on rank 0 only, which writes checkpoints.
+    ``best_state`` (the best epoch's weights) is what rank 0 writes into checkpoints; other ranks
+    keep none while training (a resumed run loads it on every rank, as the checkpoint has it).
     """
 
     epochs_done: int = 0
@@ -102,10 +103,14 @@ def resume(path: str, model: torch.nn.Module, optimizer, scheduler, device: torc
     model.load_state_dict(load_file(os.path.join(path, WEIGHTS), device=str(device)))
     state = torch.load(os.path.join(path, STATE), map_location=device, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scheduler.step_update(state["updates"])
+    updates = state.get("updates")
+    if updates is None:  # written before timm's scheduler: torch's LambdaLR counted the steps itself
+        updates = int(state["scheduler"]["last_epoch"])
+    else:
+        scheduler.load_state_dict(state["scheduler"])
+    scheduler.step_update(updates)
     history, best = read_history(path)
-    return Progress(epochs_done=state["epoch"] + 1, updates=state["updates"], history=history, best=best,
+    return Progress(epochs_done=state["epoch"] + 1, updates=updates, history=history, best=best,
                     best_state=best_weights(path))
 
 

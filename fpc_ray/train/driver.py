@@ -223,10 +223,9 @@ def _trained_model(cfg: Config, checkpoint) -> tuple[object, list[dict], dict]:
 
 
 def _score_test_split(cfg: Config, model, test: SplitArrays, what: str) -> dict | None:
-    """The model's report on the test split (None when it is empty). A GPU run scores it in a Ray
-    task on a GPU, where the workers' resources are; a CPU run scores it here, in the driver, which
-    already holds the model and the images: a task would first pay a process start and the
-    torch + timm import (3-4 s of CPU) to do the same arithmetic."""
+    """The model's report on the test split (None when it is empty). An in-process run scores it
+    here; a run on Ray scores it in a Ray task where the workers' resources (and GPUs) are: the
+    driver may hold no CPU (a Tune trial reserves none; a KubeRay head node has none)."""
     import ray
     import ray.exceptions
 
@@ -238,7 +237,7 @@ def _score_test_split(cfg: Config, model, test: SplitArrays, what: str) -> dict 
     tc = cfg.train
     mean, std = normalization(cfg.model.backbone)
     args = (model, test.images, test.labels, list(CLASS_NAMES), mean, std, 2 * tc.batch_size, tc.use_gpu)
-    if tc.num_workers == 0 or not tc.use_gpu:
+    if tc.num_workers == 0:
         return evaluate_arrays(*args)
     # DEFAULT: not inside the placement group of a Tune trial that runs this driver
     remote = ray.remote(evaluate_arrays).options(num_cpus=tc.cpus_per_worker, num_gpus=1 if tc.use_gpu else 0,
