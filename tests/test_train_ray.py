@@ -1,10 +1,15 @@
 """Ray Train on a real local Ray cluster: DDP workers, checkpoints, and S3 storage (SeaweedFS)."""
 
 
+import json
+
 import pytest
+import torch
+from safetensors.torch import load as load_safetensors
 
 from fpc_ray.config import load_config
 from fpc_ray.data.synth import synthesize
+from fpc_ray.model.weights import lite0_in1k_state_dict
 from fpc_ray.scoring import evaluate_bundle
 from fpc_ray.train.driver import run_training
 
@@ -53,6 +58,25 @@ def test_ddp_training_on_s3_checkpoints_and_learns(ray_with_s3):
     for files in checkpoints.values():
         assert {"model.safetensors", "state.pt", "history.json"} <= files
 
+    # The thaw (and DDP's re-wrap over the backbone's parameters) trained the backbone: in the last
+    # epoch's checkpoint (Ray keeps the latest) its weights left the pretrained ones, which a frozen
+    # or never re-wrapped backbone would still hold. (The bundle holds the best epoch's weights,
+    # which may be the frozen first one.)
+    client = server.client()
+    last = max(checkpoints, key=lambda name: len(json.loads(client.get_object(
+        Bucket="test", Key=_checkpoint_key(keys, name, "history.json"))["Body"].read())["history"]))
+    weights = load_safetensors(client.get_object(Bucket="test", Key=_checkpoint_key(keys, last, "model.safetensors"))
+                               ["Body"].read())
+    pretrained = lite0_in1k_state_dict()
+    moved = [k for k in ("conv_stem.weight", "blocks.3.0.conv_pw.weight")
+             if not torch.equal(weights["backbone." + k], pretrained[k])]
+    assert len(moved) == 2, moved
+
     test = evaluate_bundle("s3://test/models/ddp", "s3://test/ddp-data", "test")
     assert test["top1"] == pytest.approx(outcome.card["metrics"]["test"]["top1"])
     assert test["top1"] > 0.5  # chance is 1/6
+
+
+def _checkpoint_key(keys: set[str], checkpoint: str, name: str) -> str:
+    (key,) = [k for k in keys if k.split("/")[4:6] == [checkpoint, name]]
+    return key
