@@ -1,4 +1,7 @@
-"""A training worker dies mid-run: Ray Train restarts the group from the last checkpoint."""
+"""A training worker dies mid-run: Ray Train restarts the group from the last checkpoint.
+
+One worker: a group of two proves nothing more here (DDP runs in test_train_ray and test_cluster)
+and starts, and restarts, twice the processes."""
 
 import json
 import os
@@ -29,7 +32,7 @@ def test_worker_killed_mid_training_resumes_from_checkpoint(ray_cluster, tmp_pat
     data, out = tmp_path / "data", tmp_path / "bundle"
     synthesize(str(data), per_class=12, seed=5, width=128, height=96)
     cmd = [sys.executable, "-m", "fpc_ray.cli", "train", "--data", str(data), "--output", str(out),
-           "--epochs", "3", "--image-size", "64", "--batch-size", "8", "--num-workers", "2",
+           "--epochs", "3", "--image-size", "64", "--batch-size", "8", "--num-workers", "1",
            "--set", "train.max_failures=1"]
     # The CLI joins the session's cluster (as inside a Ray job): no cluster start of its own.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_cluster}
