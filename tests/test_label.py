@@ -303,6 +303,11 @@ def test_three_runs_at_once_on_one_output_commit_every_object_once(env):
     assert sorted(rows) == expected
     objects = [u for t in _committed_objects(output) for u in t]
     assert sorted(objects) == expected
+    # They ran at once: both committers listed and labelled all twelve, and the second dropped its
+    # rows of every object the first had committed meanwhile.
+    summaries = [json.loads(client.get_object(Bucket="test", Key=f"labels-concurrent/run={rid}/_SUCCESS.json")
+                            ["Body"].read()) for rid in ("same", "other")]
+    assert sorted(s["objects"]["dropped_late"] for s in summaries) == [0, 12], summaries
 
 
 def _committed_objects(output: str) -> list[list[str]]:
