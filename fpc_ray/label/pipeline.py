@@ -31,6 +31,7 @@ from fpc_ray.label.runs import (
     commit,
     committed_objects,
     object_keys,
+    objects_not_in,
     parquet_parts,
     summarise_rows,
 )
@@ -158,8 +159,7 @@ def _objects_to_label(sources: list[Location], attempt: Attempt, opts: LabelOpti
     Notes the committed runs seen as the attempt's baseline (see :func:`runs.commit`)."""
     listed = list_inputs(sources)
     committed, attempt.baseline = committed_objects(attempt.output)
-    seen = set() if opts.full else object_keys(committed)
-    todo = [o for o in listed if (o["uri"], o["size"], o["mtime_ns"]) not in seen]
+    todo = listed if opts.full else objects_not_in(listed, object_keys(committed))
     return listed, todo if opts.limit is None else todo[: opts.limit]
 
 

@@ -149,6 +149,11 @@ def object_keys(table: pa.Table) -> set[Key]:
     return set(zip(*(table[c].to_pylist() for c in OBJECTS_SCHEMA.names), strict=True))
 
 
+def objects_not_in(objects: list[dict], keys: set[Key]) -> list[dict]:
+    """The listed objects (dicts with uri, size, mtime_ns) whose identity is not among ``keys``."""
+    return [o for o in objects if (o["uri"], o["size"], o["mtime_ns"]) not in keys]
+
+
 def write_index(output: Location, table: pa.Table, runs: set[str]) -> None:
     """Replace the index atomically: a local temp file renamed over it, or one S3 PUT."""
     table = table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
@@ -267,8 +272,7 @@ def _marker_holder(run_dir: Location) -> str:
 def _drop_late(attempt: Attempt, objects: list[dict], index: pa.Table, echo: Callable[[str], None]) -> list[dict]:
     """The objects no run committed since the attempt started holds; the others' rows are dropped."""
     since = index.filter(pc.invert(pc.is_in(index["run"], pa.array(sorted(attempt.baseline), pa.string()))))
-    late = object_keys(since)
-    keep = [o for o in objects if (o["uri"], o["size"], o["mtime_ns"]) not in late]
+    keep = objects_not_in(objects, object_keys(since))
     if len(keep) < len(objects):
         _drop_committed(attempt.staged, {o["uri"] for o in objects} - {o["uri"] for o in keep})
         echo(f"run {attempt.run_id}: dropped the rows of {len(objects) - len(keep)} object(s) that runs "
