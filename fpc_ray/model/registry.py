@@ -30,19 +30,6 @@ default_cfgs = {
 }
 
 
-def _create(name: str, backbone: str, pretrained: bool, num_classes: int, pretrained_cfg,
-            pretrained_cfg_overlay: dict | None, model_section: dict) -> FetalPlaneClassifier:
-    if pretrained_cfg is not None:  # a tag (name.tag) or an explicit cfg: there is one, untagged
-        raise ValueError(f"{name} has one pretrained_cfg; got {pretrained_cfg!r}")
-    if "backbone" in model_section:
-        raise ValueError(f"{name} is built on {backbone}; another backbone is another model (build_model)")
-    cfg = ModelConfig(backbone=backbone, pretrained="lite0-in1k" if pretrained else "none", **model_section)
-    model = build_model(cfg, num_classes, pretrained=pretrained)
-    model.pretrained_cfg = {**timm.get_pretrained_cfg(name).to_dict(), **(pretrained_cfg_overlay or {}),
-                            "num_classes": num_classes}
-    return model
-
-
 @register_model
 def fpc_efficientnet_lite0(pretrained: bool = False, num_classes: int = len(CLASS_NAMES),
                            pretrained_cfg=None, pretrained_cfg_overlay: dict | None = None,
@@ -54,5 +41,13 @@ def fpc_efficientnet_lite0(pretrained: bool = False, num_classes: int = len(CLAS
     ``drop_rate``) that replace the defaults; the backbone is the name's.
     """
     del cache_dir  # timm's factory passes it; nothing is downloaded
-    return _create("fpc_efficientnet_lite0", LITE0_BACKBONE, pretrained, num_classes, pretrained_cfg,
-                   pretrained_cfg_overlay, model_section)
+    name = "fpc_efficientnet_lite0"
+    if pretrained_cfg is not None:  # a tag (name.tag) or an explicit cfg: there is one, untagged
+        raise ValueError(f"{name} has one pretrained_cfg; got {pretrained_cfg!r}")
+    if "backbone" in model_section:
+        raise ValueError(f"{name} is built on {LITE0_BACKBONE}; another backbone is another model (build_model)")
+    cfg = ModelConfig(backbone=LITE0_BACKBONE, pretrained="lite0-in1k" if pretrained else "none", **model_section)
+    model = build_model(cfg, num_classes, pretrained=pretrained)
+    model.pretrained_cfg = {**timm.get_pretrained_cfg(name).to_dict(), **(pretrained_cfg_overlay or {}),
+                            "num_classes": num_classes}
+    return model
