@@ -32,8 +32,9 @@ def uses_external_cluster() -> bool:
     return bool(os.environ.get("RAY_ADDRESS"))
 
 
-def init_ray() -> None:
-    """Connect to the cluster in ``RAY_ADDRESS``, or start a quiet local one."""
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS``, or start a quiet local one (with ``num_cpus``
+    CPUs, default the machine's)."""
     import ray
 
     if ray.is_initialized():
@@ -46,6 +47,8 @@ def init_ray() -> None:
         # cluster that makes torch's threads stall behind every idle daemon tick (measured:
         # -10..30 % training throughput on 2 cores). A cluster's nodes keep Ray's default.
         kwargs["_system_config"] = {"worker_niceness": 0}
+        if num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
         # Ray Train's placement-group cleaner finds the dashboard by scanning the machine for Ray
         # clusters; with a second local cluster on the machine (another fpc-ray command, a test)
         # that scan fails, the cleaner never frees a finished run's CPUs and the next run (a Tune

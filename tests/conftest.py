@@ -90,23 +90,17 @@ def ray_cluster(s3_server) -> str:
     """One local Ray cluster (2 CPUs) for every in-process Ray test of the session; yields its GCS
     address, which subprocess drivers join through ``RAY_ADDRESS``.
 
-    Started once the AWS variables point at the embedded S3, so its workers inherit them; set up as
-    ``fpc_ray.cluster.init_ray`` sets up a local cluster (workers at nice 0; the dashboard's port
-    pinned and told to the workers, so Ray Train's placement-group cleaner finds it while other
-    clusters run on the machine). Starting it once saves a cluster start (5-10 s) per module.
+    Started once the AWS variables point at the embedded S3, so its workers inherit them; started
+    by ``fpc_ray.cluster.init_ray``, as every fpc-ray command starts a local cluster. Starting it
+    once saves a cluster start (5-10 s) per module.
     """
-    import socket
-
     import ray
+
+    from fpc_ray.cluster import init_ray
 
     if ray.is_initialized():  # a cluster an in-process run started outside this fixture
         ray.shutdown()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_port=port, logging_level="WARNING",
-             _system_config={"worker_niceness": 0},
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+    init_ray(num_cpus=2)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
