@@ -14,9 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
-from fpc_ray.cli import app
 from fpc_ray.data.fetal_planes import CLASS_NAMES, read_fetal_planes
 from fpc_ray.data.synth import render_phantom, synthesize
 from fpc_ray.errors import UserError
@@ -26,20 +24,9 @@ from fpc_ray.review import Strategy
 from fpc_ray.review.importer import patient_num
 from fpc_ray.review.select import frame_id, ranked
 from tests.fixtures_archive import dicom_jpeg_ybr_cine, jpeg, png
+from tests.test_cli import invoke, one_error_line
 
-runner = CliRunner()
 CINE_STUDY = "1.2.826.0.1.3680043.8.498.1"
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result) -> str:
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 def _row(uri: str, data: bytes, frame: int, truth: str, label: str, confidence: float, run_id: str,

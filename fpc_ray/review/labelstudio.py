@@ -46,10 +46,10 @@ def labeling_config() -> str:
 
     return (f'<View>\n  <Image name="{IMAGE}" value="${IMAGE}" zoom="true"/>\n'
             f'  <Header value="Plane"/>\n'
-            f'  <Choices name="{PLANE}" toName="{IMAGE}" choice="single" required="true" showInLine="true">\n'
+            f'  <Choices name="{PLANE}" toName="{IMAGE}" choice="single" required="true" showInline="true">\n'
             f"{choices([*CLASS_NAMES, UNSURE])}\n  </Choices>\n"
             f'  <Header value="Brain plane (optional)"/>\n'
-            f'  <Choices name="{BRAIN_PLANE}" toName="{IMAGE}" choice="single" showInLine="true">\n'
+            f'  <Choices name="{BRAIN_PLANE}" toName="{IMAGE}" choice="single" showInline="true">\n'
             f"{choices(BRAIN_PLANES)}\n  </Choices>\n</View>\n")
 
 
