@@ -240,6 +240,12 @@ def test_export_reads_runs_from_and_writes_the_batch_to_s3(archive, s3_server):
         assert t["data"]["image"] == f"s3://test/review/batches/b1/images/{t['data']['frame_id']}.png"
         client.head_object(Bucket="test", Key=t["data"]["image"].removeprefix("s3://test/"))
         client.head_object(Bucket="test", Key=f"review/batches/b1/cams/{t['data']['frame_id']}.png")
+    second = invoke("review", "export", "s3://test/review/labels", "--output", "s3://test/review/batches/b2",
+                    "--n", 20, "--format", "csv")
+    assert second.exit_code == 0, second.output
+    assert "3 in earlier batches left out" in second.output  # the batch beside it, found on S3
+    csv_rows = client.get_object(Bucket="test", Key="review/batches/b2/tasks.csv")["Body"].read().decode()
+    assert len(csv_rows.splitlines()) == 1 + 13 - 3
 
 
 # --- import -------------------------------------------------------------------------------------

@@ -209,6 +209,8 @@ def export_batch(inputs: list[str], output: str, opts: ExportOptions, storage: S
             frame is left to export.
     """
     out = resolve(output, storage)
+    if is_remote(out.uri) and "/" not in out.path:
+        raise UserError(f"--output {out.uri}: give a prefix inside the bucket (batches sit side by side under one)")
     if out.join(MANIFEST).exists():
         raise UserError(f"{out.uri}: already holds a review batch; give a new --output")
     runs = {r.uri: r for uri in inputs for r in input_runs(uri, storage)}
