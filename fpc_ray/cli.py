@@ -26,6 +26,8 @@ from typer.exceptions import TyperException
 from fpc_ray.cluster import skip_update_checks
 from fpc_ray.config import CamMethod
 from fpc_ray.errors import RunFailed, UserError
+from fpc_ray.review import Format as ReviewFormat
+from fpc_ray.review import Strategy as ReviewStrategy
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -35,6 +37,9 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print measured ratios.")
 app.add_typer(bench_app, name="bench")
+review_app = typer.Typer(no_args_is_help=True, help="Review batches: uncertain frames out to reviewers, "
+                                                    "their answers back as a dataset.")
+app.add_typer(review_app, name="review")
 
 class SplitName(StrEnum):
     test = "test"
@@ -109,6 +114,11 @@ def synth(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     width: Annotated[int, typer.Option("--width", min=64, max=4096)] = 512,
     height: Annotated[int, typer.Option("--height", min=64, max=4096)] = 384,
+    confuse: Annotated[str | None, typer.Option(
+        "--confuse", metavar="PLANE=LOOKALIKE", help="Make a share of PLANE's images look like LOOKALIKE "
+        "(a faint trace of their own structure left; labels unchanged), e.g. 'Fetal thorax=Fetal abdomen'.")] = None,
+    confuse_share: Annotated[float, typer.Option("--confuse-share", min=0.0, max=1.0,
+                                                 help="Share of PLANE's images made look-alikes.")] = 0.5,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -116,8 +126,14 @@ def synth(
     from fpc_ray.config import load_config
     from fpc_ray.data.synth import synthesize
 
+    pair = None
+    if confuse is not None:
+        pair = tuple(p.strip() for p in confuse.split("="))
+        if len(pair) != 2:
+            raise fail(f"--confuse {confuse!r}: expected PLANE=LOOKALIKE, e.g. 'Fetal thorax=Fetal abdomen'")
     cfg = load_config(config, set_)
-    records = synthesize(out, per_class, seed=seed, width=width, height=height, storage=cfg.storage)
+    records = synthesize(out, per_class, seed=seed, width=width, height=height, storage=cfg.storage,
+                         confuse=pair, confuse_share=confuse_share)
     n_train = sum(r.official_train for r in records)
     patients = len({r.patient for r in records})
     typer.echo(f"wrote {len(records)} images of {patients} patients to {out} "
@@ -425,6 +441,70 @@ def bench_history(
             lines = run_benchmark(runs, tmp)
     for line in lines:
         typer.echo(line)
+
+
+@review_app.command("export")
+@one_line_errors
+def review_export(
+    inputs: Annotated[list[str], typer.Argument(
+        metavar="RUN_OR_LABELS_PREFIX...", help="Committed runs (LABELS/run=<id>) or labels prefixes (every "
+                                                "committed run under them); local or s3://.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The batch's folder or s3:// prefix. Frames in "
+                                        "the batches beside it (its parent's */manifest.parquet) are not "
+                                        "exported again: keep a project's batches under one parent.")],
+    n: Annotated[int, typer.Option("--n", min=1, help="Frames in the batch.")],
+    strategy: Annotated[ReviewStrategy, typer.Option("--strategy")] = ReviewStrategy.least_confident,
+    per_class: Annotated[int | None, typer.Option("--per-class", min=1, help="per-class: frames per predicted "
+                                                  "class (default: N over the classes).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="For --strategy random.")] = 0,
+    formats: Annotated[list[ReviewFormat] | None, typer.Option(
+        "--format", help="Write only this format (repeatable; default: both).")] = None,
+    image_root: Annotated[str | None, typer.Option(
+        "--image-root", help="URL Label Studio reaches the batch folder at (e.g. /data/local-files/?d=batches/b1); "
+                             "default: the batch's s3:// URI, or images/<id>.png relative to a local batch.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write a review batch of the least certain frames of committed labelling runs."""
+    from fpc_ray.config import load_config
+    from fpc_ray.review.export import ExportOptions, export_batch
+
+    cfg = load_config(config, set_)
+    chosen = tuple(dict.fromkeys(f.value for f in formats)) if formats else tuple(f.value for f in ReviewFormat)
+    opts = ExportOptions(n=n, strategy=strategy, per_class=per_class, seed=seed, formats=chosen,
+                         image_root=image_root)
+    summary = export_batch(inputs, output, opts, cfg.storage, echo=typer.echo)
+    typer.echo(f"exported {summary['frames']} frame(s) from {summary['runs']} run(s) to {summary['batch']} "
+               f"({strategy.value}; {summary['already_exported']} in earlier batches left out)")
+    typer.echo("by predicted class: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["by_class"].items())))
+
+
+@review_app.command("import")
+@one_line_errors
+def review_import(
+    annotations: Annotated[str, typer.Argument(help="Label Studio's JSON export, or the batch's tasks.csv "
+                                                    "filled in; local or s3://.")],
+    batch: Annotated[str, typer.Option("--batch", help="The review batch the answers are for.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The dataset folder or s3:// prefix to create "
+                                        "(FETAL_PLANES_DB layout); must not exist or be empty.")],
+    test_fraction: Annotated[float, typer.Option("--test-fraction", min=0.0, max=1.0,
+                                                 help="Share of the studies in the test split.")] = 0.2,
+    seed: Annotated[int, typer.Option("--seed", help="Draws the test studies.")] = 0,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Turn reviewers' answers into a FETAL_PLANES_DB-layout dataset, and report the model's agreement."""
+    from fpc_ray.config import load_config
+    from fpc_ray.review.importer import import_answers
+
+    cfg = load_config(config, set_)
+    s = import_answers(annotations, batch, output, test_fraction, seed, cfg.storage, echo=typer.echo)
+    typer.echo(f"wrote {s['reviewed']} reviewed frame(s) to {output} ({s['train_studies']} train / "
+               f"{s['test_studies']} test studies); {s['unsure']} unsure, {s['skipped']} skipped")
+    typer.echo(f"agreement: the model's label was the reviewers' for {s['model_right']} of {s['reviewed']} "
+               f"({s['agreement']:.1%})")
+    for name, c in s["per_class"].items():
+        typer.echo(f"  {name}: {c['model_right']}/{c['reviewed']} ({c['agreement']:.1%})")
 
 
 def main() -> None:

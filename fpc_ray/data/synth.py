@@ -26,6 +26,7 @@ from fpc_ray.data.fetal_planes import (
     Record,
     write_csv,
 )
+from fpc_ray.errors import UserError
 from fpc_ray.storage import resolve
 
 OPERATORS = ("Op. 1", "Op. 2", "Op. 3", "Other")
@@ -141,6 +142,19 @@ _DRAW = {
 }
 
 
+# How much of the true structure a look-alike keeps under its decoy: faint enough that a model
+# trained on few of them takes the decoy's class, present enough that more of them teach it.
+LOOK_ALIKE_TRACE = 0.4
+
+
+def _look_alike(cv, u, v, rng, plane: str, decoy: str) -> None:
+    """``plane``'s structure, faded to a trace, under ``decoy``'s at the same place."""
+    before = cv.echo.copy()
+    _DRAW[plane](cv, u, v, rng)
+    cv.echo = before + LOOK_ALIKE_TRACE * (cv.echo - before)
+    _DRAW[decoy](cv, u, v, rng)
+
+
 def _font(size: int):
     try:
         return ImageFont.load_default(size=size)
@@ -149,8 +163,9 @@ def _font(size: int):
 
 
 def render_phantom(plane: str, rng: np.random.Generator, width: int = 512, height: int = 384,
-                   banner: str = "") -> np.ndarray:
-    """One phantom ultrasound image (HxW uint8) of ``plane``."""
+                   banner: str = "", decoy: str | None = None) -> np.ndarray:
+    """One phantom ultrasound image (HxW uint8) of ``plane``; with ``decoy``, a look-alike: the
+    decoy class's structure over a faint trace of ``plane``'s (the label stays ``plane``)."""
     cv = _Canvas(height, width)
     apex_x, apex_y = width / 2 + rng.uniform(-0.03, 0.03) * width, 0.06 * height
     radius = 0.92 * height
@@ -169,7 +184,10 @@ def render_phantom(plane: str, rng: np.random.Generator, width: int = 512, heigh
     cx = apex_x + rng.uniform(-0.12, 0.12) * width
     cy = apex_y + rng.uniform(0.42, 0.62) * radius
     u, v = cv.local(cx, cy, rng.uniform(0, 2 * math.pi), scale)
-    _DRAW[plane](cv, u, v, rng)
+    if decoy is None:
+        _DRAW[plane](cv, u, v, rng)
+    else:
+        _look_alike(cv, u, v, rng, plane, decoy)
 
     gain = np.exp(-depth / radius * rng.uniform(0.3, 1.0))  # attenuation with depth
     speckle = rng.rayleigh(0.8, size=(height, width)).astype(np.float32)
@@ -185,8 +203,20 @@ def render_phantom(plane: str, rng: np.random.Generator, width: int = 512, heigh
     return image
 
 
+def _check_confuse(confuse: tuple[str, str] | None, share: float) -> None:
+    if confuse is None:
+        return
+    unknown = [p for p in confuse if p not in CLASS_NAMES]
+    if unknown or confuse[0] == confuse[1]:
+        raise UserError(f"confuse {confuse[0]!r} with {confuse[1]!r}: expected two different planes of "
+                        f"{', '.join(CLASS_NAMES)}")
+    if not 0 <= share <= 1:
+        raise UserError(f"confuse share {share}: expected a share between 0 and 1")
+
+
 def synthesize(out: str, per_class: int, seed: int = 0, width: int = 512, height: int = 384,
-               train_fraction: float = 0.6, storage: StorageConfig | None = None) -> list[Record]:
+               train_fraction: float = 0.6, storage: StorageConfig | None = None,
+               confuse: tuple[str, str] | None = None, confuse_share: float = 0.5) -> list[Record]:
     """Write a phantom FETAL_PLANES_DB (``Images/*.png`` + CSV) to a local folder or S3 prefix.
 
     Args:
@@ -195,10 +225,15 @@ def synthesize(out: str, per_class: int, seed: int = 0, width: int = 512, height
         seed: everything is a function of it.
         width, height: image size in pixels.
         train_fraction: share of patients in the official train split (``Train`` = 1).
+        confuse: (plane, look-alike plane): ``confuse_share`` of ``plane``'s images (drawn
+            independently of everything else) look like the other plane, with a faint trace
+            of their own; their label stays ``plane``. Every other image, and the CSV, are what
+            they are without it.
 
     Returns:
         The records written, in CSV order.
     """
+    _check_confuse(confuse, confuse_share)
     py_rng = random.Random(seed)
     planes = [p for p in CLASS_NAMES for _ in range(per_class)]
     py_rng.shuffle(planes)
@@ -232,7 +267,9 @@ def synthesize(out: str, per_class: int, seed: int = 0, width: int = 512, height
         rng = np.random.default_rng([seed, idx])
         banner = (f"{rec.machine}  PHANTOM P{rec.patient:05d}  GA {rng.integers(18, 36)}w"
                   f"{rng.integers(0, 7)}d  MI 0.{rng.integers(5, 13)}")
-        image = render_phantom(rec.plane, rng, width, height, banner)
+        decoy = confuse[1] if confuse and rec.plane == confuse[0] and (
+            np.random.default_rng([seed, idx, 1]).random() < confuse_share) else None
+        image = render_phantom(rec.plane, rng, width, height, banner, decoy)
         ok, png = cv2.imencode(".png", image)
         root.join(IMAGES_DIR, rec.image_name + IMAGE_EXT).write_bytes(png.tobytes())
     root.join(CSV_NAME).write_text(write_csv(records))

@@ -1,0 +1,159 @@
+"""The Label Studio formats a review batch speaks, and the spreadsheet beside them.
+
+- The labelling config: the frame as an ``<Image>``, the six planes as single ``<Choices>``
+  named ``plane`` (required, with an ``Unsure`` choice), the brain sub-plane as an optional
+  second ``<Choices>`` named ``brain_plane``.
+- Import tasks (Label Studio's basic JSON format): ``{"data": {...}, "predictions": [...]}``,
+  the model's label as a pre-annotation with its score and model version.
+- The JSON export: a list of tasks, each with ``annotations[]`` holding ``result[]`` items
+  (``from_name``, ``to_name``, ``type: choices``, ``value.choices``) and ``was_cancelled``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from xml.sax.saxutils import quoteattr
+
+from fpc_ray.data.fetal_planes import BRAIN_PLANES, CLASS_NAMES
+from fpc_ray.errors import UserError
+
+IMAGE = "image"          # the <Image> tag's name, and the task data key it shows ($image)
+PLANE = "plane"          # the <Choices> of the six planes
+BRAIN_PLANE = "brain_plane"  # the optional brain sub-plane
+UNSURE = "Unsure"
+CSV_COLUMNS = ("frame_id", "source_uri", "frame", "study_uid", "predicted", "confidence", "label",
+               "brain_plane")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A reviewer's answer for one frame: ``plane`` is a class name, ``Unsure``, or None when the
+    frame was skipped (a cancelled annotation, none at all, or an empty CSV cell)."""
+
+    where: str       # "tasks.json entry 3" or "tasks.csv line 4": named in errors
+    frame_id: str
+    plane: str | None
+    brain_plane: str | None
+
+
+def labeling_config() -> str:
+    """The project's labelling config (XML)."""
+    def choices(values):
+        return "\n".join(f"    <Choice value={quoteattr(v)}/>" for v in values)
+
+    return (f'<View>\n  <Image name="{IMAGE}" value="${IMAGE}" zoom="true"/>\n'
+            f'  <Header value="Plane"/>\n'
+            f'  <Choices name="{PLANE}" toName="{IMAGE}" choice="single" required="true" showInline="true">\n'
+            f"{choices([*CLASS_NAMES, UNSURE])}\n  </Choices>\n"
+            f'  <Header value="Brain plane (optional)"/>\n'
+            f'  <Choices name="{BRAIN_PLANE}" toName="{IMAGE}" choice="single" showInline="true">\n'
+            f"{choices(BRAIN_PLANES)}\n  </Choices>\n</View>\n")
+
+
+def task(row: dict, image_url: str) -> dict:
+    """One import task: the frame, what identifies it, and the model's label as a prediction."""
+    return {
+        "data": {IMAGE: image_url, "frame_id": row["frame_id"], "source_uri": row["source_uri"],
+                 "frame": row["frame"], "study_uid": row["study_uid"], "predicted": row["label"],
+                 "confidence": round(float(row["confidence"]), 4)},
+        "predictions": [{
+            "model_version": row["model_version"],
+            "score": round(float(row["confidence"]), 4),
+            "result": [{"from_name": PLANE, "to_name": IMAGE, "type": "choices",
+                        "value": {"choices": [row["label"]]}}],
+        }],
+    }
+
+
+def tasks_csv(rows: list[dict]) -> str:
+    """The spreadsheet: one row a frame, ``label`` and ``brain_plane`` left empty to fill in."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in rows:
+        writer.writerow([r["frame_id"], r["source_uri"], r["frame"], r["study_uid"] or "", r["label"],
+                         f"{float(r['confidence']):.4f}", "", ""])
+    return out.getvalue()
+
+
+def _choice(result: list, name: str, where: str) -> str | None:
+    """The single choice of control ``name`` in an annotation's result, or None."""
+    picked = [item for item in result if isinstance(item, dict) and item.get("from_name") == name]
+    if not picked:
+        return None
+    values = (picked[-1].get("value") or {}).get("choices") if isinstance(picked[-1].get("value"), dict) else None
+    if not isinstance(values, list) or len(values) != 1 or not isinstance(values[0], str):
+        raise UserError(f"{where}: '{name}' must hold exactly one choice, got {values!r}")
+    return values[0]
+
+
+def _latest_annotation(annotations: list, where: str) -> dict | None:
+    """The latest annotation not cancelled (skipped), by update time then id; None if none."""
+    if not isinstance(annotations, list) or not all(isinstance(a, dict) for a in annotations):
+        raise UserError(f"{where}: 'annotations' is not a list of objects")
+    kept = [a for a in annotations if not a.get("was_cancelled")]
+    if not kept:
+        return None
+    return max(kept, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), str(a.get("id", ""))))
+
+
+def parse_export(text: str, name: str) -> list[Answer]:
+    """Answers from Label Studio's JSON export (a list of tasks with ``annotations``).
+
+    Raises:
+        UserError: malformed JSON, or an entry that is not a task of a review batch.
+    """
+    try:
+        tasks = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{name}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+    if not isinstance(tasks, list):
+        raise UserError(f"{name}: expected Label Studio's JSON export, a list of tasks")
+    answers = []
+    for i, t in enumerate(tasks, start=1):
+        where = f"{name} entry {i}"
+        data = t.get("data") if isinstance(t, dict) else None
+        if not isinstance(data, dict) or not isinstance(data.get("frame_id"), str):
+            raise UserError(f"{where}: no data.frame_id (not a task of a review batch)")
+        where = f"{where} (frame {data['frame_id']})"
+        annotation = _latest_annotation(t.get("annotations", []), where)
+        result = annotation.get("result") if annotation else []
+        if not isinstance(result, list):
+            raise UserError(f"{where}: the annotation's 'result' is not a list")
+        answers.append(Answer(where, data["frame_id"], _choice(result, PLANE, where),
+                              _choice(result, BRAIN_PLANE, where)))
+    return answers
+
+
+def parse_filled_csv(text: str, name: str) -> list[Answer]:
+    """Answers from the filled ``tasks.csv`` (comma-separated, ``frame_id`` and ``label`` columns;
+    ``brain_plane`` optional; an empty ``label`` is a skipped frame).
+
+    Raises:
+        UserError: a missing column or a row with the wrong number of fields.
+    """
+    try:
+        rows = list(csv.reader(io.StringIO(text)))
+    except csv.Error as e:
+        raise UserError(f"{name}: not a valid CSV file ({e})") from None
+    if not rows:
+        raise UserError(f"{name}: empty file")
+    header = [h.strip() for h in rows[0]]
+    missing = [c for c in ("frame_id", "label") if c not in header]
+    if missing:
+        raise UserError(f"{name}: missing column(s) {', '.join(missing)} (expected the batch's tasks.csv, filled)")
+    col = {c: header.index(c) for c in header}
+    answers = []
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not any(c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            raise UserError(f"{name} line {lineno}: expected {len(header)} fields, got {len(row)}")
+        fid = row[col["frame_id"]].strip()
+        brain = row[col["brain_plane"]].strip() if "brain_plane" in col else ""
+        answers.append(Answer(f"{name} line {lineno} (frame {fid})", fid, row[col["label"]].strip() or None,
+                              brain or None))
+    return answers
