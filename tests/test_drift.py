@@ -291,6 +291,21 @@ def test_fail_on_drift_passes_a_quiet_newest_night(nights, tmp_path):
     assert done.exit_code == 0 and done.stderr == "", done.output
 
 
+def test_nightly_job_drift_option_is_the_same_check(nights, capsys):
+    """jobs/nightly_label.py --drift on a night already committed (a retry of the job): the
+    drift check of that night, exit 3 and its line when it drifted, 0 when it did not."""
+    from tests.test_label import _nightly_job
+
+    job = _nightly_job()
+    args = ["--model", "unused", "--archive", "unused", "--output", str(nights["output"]), "--drift"]
+    assert job.main([*args, "--date", "2026-11-10"]) == 3
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("nothing to do") and len(lines) == 2
+    assert lines[1].startswith(f"drift: run {nights['ids'][-1]} alert: ")
+    assert job.main([*args, "--date", "2026-11-07"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith(f"drift: run {nights['ids'][6]} ok: ")
+
+
 def test_drift_errors_are_one_line(nights, tmp_path):
     for args, message in (([str(tmp_path / "none")], "no such prefix"),
                           ([str(tmp_path)], "no committed run"),
