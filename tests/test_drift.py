@@ -120,7 +120,7 @@ def _record(run_id: str, by_class: dict, model="m1", conf_counts=None) -> RunRec
              "by_class": by_class, "confidence": {"bins": [], "counts": counts, "mean": 0.9 if n else None},
              "low_confidence": {"threshold": 0.5, "frames": 0, "share": 0.0 if n else None},
              "input_kind": {"png": n} if n else {}}
-    return RunRecord(run_id, f"2026-11-{run_id[-2:]}T03:00:00+00:00", model, stats, "recorded", None, False)
+    return RunRecord(run_id, f"2026-11-{run_id[-2:]}T03:00:00+00:00", model, stats, "recorded", None)
 
 
 def test_first_run_has_no_reference_and_a_fixed_reference_is_used_for_every_run():

@@ -14,8 +14,6 @@ from fpc_ray.label.run_stats import STATS_VERSION, read_stats_table, run_stats
 from fpc_ray.label.runs import SUCCESS, run_folders, run_parts
 from fpc_ray.storage import Location, guard
 
-RUN_REPORT = "report.html"  # a run's own page, linked from the trends page where it is present
-
 
 @dataclass
 class RunRecord:
@@ -27,7 +25,6 @@ class RunRecord:
     stats: dict
     source: str  # "recorded" (from _SUCCESS.json) or "computed" (from the run's Parquet)
     folder: Location
-    has_report: bool
 
 
 def _stats(summary: dict, run: Location, low_confidence: float) -> tuple[dict, str]:
@@ -61,7 +58,7 @@ def load_history(output: Location, low_confidence: float) -> list[RunRecord]:
             continue
         stats, source = _stats(summary, folder, low_confidence)
         records.append(RunRecord(run_id, summary.get("committed_at"), summary.get("model_version"), stats,
-                                 source, folder, folder.join(RUN_REPORT).exists()))
+                                 source, folder))
     return sorted(records, key=lambda r: (r.committed_at or "", r.run_id))
 
 

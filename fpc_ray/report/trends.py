@@ -16,11 +16,12 @@ import numpy as np
 from fpc_ray.config import DriftConfig, StorageConfig
 from fpc_ray.drift.assess import ALERT, WARN, Assessment, class_names
 from fpc_ray.drift.check import check_drift
-from fpc_ray.drift.history import RUN_REPORT
 from fpc_ray.drift.table import run_records
 from fpc_ray.report import trend_plots
 from fpc_ray.report.page import esc, img, page, section, table
 from fpc_ray.storage import is_remote
+
+RUN_REPORT = "report.html"  # a run's own page, linked from the trends page where its folder holds one
 
 
 def _promotions(records: list[dict]) -> dict[int, str]:
@@ -30,9 +31,9 @@ def _promotions(records: list[dict]) -> dict[int, str]:
 def _report_link(a: Assessment, output: Path | None) -> str | None:
     """A relative link to the run's own page: from the page's folder for a local output, else
     relative to the prefix (a page published beside the runs)."""
-    if not a.run.has_report:
-        return None
     run_dir = a.run.folder
+    if not run_dir.join(RUN_REPORT).exists():
+        return None
     if output is not None and not is_remote(run_dir.uri):
         return Path(os.path.relpath(Path(run_dir.path) / RUN_REPORT, output.resolve().parent)).as_posix()
     return posixpath.join(posixpath.basename(run_dir.path.rstrip("/")), RUN_REPORT)
