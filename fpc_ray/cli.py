@@ -344,8 +344,9 @@ def retrain(
 @app.command()
 @one_line_errors
 def report(
-    target: Annotated[str, typer.Argument(help="A model bundle (or promotion pointer) or a committed run, "
-                                               "OUTPUT/run=<id>, local or s3://.")],
+    target: Annotated[str, typer.Argument(help="A model bundle (or promotion pointer), a committed run, "
+                                               "OUTPUT/run=<id>, or a labelling OUTPUT holding runs (its "
+                                               "trends page), local or s3://.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")],
     hide_sources: Annotated[bool, typer.Option(
         "--no-source-uri-in-report",
@@ -356,7 +357,8 @@ def report(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """One self-contained HTML page (pictures embedded) for a model bundle or a labelling run."""
+    """One self-contained HTML page (pictures embedded) for a model bundle, a labelling run or the trends
+    of a labelling output's runs."""
     from fpc_ray.config import load_config
     from fpc_ray.report import build_report
 
@@ -365,9 +367,50 @@ def report(
         raise fail(f"--output {output}: is a folder; give a file name such as report.html")
     if not output.parent.exists():
         raise fail(f"--output {output}: folder {output.parent} does not exist")
-    kind, page = build_report(target, cfg.storage, hide_sources=hide_sources)
+    kind, page = build_report(target, cfg.storage, hide_sources=hide_sources, output=output,
+                              drift=cfg.drift)
     output.write_text(page, encoding="utf-8")
     typer.echo(f"wrote the {kind} report of {target} to {output} ({len(page) / 1e6:.1f} MB)")
+
+
+@app.command()
+@one_line_errors
+def drift(
+    prefix: Annotated[str, typer.Argument(help="A labelling output prefix holding run=<id>/ folders.")],
+    reference: Annotated[str | None, typer.Option("--reference", metavar="RUN_ID",
+                                                  help="Compare every run with this one run.")] = None,
+    window: Annotated[int | None, typer.Option(
+        "--reference-window", min=1, metavar="N",
+        help="Compare each run with the N runs before it, pooled (default: drift.reference_window).")] = None,
+    last: Annotated[int | None, typer.Option("--last", min=1, metavar="N", help="Show only the newest N runs "
+                                             "(the references still reach back before them).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    fail_on_drift: Annotated[bool, typer.Option(
+        "--fail-on-drift", help="Exit 3, with one 'drift: ...' line on stderr naming what moved, when the "
+                                "newest run is at the alert level.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Night over night: class mix, confidence, errors and drift scores of every committed run."""
+    from fpc_ray.config import load_config
+    from fpc_ray.drift.check import EXIT_DRIFT, check_drift
+    from fpc_ray.drift.table import run_records, text_table
+
+    cfg = load_config(config, set_)
+    check = check_drift(prefix, cfg.drift, cfg.storage, reference, window)
+    records = run_records(check.assessments)[-last if last else None:]
+    if as_json:
+        typer.echo(json.dumps({"prefix": prefix, "thresholds": cfg.drift.model_dump(),
+                               "reference": {"run": reference} if reference else
+                               {"window": window or cfg.drift.reference_window},
+                               "runs": records, "newest": {"run_id": check.newest.run.run_id,
+                                                           "level": check.newest.level, "line": check.line()}}))
+    else:
+        for line in text_table(records, check.assessments[-len(records):]):
+            typer.echo(line)
+    if fail_on_drift and check.drifted:
+        typer.echo(check.line(), err=True)
+        raise typer.Exit(EXIT_DRIFT)
 
 
 @app.command()

@@ -143,6 +143,25 @@ class StorageConfig(StrictModel):
     region: str | None = Field(None, description="default: AWS_REGION / AWS_DEFAULT_REGION")
 
 
+class DriftConfig(StrictModel):
+    """When ``fpc-ray drift`` (and the trends page) call a labelling run's change a warning or an
+    alert, against the runs before it (see the README's "Drift and trends")."""
+
+    psi_warn: float = Field(0.1, gt=0, description="population stability index: a warning from here")
+    psi_alert: float = Field(0.25, gt=0, description="population stability index: an alert from here")
+    chi2_p_alert: float = Field(0.001, gt=0, lt=1, description="class-mix chi-square p-value below "
+                                "which (with PSI at least psi_warn) a run is an alert")
+    chi2_min_frames: int = Field(100, ge=1, description="fewer labelled frames: no chi-square test")
+    low_confidence: float = Field(0.5, gt=0, le=1, description="top-1 confidence below this is low")
+    reference_window: int = Field(5, ge=1, le=1000, description="runs before each run that make its reference")
+
+    @model_validator(mode="after")
+    def _warn_below_alert(self) -> DriftConfig:
+        if self.psi_warn > self.psi_alert:
+            raise ValueError(f"psi_warn ({self.psi_warn}) must not exceed psi_alert ({self.psi_alert})")
+        return self
+
+
 class Config(StrictModel):
     """The root of every fpc-ray configuration."""
 
@@ -150,6 +169,7 @@ class Config(StrictModel):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     storage: StorageConfig = StorageConfig()
+    drift: DriftConfig = DriftConfig()
 
 
 def format_validation_error(err: ValidationError) -> str:

@@ -112,3 +112,22 @@ def test_every_entrypoint_answers_help(script):
                           cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "--" in done.stdout
+
+
+def test_nightly_entrypoints_parse_and_the_cronjob_alerts_on_drift():
+    """Every nightly_label.py command line in infra/ is one the job accepts; the CronJob's runs
+    the drift check, so a drifted night fails its Job with exit 3."""
+    import importlib.util
+    import shlex
+
+    spec = importlib.util.spec_from_file_location("nightly_label", ROOT / "jobs" / "nightly_label.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    found = {}
+    for path, doc in _documents():
+        for entry in _walk(doc, "entrypoint"):
+            words = shlex.split(str(entry))
+            if words[1].endswith("jobs/nightly_label.py"):
+                found[path.name] = job._parser().parse_args(words[2:])
+    assert found["cronjob-nightly-label.yaml"].drift
+    assert "exit 3" in (INFRA / "kuberay" / "cronjob-nightly-label.yaml").read_text()

@@ -317,3 +317,39 @@ def test_history_benchmark_reports_both_start_ups(tmp_path):
     lines = run_benchmark(3, str(tmp_path))
     assert any("1 committed run:" in ln for ln in lines) and any("3 committed runs:" in ln for ln in lines)
     assert any("no index" in ln for ln in lines)
+
+
+def test_commit_records_the_runs_stats(output):
+    """The marker's ``stats`` are computed from the committed parts, on local disk and on S3."""
+    objects = _objects("a.png", "b.png", "c.png")
+    attempt = _attempt(output, "r1")
+    _stage(attempt, objects, per_part=1)
+    summary = runs.commit(attempt, objects, _summary(objects), echo=lambda s: None)
+    stats = summary["stats"]
+    assert (stats["rows"], stats["labelled"], stats["by_class"]) == (6, 6, {"Fetal brain": 6})
+    assert stats["input_kind"] == {"unknown": 6}  # rows that do not say what they were read from
+    assert json.loads(attempt.run_dir.join(runs.SUCCESS).read_text())["stats"] == stats
+
+
+def test_an_old_schema_run_beside_a_new_one_is_read(output):
+    """A run committed before ``input_kind`` existed: the index, the objects and the stats of
+    every run read it, and a new commit beside it works."""
+    old_schema = pa.schema([f for f in LABEL_SCHEMA if f.name != "input_kind"])
+    old = output.join("run=r0")
+    old.makedirs()
+    table = pa.Table.from_pylist([{"source_uri": "s3://archive/old.png", "frame": 0, "label": "Other"}],
+                                 schema=old_schema)
+    pq.write_table(table, old.join("part-00000.parquet").path, filesystem=old.fs)
+    pq.write_table(pa.Table.from_pylist([{"uri": "s3://archive/old.png", "size": 7, "mtime_ns": 1}],
+                                        schema=runs.OBJECTS_SCHEMA), old.join(runs.OBJECTS).path, filesystem=old.fs)
+    old.join(runs.SUCCESS).write_bytes(json.dumps({"run_id": "r0", "rows": 1}).encode())
+    objects = _objects("a.png")
+    attempt = _attempt(output, "r1")
+    _stage(attempt, objects)
+    runs.commit(attempt, objects, _summary(objects), echo=lambda s: None)
+    index, committed = runs.committed_objects(output)
+    assert committed == {"r0", "r1"} and sorted(index["run"].to_pylist()) == ["r0", "r1"]
+    from fpc_ray.label.run_stats import read_stats_table, run_stats
+
+    both = read_stats_table(runs.run_parts(old) + runs.run_parts(attempt.run_dir), output.fs)
+    assert both["input_kind"].null_count == 3 and run_stats(both, 0.5)["by_class"] == {"Fetal brain": 2, "Other": 1}

@@ -4,7 +4,8 @@ Layout under OUTPUT::
 
     run=<run_id>/part-*.parquet     the rows (LABEL_SCHEMA, model card in the metadata)
     run=<run_id>/_objects.parquet   the objects this run accounted for (uri, size, mtime_ns)
-    run=<run_id>/_SUCCESS.json      created last, only if absent: a run without it is not committed
+    run=<run_id>/_SUCCESS.json      created last, only if absent: a run without it is not committed;
+                                    its ``stats`` (:mod:`fpc_ray.label.run_stats`) feed drift and trends
     _index.parquet                  (uri, size, mtime_ns, run) of committed runs, the runs covered
                                     in its metadata; rewritten at every commit
     _commit.lock                    serialises commits (see :mod:`fpc_ray.label.lock`)
@@ -36,9 +37,10 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from fpc_ray.config import StorageConfig
+from fpc_ray.config import DriftConfig, StorageConfig
 from fpc_ray.errors import ConcurrentChange, UserError
 from fpc_ray.label.lock import CommitLock
+from fpc_ray.label.run_stats import read_stats_table, run_stats
 from fpc_ray.label.schema import error_kind
 from fpc_ray.storage import Location, guard, is_remote
 
@@ -369,12 +371,16 @@ def _forget_relabelled_run(output: Location, run_id: str, index: pa.Table,
 
 
 def _committed_summary(summary: dict, attempt: Attempt, counts: dict, timings: dict) -> dict:
-    """The summary with what the moved parts hold: rows, labels, errors by kind, classes."""
-    rows, labelled, by_class, errors = summarise_rows(run_parts(attempt.run_dir), attempt.run_dir.fs)
+    """The summary with what the moved parts hold: rows, labels, errors by kind, classes, and
+    the ``stats`` that trends and drift compare run to run (one read of the small columns)."""
+    run_dir = attempt.run_dir
+    table = guard(run_dir.uri, lambda: read_stats_table(run_parts(run_dir), run_dir.fs))
+    stats = run_stats(table, DriftConfig().low_confidence)
+    by_class = {name: n for name, n in stats["by_class"].items() if n}
     return {**summary, "attempt": attempt.attempt_id, "objects": {**summary["objects"], **counts},
-            "rows": rows, "labelled": labelled, "errors": sum(errors.values()),
-            "errors_by_kind": dict(errors), "by_class": dict(by_class), "timings": timings,
-            "committed_at": dt.datetime.now(dt.UTC).isoformat()}
+            "rows": stats["rows"], "labelled": stats["labelled"], "errors": stats["errors"],
+            "errors_by_kind": stats["errors_by_kind"], "by_class": by_class, "stats": stats,
+            "timings": timings, "committed_at": dt.datetime.now(dt.UTC).isoformat()}
 
 
 def commit(attempt: Attempt, objects: list[dict], summary: dict, storage: StorageConfig | None = None,

@@ -26,7 +26,12 @@ LABEL_SCHEMA = pa.schema([
     pa.field("run_id", pa.string()),
     pa.field("labelled_at", pa.timestamp("us", tz="UTC")),
     pa.field("error", pa.string()),
+    pa.field("input_kind", pa.string()),  # one of INPUT_KINDS; null for error rows and runs before it
 ])
+
+# What a labelled frame was read from: the input-kind mix of a run shows a site that starts
+# exporting cine loops or JPEGs. Runs committed before the column existed read it as null.
+INPUT_KINDS = ("png", "jpeg", "dicom", "dicom_cine")
 
 # Error kinds, the prefix of every `error` value ("kind: detail"); each names one thing about one
 # object, never the infrastructure (an outage fails the run instead of becoming rows).

@@ -1,0 +1,74 @@
+"""The committed runs under a labelling output, oldest first, each with its ``stats``.
+
+A run committed before ``stats`` existed (or with another low-confidence threshold than the
+config's) has them computed from its Parquet here, and says so: ``source`` is ``computed``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from fpc_ray.errors import UserError
+from fpc_ray.label.run_stats import STATS_VERSION, read_stats_table, run_stats
+from fpc_ray.label.runs import SUCCESS, run_folders, run_parts
+from fpc_ray.storage import Location, guard
+
+
+@dataclass
+class RunRecord:
+    """One committed run as drift and trends see it."""
+
+    run_id: str
+    committed_at: str | None
+    model_version: str | None
+    stats: dict
+    source: str  # "recorded" (from _SUCCESS.json) or "computed" (from the run's Parquet)
+    folder: Location
+
+
+def _stats(summary: dict, run: Location, low_confidence: float) -> tuple[dict, str]:
+    recorded = summary.get("stats")
+    if (recorded and recorded.get("version") == STATS_VERSION
+            and recorded["low_confidence"]["threshold"] == low_confidence):
+        return recorded, "recorded"
+    table = guard(run.uri, lambda: read_stats_table(run_parts(run), run.fs))
+    return run_stats(table, low_confidence), "computed"
+
+
+def _read_summary(run: Location) -> dict | None:
+    """A run's ``_SUCCESS.json``, or None when the run is not committed."""
+    marker = run.join(SUCCESS)
+    if not marker.exists():
+        return None
+    try:
+        return json.loads(marker.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{marker.uri}: not valid JSON ({e.msg})") from None
+
+
+def load_history(output: Location, low_confidence: float) -> list[RunRecord]:
+    """Every committed run under ``output`` in the order they were committed (``committed_at``,
+    then the run id, which sorts by time for generated ids); runs from before ``committed_at``
+    come first."""
+    records = []
+    for run_id, folder in run_folders(output).items():
+        summary = _read_summary(folder)
+        if summary is None:
+            continue
+        stats, source = _stats(summary, folder, low_confidence)
+        records.append(RunRecord(run_id, summary.get("committed_at"), summary.get("model_version"), stats,
+                                 source, folder))
+    return sorted(records, key=lambda r: (r.committed_at or "", r.run_id))
+
+
+def open_history(prefix: str, storage, low_confidence: float) -> list[RunRecord]:
+    """:func:`load_history` of a prefix given by the user; a prefix without runs is a UserError."""
+    from fpc_ray.storage import resolve
+
+    output = resolve(prefix, storage)
+    records = load_history(output, low_confidence)
+    if not records:
+        what = "no such prefix" if not output.exists() else f"no committed run (no run=<id>/{SUCCESS}) under it"
+        raise UserError(f"{prefix}: {what}")
+    return records
