@@ -21,8 +21,8 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
 
 def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
     """Mean NLL of the true classes under softmax(logits / temperature)."""
-    scaled = torch.as_tensor(logits, dtype=torch.float64) / temperature
-    return float(torch.nn.functional.cross_entropy(scaled, torch.as_tensor(labels, dtype=torch.long)))
+    scaled = torch.tensor(logits, dtype=torch.float64) / temperature  # a copy: Ray returns read-only arrays
+    return float(torch.nn.functional.cross_entropy(scaled, torch.tensor(labels, dtype=torch.long)))
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -33,8 +33,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """
     if len(labels) == 0:
         return 1.0
-    x = torch.as_tensor(logits, dtype=torch.float64)
-    y = torch.as_tensor(labels, dtype=torch.long)
+    x = torch.tensor(logits, dtype=torch.float64)
+    y = torch.tensor(labels, dtype=torch.long)
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
     bounds = (math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE))

@@ -57,7 +57,7 @@ def softmax_t(logits, temperature: float = 1.0):
     Takes an N x C torch tensor (returns one, float32) or NumPy array (returns float32 NumPy).
     """
     if isinstance(logits, np.ndarray):
-        return softmax_t(torch.from_numpy(logits), temperature).numpy()
+        return softmax_t(torch.tensor(logits), temperature).numpy()  # a copy: Ray returns read-only arrays
     return (logits.float() / temperature).softmax(dim=1)
 
 
