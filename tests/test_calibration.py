@@ -46,7 +46,7 @@ def test_the_fit_recovers_the_temperature_that_generated_the_logits(true_tempera
     assert record["temperature"] == fitted and record["n"] == len(labels) and record["fitted_on"] == "val"
     assert record["val_nll_after"] <= record["val_nll_before"]
     if true_temperature != 1.0:  # mis-calibrated before, calibrated after
-        assert record["val_ece_before"] > 0.05 > 0.02 > record["val_ece_after"]
+        assert record["val_ece_before"] > 0.08 > 0.03 > record["val_ece_after"]  # 0.03: sampling noise of 15 bins
 
 
 def test_a_split_without_errors_stops_at_a_finite_sharpening_temperature():
