@@ -2,7 +2,8 @@
 
 ``model.safetensors``  the classifier's state dict
 ``model.json``         the model card: versions, architecture, input/output contract, classes,
-                       parameter counts, resolved config, data fingerprint, val/test metrics
+                       parameter counts, resolved config, data fingerprints, val/test metrics,
+                       calibration (the temperature every softmax divides the logits by)
 ``metrics.json``       the per-epoch training history
 
 :func:`build_card` assembles model cards and :func:`save_bundle` writes a bundle (the retraining
@@ -96,7 +97,8 @@ def build_card(cfg: Config, class_names: list[str], params: dict[str, int], weig
         },
         "parameters": params,
         "input": input_contract(cfg),
-        "output": {"type": "logits", "shape": ["N", len(class_names)], "softmax": "over classes"},
+        "output": {"type": "logits", "shape": ["N", len(class_names)],
+                   "softmax": "over classes, of logits / calibration.temperature (1.0 without calibration)"},
         "class_names": list(class_names),
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "config": cfg.model_dump(mode="json"),
@@ -137,6 +139,18 @@ class Bundle:
     @property
     def version(self) -> str:
         return self.card["version"]
+
+    @property
+    def temperature(self) -> float:
+        """What the logits are divided by before the softmax: the card's calibration, or 1.0 for a
+        bundle from before calibration (its probabilities stay exactly what they were)."""
+        return card_temperature(self.card)
+
+
+def card_temperature(card: dict) -> float:
+    """A card's calibration temperature; 1.0 where it has none."""
+    calibration = card.get("calibration") or {}
+    return float(calibration.get("temperature", 1.0))
 
 
 def _read_json(loc: Location, missing: str) -> dict:

@@ -54,6 +54,14 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a config value: key.path=value (repeatable)."),
 ]
 DataOpt = Annotated[str, typer.Option("--data", help="FETAL_PLANES_DB-layout folder or s3:// prefix.")]
+DatasetsOpt = Annotated[list[str], typer.Option(
+    "--data", help="FETAL_PLANES_DB-layout folder or s3:// prefix; repeat the option to join several datasets "
+                   "(each is split by its own patients, then train, val and test are joined).")]
+
+
+def one_or_many(data: list[str]) -> str | list[str]:
+    """A repeatable ``--data``: one URI as a string (exactly as before), several as a list."""
+    return data[0] if len(data) == 1 else list(data)
 
 
 EXIT_RUN_FAILED = 1
@@ -143,7 +151,7 @@ def synth(
 @app.command()
 @one_line_errors
 def train(
-    data: DataOpt,
+    data: DatasetsOpt,
     output: Annotated[str, typer.Option("--output", "-o", help="Bundle folder or s3:// prefix.")],
     config: ConfigOpt = None,
     epochs: Annotated[int | None, typer.Option("--epochs")] = None,
@@ -170,14 +178,16 @@ def train(
 
     from fpc_ray.train.driver import run_training
 
-    outcome = run_training(cfg, data, output, overwrite=overwrite)
+    outcome = run_training(cfg, one_or_many(data), output, overwrite=overwrite)
     card = outcome.card
     test = card["metrics"]["test"]
     val = card["metrics"]["val"]
     typer.echo(f"best epoch {val['epoch']}: val_top1 {val['val_top1']:.4f}  val_top2 {val['val_top2']:.4f}")
     if test:
+        from fpc_ray.evaluate import calibration_note
+
         typer.echo(f"test: top1 {test['top1']:.4f}  top2 {test['top2']:.4f}  macro_f1 {test['macro_f1']:.4f}  "
-                   f"ece {test['ece']:.4f}  (n={test['n']})")
+                   f"ece {test['ece']:.4f}{calibration_note(test)}  (n={test['n']})")
     typer.echo(f"parameters: {card['parameters']['total']:,} total, {card['parameters']['trainable']:,} trainable")
     typer.echo(f"bundle: {outcome.bundle_uri}  (version {card['version']})")
 
@@ -186,7 +196,7 @@ def train(
 @one_line_errors
 def evaluate(
     model: Annotated[str, typer.Option("--model", "-m", help="Model bundle folder or s3:// URI.")],
-    data: DataOpt,
+    data: DatasetsOpt,
     split: Annotated[SplitName, typer.Option("--split")] = SplitName.test,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     output: Annotated[
@@ -203,7 +213,7 @@ def evaluate(
     from fpc_ray.scoring import evaluate_bundle
 
     cfg = load_config(config, set_)
-    report = evaluate_bundle(model, data, split.value, batch_size, use_gpu, cfg.storage)
+    report = evaluate_bundle(model, one_or_many(data), split.value, batch_size, use_gpu, cfg.storage)
     written = save_report(report, output, cfg.storage) if output else []
     if as_json:
         typer.echo(json.dumps(report))
@@ -276,7 +286,7 @@ def label(
 @app.command()
 @one_line_errors
 def tune(
-    data: DataOpt,
+    data: DatasetsOpt,
     output: Annotated[str, typer.Option("--output", "-o", help="Search folder or s3:// prefix.")],
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Search YAML (default: the built-in "
                                                  "search, written out in configs/tune.yaml).")] = None,
@@ -300,7 +310,7 @@ def tune(
         "search.num_samples": num_samples, "search.max_concurrent": max_concurrent,
         "search.workers_per_trial": workers_per_trial,
     })
-    outcome = run_search(spec, data, output, resume=resume, echo=typer.echo)
+    outcome = run_search(spec, one_or_many(data), output, resume=resume, echo=typer.echo)
     for line in outcome.leaderboard:
         typer.echo(line)
     counts = {s: sum(r["status"] == s for r in outcome.rows) for s in ("completed", "stopped", "error")}
@@ -317,13 +327,13 @@ def tune(
 @app.command()
 @one_line_errors
 def retrain(
-    data: DataOpt,
+    data: DatasetsOpt,
     pointer: Annotated[str, typer.Option("--pointer", help="Promotion pointer, e.g. s3://models/production.json.")],
     candidates: Annotated[str, typer.Option("--candidates", help="Prefix for candidate bundles (one per run).")],
     margin: Annotated[float, typer.Option("--margin", min=0.0, max=1.0,
                                           help="Promote unless top-1 drops by more than this.")] = 0.01,
-    test_data: Annotated[str | None, typer.Option("--test-data", help="Fixed test set (default: --data's "
-                                                                        "official test patients).")] = None,
+    test_data: Annotated[str | None, typer.Option("--test-data", help="Fixed test set (default: the official "
+                                                                        "test patients of every --data).")] = None,
     config: ConfigOpt = None,
     epochs: Annotated[int | None, typer.Option("--epochs")] = None,
     image_size: Annotated[int | None, typer.Option("--image-size")] = None,
@@ -337,7 +347,7 @@ def retrain(
 
     cfg = load_config(config, set_, {"train.epochs": epochs, "data.image_size": image_size,
                                      "train.num_workers": num_workers, "train.use_gpu": use_gpu})
-    decision = run_retrain(cfg, data, pointer, candidates, margin, test_data, echo=typer.echo)
+    decision = run_retrain(cfg, one_or_many(data), pointer, candidates, margin, test_data, echo=typer.echo)
     typer.echo(decision.line)
 
 

@@ -1,7 +1,8 @@
-"""Running a model: the device, the memory layout, bf16 autocast and batched probabilities.
+"""Running a model: the device, the memory layout, bf16 autocast and batched logits and probabilities.
 
 Training (validation), labelling and evaluation all place a model and run it through these
-functions, so a GPU gets the same channels_last + bf16 treatment everywhere.
+functions, so a GPU gets the same channels_last + bf16 treatment everywhere, and every
+probability comes from :func:`softmax_t` with the bundle's temperature.
 """
 
 from __future__ import annotations
@@ -48,10 +49,22 @@ def transform_batch(images: Sequence[np.ndarray], transform: Callable, device: t
     return to_device(torch.stack([transform(image=im)["image"] for im in images]), device)
 
 
+def softmax_t(logits, temperature: float = 1.0):
+    """Class probabilities from logits divided by ``temperature`` (a bundle's calibration; 1.0 for
+    a bundle without one). The one place logits become probabilities: training's test report,
+    evaluation and labelling all call it. A positive temperature never changes the argmax.
+
+    Takes an N x C torch tensor (returns one, float32) or NumPy array (returns float32 NumPy).
+    """
+    if isinstance(logits, np.ndarray):
+        return softmax_t(torch.tensor(logits), temperature).numpy()  # a copy: Ray returns read-only arrays
+    return (logits.float() / temperature).softmax(dim=1)
+
+
 @torch.inference_mode()
-def predict_probs(model: torch.nn.Module, images: np.ndarray, mean, std, batch_size: int = 64,
-                  device: torch.device | str = "cpu", amp: bool = True) -> np.ndarray:
-    """Softmax probabilities for letterboxed uint8 images (N x S x S), in the model's class order."""
+def predict_logits(model: torch.nn.Module, images: np.ndarray, mean, std, batch_size: int = 64,
+                   device: torch.device | str = "cpu", amp: bool = True) -> np.ndarray:
+    """Float32 logits for letterboxed uint8 images (N x S x S), in the model's class order."""
     device = torch.device(device)
     transform = eval_transform(mean, std)
     model.eval()
@@ -60,6 +73,12 @@ def predict_probs(model: torch.nn.Module, images: np.ndarray, mean, std, batch_s
         batch = transform_batch(images[start : start + batch_size], transform, device)
         with autocast(device, amp):
             logits = model(batch)
-        out.append(logits.float().softmax(dim=1).cpu().numpy())
+        out.append(logits.float().cpu().numpy())
     n_classes = getattr(model, "num_classes", 0)
     return np.concatenate(out) if out else np.zeros((0, n_classes), np.float32)
+
+
+def predict_probs(model: torch.nn.Module, images: np.ndarray, mean, std, batch_size: int = 64,
+                  device: torch.device | str = "cpu", amp: bool = True, temperature: float = 1.0) -> np.ndarray:
+    """Softmax probabilities (of the logits over ``temperature``) for letterboxed uint8 images."""
+    return softmax_t(predict_logits(model, images, mean, std, batch_size, device, amp), temperature)

@@ -58,9 +58,7 @@ def training_curves_png(history: list[dict]) -> bytes:
     return _png(fig)
 
 
-def reliability_png(bins: list[dict], ece: float | None = None) -> bytes:
-    """Reliability diagram: accuracy against confidence per bin, with the diagonal of perfect calibration."""
-    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+def _reliability_panel(ax, bins: list[dict], title: str) -> None:
     used = [b for b in bins if b["count"]]
     width = bins[0]["hi"] - bins[0]["lo"] if bins else 0.1
     ax.bar([b["lo"] for b in used], [b["accuracy"] for b in used], width=width, align="edge",
@@ -70,8 +68,27 @@ def reliability_png(bins: list[dict], ece: float | None = None) -> bytes:
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
-    ax.set_title("reliability" + (f" (ECE {ece:.3f})" if ece is not None else ""))
+    ax.set_title(title)
     ax.legend(loc="upper left")
+
+
+def reliability_png(bins: list[dict], ece: float | None = None, *, uncalibrated_bins: list[dict] | None = None,
+                    uncalibrated_ece: float | None = None, temperature: float | None = None) -> bytes:
+    """Reliability diagram: accuracy against confidence per bin, with the diagonal of perfect calibration.
+
+    With ``uncalibrated_bins``, two panels: before temperature scaling (T=1) and after (``temperature``).
+    """
+    def title(what: str, value: float | None) -> str:
+        return what + (f" (ECE {value:.3f})" if value is not None else "")
+
+    if uncalibrated_bins is None:
+        fig, ax = plt.subplots(figsize=(4.6, 4.2))
+        _reliability_panel(ax, bins, title("reliability", ece))
+        return _png(fig)
+    fig, (before, after) = plt.subplots(1, 2, figsize=(9.2, 4.2))
+    _reliability_panel(before, uncalibrated_bins, title("before calibration, T=1", uncalibrated_ece))
+    t = f"T={temperature:.3g}" if temperature is not None else "calibrated"
+    _reliability_panel(after, bins, title(f"after calibration, {t}", ece))
     return _png(fig)
 
 

@@ -1,55 +1,101 @@
-"""Scoring a model on labelled images: decoded arrays, or a bundle on a dataset split.
+"""Scoring a model on labelled images: decoded arrays, or a bundle on a split of one or more datasets.
 
-Training scores its test split with :func:`evaluate_arrays`; ``fpc-ray evaluate``, the demo and
-the retraining loop score bundles with :func:`evaluate_bundle`.
+Training scores its test split with :func:`report_from_logits` (on logits from :func:`split_logits`);
+``fpc-ray evaluate``, the demo and the retraining loop score bundles with :func:`evaluate_bundle`.
+Probabilities are the calibrated ones (the bundle's temperature); each report also holds the ECE
+and reliability bins of the uncalibrated probabilities, for the before/after comparison.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from fpc_ray.config import StorageConfig
-from fpc_ray.inference import place_model, predict_probs, select_device
-from fpc_ray.metrics import classification_report
+from fpc_ray.inference import place_model, predict_logits, select_device, softmax_t
+from fpc_ray.metrics import classification_report, expected_calibration_error, reliability_bins
+
+# What the per-dataset rows of a report keep of each dataset's own report.
+PER_DATASET_KEYS = ("n", "top1", "top2", "macro_f1", "ece")
+
+
+def split_logits(model: torch.nn.Module, image_sets: Sequence[np.ndarray], mean, std, batch_size: int = 64,
+                 use_gpu: bool = False) -> list[np.ndarray]:
+    """The logits of ``model`` on each array of decoded images (one model placement for all)."""
+    device = select_device(use_gpu)
+    placed = place_model(model, device)
+    return [predict_logits(placed, images, mean, std, batch_size, device) for images in image_sets]
+
+
+def report_from_logits(logits: np.ndarray, labels: np.ndarray, class_names: list[str],
+                       temperature: float = 1.0) -> dict:
+    """The classification report of softmax(logits / temperature), with the uncalibrated ECE and
+    reliability bins beside the calibrated ones."""
+    report = classification_report(softmax_t(logits, temperature), labels, class_names)
+    uncalibrated = softmax_t(logits, 1.0).astype(np.float64)  # as classification_report reads probabilities
+    report.update(temperature=float(temperature),
+                  ece_uncalibrated=expected_calibration_error(uncalibrated, labels),
+                  reliability_uncalibrated=reliability_bins(uncalibrated, labels))
+    return report
 
 
 def evaluate_arrays(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
                     class_names: list[str], mean, std, batch_size: int = 64,
-                    use_gpu: bool = False) -> dict:
-    """The full classification report of ``model`` on decoded images."""
-    device = select_device(use_gpu)
-    probs = predict_probs(place_model(model, device), images, mean, std, batch_size, device)
-    return classification_report(probs, labels, class_names)
+                    use_gpu: bool = False, temperature: float = 1.0) -> dict:
+    """The full classification report of ``model`` on decoded images, at ``temperature``."""
+    (logits,) = split_logits(model, [images], mean, std, batch_size, use_gpu)
+    return report_from_logits(logits, labels, class_names, temperature)
 
 
-def evaluate_bundle(model_uri: str, data_uri: str, split: str = "test", batch_size: int = 64,
+def evaluate_bundle(model_uri: str, data_uri: str | Sequence[str], split: str = "test", batch_size: int = 64,
                     use_gpu: bool = False, storage: StorageConfig | None = None) -> dict:
-    """Evaluate a bundle on a split of a FETAL_PLANES_DB-layout dataset.
+    """Evaluate a bundle on a split of one or more FETAL_PLANES_DB-layout datasets, calibrated with
+    the bundle's temperature.
 
-    The split is cut exactly as in training (the bundle's ``val_fraction`` and ``split_seed``), so
-    ``--split val`` scores the same patients the run validated on.
+    Each dataset's split is cut exactly as in training (the bundle's ``val_fraction`` and
+    ``split_seed``, per dataset), so ``--split val`` scores the same patients the run validated on.
+    The report is over the union of the splits; ``per_dataset`` holds each dataset's own scores
+    (None where its split is empty).
     """
     from fpc_ray.bundle import load_bundle
-    from fpc_ray.data.dataset import decode_split
-    from fpc_ray.data.fetal_planes import read_fetal_planes
+    from fpc_ray.data.multi import decode_joined, joined_fingerprint, read_datasets
     from fpc_ray.errors import UserError
 
     bundle = load_bundle(model_uri, storage)
-    db = read_fetal_planes(data_uri, storage)
     data_cfg = bundle.config.data
-    records = db.split(split, data_cfg.val_fraction, data_cfg.split_seed)
-    if not records:
-        raise UserError(f"{data_uri}: the {split} split is empty")
-    dataset_classes = {r.plane for r in records}
-    unknown = dataset_classes - set(bundle.class_names)
-    if unknown:
-        raise UserError(f"{data_uri}: classes {sorted(unknown)} are not in the model's classes")
-    arrays = decode_split(db, records, bundle.card["input"]["size"], data_cfg.decode_threads)
-    # The dataset's label indices follow its own class order; map them into the model's.
-    labels = np.array([bundle.class_names.index(r.plane) for r in records], dtype=np.int64)
-    report = evaluate_arrays(bundle.model, arrays.images, labels, bundle.class_names,
-                             bundle.card["input"]["mean"], bundle.card["input"]["std"],
-                             batch_size, use_gpu)
-    report.update(split=split, model_version=bundle.version, data_fingerprint=db.fingerprint)
+    parts = read_datasets(data_uri, data_cfg.val_fraction, data_cfg.split_seed, storage)
+    for part in parts:
+        unknown = {r.plane for r in part.splits[split]} - set(bundle.class_names)
+        if unknown:
+            raise UserError(f"{part.uri}: classes {sorted(unknown)} are not in the model's classes")
+    if not any(part.splits[split] for part in parts):
+        raise UserError(f"{', '.join(p.uri for p in parts)}: the {split} split is empty")
+    arrays = decode_joined(parts, split, bundle.card["input"]["size"], data_cfg.decode_threads)
+    # The datasets' label indices follow their own class order; map them into the model's.
+    labels = np.array([bundle.class_names.index(r.plane) for p in parts for r in p.splits[split]], dtype=np.int64)
+    (logits,) = split_logits(bundle.model, [arrays.images], bundle.card["input"]["mean"],
+                             bundle.card["input"]["std"], batch_size, use_gpu)
+    report = report_from_logits(logits, labels, bundle.class_names, bundle.temperature)
+    report.update(split=split, model_version=bundle.version,
+                  data_fingerprint=joined_fingerprint([p.db.fingerprint for p in parts]),
+                  per_dataset=_per_dataset(parts, split, logits, labels, bundle.class_names, bundle.temperature))
     return report
+
+
+def _per_dataset(parts, split: str, logits: np.ndarray, labels: np.ndarray, class_names: list[str],
+                 temperature: float) -> list[dict]:
+    """Each dataset's scores, from its rows of the joined logits."""
+    rows, start = [], 0
+    for part in parts:
+        end = start + len(part.splits[split])
+        row = {"uri": part.uri, "fingerprint": part.db.fingerprint, "n": end - start}
+        if end > start:
+            report = report_from_logits(logits[start:end], labels[start:end], class_names, temperature)
+            row.update({key: report[key] for key in PER_DATASET_KEYS})
+        else:
+            row.update({key: None for key in PER_DATASET_KEYS if key != "n"})
+        rows.append(row)
+        start = end
+    return rows

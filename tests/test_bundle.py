@@ -53,6 +53,14 @@ def test_a_saved_bundle_loads(two_models, tmp_path):
     assert not bundle.model.training
 
 
+def test_a_bundle_s_temperature_is_its_card_s_calibration_or_one(two_models, tmp_path):
+    blob, card = two_models[0]
+    _save(tmp_path / "plain", (blob, card))  # no calibration (as every bundle before it)
+    _save(tmp_path / "calibrated", (blob, {**card, "calibration": {"method": "temperature", "temperature": 0.625}}))
+    assert load_bundle(str(tmp_path / "plain")).temperature == 1.0
+    assert load_bundle(str(tmp_path / "calibrated")).temperature == 0.625
+
+
 def test_a_flipped_byte_is_refused_in_one_line_naming_the_bundle(two_models, tmp_path, phantom_dir):
     folder = tmp_path / "b"
     _save(folder, two_models[0])

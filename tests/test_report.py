@@ -86,6 +86,8 @@ def test_model_report_embeds_its_pictures_and_renders(labelled, chromium, tmp_pa
     pngs = _embedded_pngs(page)
     assert len(pngs) >= 4 and all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
     assert "4,364,650" in page  # parameter count from the card
+    # The trained bundle is calibrated: the report says with what, before and after.
+    assert "Probabilities are softmax(logits / T) with T = " in page and "test ECE before calibration" in page
     _render(chromium, tmp_path / "model.html", tmp_path)
 
 
@@ -191,3 +193,64 @@ def test_model_report_can_leave_out_the_data_uri(tmp_path):
     shown = build_report(str(bundle), StorageConfig())[1]
     hidden = build_report(str(bundle), StorageConfig(), hide_sources=True)[1]
     assert PATIENT in shown and PATIENT not in hidden and "f" * 64 in hidden
+
+
+def test_model_report_shows_calibration_before_and_after_and_every_dataset(tmp_path):
+    """A card with a temperature, two training datasets and a retrain's per-dataset scores (cheap:
+    a hand-made card, no model)."""
+    import json
+
+    import numpy as np
+
+    from fpc_ray.calibration import calibration_record
+    from fpc_ray.config import StorageConfig
+    from fpc_ray.report import build_report
+    from fpc_ray.scoring import report_from_logits
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    logits = (np.eye(2)[labels] * 0.8 + rng.normal(0, 0.5, (400, 2))).astype(np.float32)  # under-confident
+    calibration = calibration_record(logits, labels)
+    test = report_from_logits(logits, labels, ["a", "b"], calibration["temperature"])
+    assert calibration["temperature"] < 1.0 and test["ece"] < test["ece_uncalibrated"]
+    datasets = [{"uri": f"s3://data/{name}/", "fingerprint": c * 64, "splits": {"train": 5, "val": 2, "test": 3}}
+                for name, c in ((PATIENT, "a"), ("reviewed-1", "b"))]
+    scores = [{"uri": d["uri"], "n": 3, "top1": t, "top2": 1.0} for d, t in zip(datasets, (0.91, 0.42), strict=True)]
+    card = {"format": "fpc-ray-bundle/1", "version": "v1", "created_at": "2026-11-26T00:00:00+00:00",
+            "versions": {"fpc_ray": "0"}, "class_names": ["a", "b"], "weights_sha256": "0" * 64,
+            "architecture": {"backbone": "x", "attention": {}, "head": {}, "pretrained": "none"},
+            "parameters": {"total": 1, "trainable": 1}, "input": {"size": 64, "resize": "letterbox"},
+            "metrics": {"val": {"epoch": 1, "val_top1": 0.5, "val_top2": 1.0}, "test": test},
+            "calibration": calibration, "datasets": datasets,
+            "data": {"uri": " + ".join(d["uri"] for d in datasets), "fingerprint": "f" * 64},
+            "training": {"epochs": 1, "num_workers": 0, "use_gpu": False, "wall_s": 1.0},
+            "promotion": {"decision": "promoted", "decided_at": "2026-11-26T01:00:00+00:00", "margin": 0.01,
+                          "candidate": {"version": "v1", "top1": 0.8, "top2": 1.0, "per_dataset": scores},
+                          "production": {"version": "v0", "top1": 0.7, "top2": 1.0,
+                                         "per_dataset": [{**s, "top1": 0.93 if i == 0 else 0.1}
+                                                         for i, s in enumerate(scores)]}}}
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "model.json").write_text(json.dumps(card))
+    shown = build_report(str(bundle), StorageConfig())[1]
+    t = calibration["temperature"]
+    assert f"T = {t:.4g}, fitted on the validation split" in shown
+    assert f"test ECE {test['ece_uncalibrated']:.4f} before, {test['ece']:.4f} after" in shown
+    assert "reliability diagram before and after calibration" in shown
+    for d in datasets:
+        assert d["uri"] in shown and d["fingerprint"][:12] in shown
+    # The retrain's per-dataset scores: the candidate lost on the first dataset, gained on the second.
+    assert f"test top-1 on s3://data/{PATIENT}/" in shown and "candidate 0.9100 vs production 0.9300" in shown
+    assert "candidate 0.4200 vs production 0.1000" in shown
+    hidden = build_report(str(bundle), StorageConfig(), hide_sources=True)[1]
+    assert PATIENT not in hidden and "reviewed-1" not in hidden and "a" * 12 in hidden
+
+    # The diagram has two panels side by side (before, after): about twice as wide as high.
+    from io import BytesIO
+
+    from PIL import Image
+
+    diagram = re.search(r'alt="reliability diagram before and after calibration" src="data:image/png;base64,'
+                        r'([A-Za-z0-9+/=]+)"', shown)
+    width, height = Image.open(BytesIO(base64.b64decode(diagram.group(1)))).size
+    assert width > 1.8 * height

@@ -44,25 +44,50 @@ def _production(trained_bundle, tmp_path) -> tuple[str, str, str]:
 
 
 def test_retrain_fine_tunes_production_scores_both_and_swaps_the_pointer(trained_bundle, tmp_path):
+    """On two datasets (the base data and a second, as a batch of reviewed frames would be): the
+    candidate trains on both, both models are scored on the union of the test splits and on each."""
+    from fpc_ray.data.fetal_planes import read_fetal_planes
+    from fpc_ray.data.synth import synthesize
+
     pointer, candidates, data = _production(trained_bundle, tmp_path)
-    production = evaluate_bundle(trained_bundle["bundle"], data, "test")
+    second = str(tmp_path / "second")
+    synthesize(second, per_class=6, seed=21, width=128, height=96)
+    datasets = [data, second]
+    production = evaluate_bundle(trained_bundle["bundle"], datasets, "test")
     # A short, gentle fine-tune of a good model: as good on the test set within the margin.
-    decision = retrain(_cfg(), data, pointer, candidates, margin=0.05, echo=lambda s: None)
-    candidate = evaluate_bundle(decision.candidate_uri, data, "test")
+    decision = retrain(_cfg(), datasets, pointer, candidates, margin=0.05, echo=lambda s: None)
+    candidate = evaluate_bundle(decision.candidate_uri, datasets, "test")
     assert decision.production_top1 == pytest.approx(production["top1"])
     assert decision.candidate_top1 == pytest.approx(candidate["top1"])
     assert decision.promoted, decision.line
     assert decision.line.startswith(f"promoted {decision.candidate_uri}")
+    per_dataset = [f"{c['uri']} {c['top1']:.4f} vs {p['top1']:.4f}"
+                   for c, p in zip(candidate["per_dataset"], production["per_dataset"], strict=True)]
+    assert decision.line.endswith("; test top-1 per dataset (candidate vs production): " + ", ".join(per_dataset))
     record = read_pointer(pointer)
     assert record["bundle"] == decision.candidate_uri and record["previous"]["bundle"] == trained_bundle["bundle"]
     assert record["test_top1"] == pytest.approx(candidate["top1"])
     card = read_card(decision.candidate_uri)
     assert card["lineage"]["parent_uri"] == trained_bundle["bundle"]
+    dbs = [read_fetal_planes(uri) for uri in datasets]
+    assert card["datasets"] == [{"uri": uri, "fingerprint": db.fingerprint,
+                                 "splits": {n: len(db.split(n, 0.15, 0)) for n in ("train", "val", "test")}}
+                                for uri, db in zip(datasets, dbs, strict=True)]
+    assert card["data"]["uri"] == f"{data} + {second}"
     promotion = card["promotion"]
     assert promotion["decision"] == "promoted" and promotion["margin"] == 0.05
     assert promotion["production"]["top1"] == pytest.approx(production["top1"])
-    assert promotion["candidate"] == {"version": card["version"], "top1": candidate["top1"], "top2": candidate["top2"]}
-    assert promotion["test_data"]["n"] == candidate["n"] > 0
+
+    def scores(report: dict) -> list[dict]:
+        return [{k: d[k] for k in ("uri", "n", "top1", "top2")} for d in report["per_dataset"]]
+
+    assert promotion["candidate"] == {"version": card["version"], "top1": candidate["top1"], "top2": candidate["top2"],
+                                      "per_dataset": scores(candidate)}
+    recorded = promotion["production"]["per_dataset"]
+    assert [(d["uri"], d["n"]) for d in recorded] == [(d["uri"], d["n"]) for d in scores(production)]
+    assert [d["top1"] for d in recorded] == pytest.approx([d["top1"] for d in scores(production)])
+    assert promotion["test_data"]["n"] == candidate["n"] == sum(len(db.split("test", 0.15, 0)) for db in dbs) > 0
+    assert [d["n"] for d in promotion["test_data"]["datasets"]] == [d["n"] for d in candidate["per_dataset"]]
     # Everything that takes a model takes the pointer.
     assert read_card(pointer)["version"] == card["version"]
 

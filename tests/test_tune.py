@@ -85,6 +85,18 @@ def test_bad_space_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("data", ["s3://b/FETAL_PLANES_DB", ["s3://b/FETAL_PLANES_DB", "s3://b/reviewed-1"]])
+def test_a_search_saves_its_datasets_and_a_resume_reads_them_back(tmp_path, data):
+    """Several --data: every trial trains on the same joined data, also after --resume."""
+    from fpc_ray.storage import resolve
+    from fpc_ray.tune.search import _save_or_restore_spec
+
+    spec, out = load_tune_spec(None), resolve(str(tmp_path / "search"))
+    out.makedirs()
+    assert _save_or_restore_spec(spec, data, out, resume=False) == (spec, data)
+    assert _save_or_restore_spec(load_tune_spec(None, {"train.epochs": 1}), "ignored", out, resume=True) == (spec, data)
+
+
 def test_cli_flags_override_the_spec():
     spec = load_tune_spec(None, {"train.epochs": 3, "data.image_size": 64, "search.num_samples": 5,
                                  "search.max_concurrent": None})

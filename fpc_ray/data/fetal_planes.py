@@ -116,7 +116,8 @@ def parse_csv(text: str, source: str = CSV_NAME) -> list[Record]:
             raise UserError(f"{where}: expected {len(names)} fields, got {len(row)}")
         plane = row[col["Plane"]].strip()
         if plane not in CLASS_NAMES:
-            raise UserError(f"{where}: unknown Plane {plane!r}")
+            # Every dataset a model trains or is scored on shares these classes, in this order.
+            raise UserError(f"{where}: unknown Plane {plane!r} (expected one of {', '.join(CLASS_NAMES)})")
         try:
             patient = int(row[col["Patient_num"]].strip())
         except ValueError:

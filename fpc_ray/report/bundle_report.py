@@ -23,12 +23,17 @@ def bundle_report(uri: str, storage: StorageConfig, hide_sources: bool = False) 
     headline = [("best epoch", val["epoch"]), ("val top-1", val["val_top1"]), ("val top-2", val["val_top2"])]
     if test:
         headline += [("test top-1", test["top1"]), ("test top-2", test["top2"]), ("test macro-F1", test["macro_f1"]),
-                     ("test ECE", test["ece"]), ("test images", test["n"])]
+                     ("test ECE", test["ece"])]
+        if "ece_uncalibrated" in test:
+            headline.append(("test ECE before calibration", test["ece_uncalibrated"]))
+        headline.append(("test images", test["n"]))
+    if card.get("calibration"):
+        headline.append(("temperature (fitted on val)", card["calibration"]["temperature"]))
     sections = [section("Scores", table(["metric", "value"], headline, numeric={1}))]
     if history:
         sections.append(_curves_section(history))
     if test:
-        sections += _test_sections(test)
+        sections += _test_sections(test, card.get("calibration"))
     else:
         sections.append(section("Test set", "<p>This bundle has no test report (its data had no test split).</p>"))
     sections.append(_card_section(card, hide_sources))
@@ -43,7 +48,7 @@ def _curves_section(history: list[dict]) -> str:
                          numeric={0, 1, 2, 3, 4, 5}))
 
 
-def _test_sections(test: dict) -> list[str]:
+def _test_sections(test: dict, calibration: dict | None) -> list[str]:
     """Confusion matrix, per-class scores and calibration on the test split."""
     names = test["class_names"]
     per_class = test["per_class"]
@@ -56,10 +61,25 @@ def _test_sections(test: dict) -> list[str]:
                         per_class[n]["support"]) for n in names], numeric={1, 2, 3, 4}),
                 img(plots.bar_png(names, [round(per_class[n]["f1"], 3) for n in names], "F1 per class"),
                     "F1 per class")),
-        section("Calibration (test)",
-                img(plots.reliability_png(test["reliability"], test["ece"]), "reliability diagram"),
-                "<p class=\"muted\">Bars below the diagonal: the model is more confident than it is right.</p>"),
+        _calibration_section(test, calibration),
     ]
+
+
+def _calibration_section(test: dict, calibration: dict | None) -> str:
+    """The test split's reliability diagram, before and after temperature scaling where the bundle
+    has a temperature (bundles from before calibration: their one diagram)."""
+    note = "<p class=\"muted\">Bars below the diagonal: the model is more confident than it is right.</p>"
+    if not calibration or "reliability_uncalibrated" not in test:
+        return section("Calibration (test)", img(plots.reliability_png(test["reliability"], test["ece"]),
+                                                 "reliability diagram"), note)
+    t = calibration["temperature"]
+    png = plots.reliability_png(test["reliability"], test["ece"], uncalibrated_bins=test["reliability_uncalibrated"],
+                                uncalibrated_ece=test["ece_uncalibrated"], temperature=t)
+    fitted = (f"<p>Probabilities are softmax(logits / T) with T = {t:.4g}, fitted on the validation split "
+              f"(n={calibration.get('n', '?')}) by minimising the negative log-likelihood: validation ECE "
+              f"{calibration['val_ece_before']:.4f} before, {calibration['val_ece_after']:.4f} after; test ECE "
+              f"{test['ece_uncalibrated']:.4f} before, {test['ece']:.4f} after. T changes no prediction.</p>")
+    return section("Calibration (test)", img(png, "reliability diagram before and after calibration"), fitted, note)
 
 
 def _card_section(card: dict, hide_sources: bool) -> str:
@@ -73,11 +93,7 @@ def _card_section(card: dict, hide_sources: bool) -> str:
         ("input", f"{card['input']['size']} px, {card['input']['resize']}"),
         ("classes", ", ".join(card["class_names"])),
     ]
-    data = card["data"]
-    data_uri = "(not shown: --no-source-uri-in-report)" if hide_sources else data["uri"]
-    data_rows = [("data", data_uri), ("fingerprint (SHA-256 of the CSV)", data["fingerprint"]),
-                 ("patients", json.dumps(data.get("patients"))),
-                 *((f"{split} images", json.dumps(counts)) for split, counts in data.get("images", {}).items())]
+    data_rows = _data_rows(card, hide_sources)
     training = card["training"]
     run_rows = [("version", card["version"]), ("created", card["created_at"]),
                 ("weights SHA-256", card["weights_sha256"]),
@@ -88,5 +104,39 @@ def _card_section(card: dict, hide_sources: bool) -> str:
     if card.get("promotion"):
         p = card["promotion"]
         run_rows.append(("promotion", f"{p['decision']} at {p['decided_at']} (margin {p['margin']})"))
+        run_rows += _promotion_rows(p, hide_sources)
     return section("Model card", table(["model", ""], model_rows), table(["data", ""], data_rows),
                    table(["run", ""], run_rows))
+
+
+HIDDEN = "(not shown: --no-source-uri-in-report)"
+
+
+def _data_rows(card: dict, hide_sources: bool) -> list[tuple]:
+    """The training data: every dataset (URI, fingerprint, split sizes) and the joined counts."""
+    data = card["data"]
+    datasets = card.get("datasets") or []
+    rows = [("data", HIDDEN if hide_sources else data["uri"]),
+            ("fingerprint (SHA-256 of the CSV" + (", of the CSVs' hashes)" if len(datasets) > 1 else ")"),
+             data["fingerprint"])]
+    if len(datasets) > 1:
+        rows += [(f"dataset {i}", f"{HIDDEN if hide_sources else d['uri']}: {d['fingerprint'][:12]}, "
+                                  f"splits {json.dumps(d['splits'])}") for i, d in enumerate(datasets, 1)]
+    rows += [("patients", json.dumps(data.get("patients"))),
+             *((f"{split} images", json.dumps(counts)) for split, counts in data.get("images", {}).items())]
+    return rows
+
+
+def _promotion_rows(promotion: dict, hide_sources: bool) -> list[tuple]:
+    """Candidate and production test top-1 on each dataset, where the retrain scored several."""
+    mine = promotion["candidate"].get("per_dataset") or []
+    theirs = (promotion.get("production") or {}).get("per_dataset") or [None] * len(mine)
+    if len(mine) < 2:
+        return []
+    return [(f"test top-1 on {HIDDEN if hide_sources else d['uri']}",
+             f"candidate {_top1(d)}" + (f" vs production {_top1(other)}" if other else "") + f" (n={d['n']})")
+            for d, other in zip(mine, theirs, strict=True)]
+
+
+def _top1(scores: dict) -> str:
+    return f"{scores['top1']:.4f}" if scores.get("top1") is not None else "-"

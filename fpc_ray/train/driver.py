@@ -1,10 +1,11 @@
-"""``fpc-ray train``'s driver: read and decode the data once, run Ray Train, write the bundle."""
+"""``fpc-ray train``'s driver: read and decode the data once, run Ray Train, calibrate, write the bundle."""
 
 from __future__ import annotations
 
 import datetime as dt
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,8 +13,9 @@ import numpy as np
 from fpc_ray.bundle import CARD_FILE, Bundle, build_card, load_bundle, save_bundle, weights_bytes
 from fpc_ray.cluster import init_ray, uses_external_cluster
 from fpc_ray.config import Config
-from fpc_ray.data.dataset import SplitArrays, decode_split
-from fpc_ray.data.fetal_planes import CLASS_NAMES, FetalPlanesDB, read_fetal_planes
+from fpc_ray.data.dataset import SplitArrays
+from fpc_ray.data.fetal_planes import CLASS_NAMES
+from fpc_ray.data.multi import SPLITS, DatasetSplits, decode_joined, joined_fingerprint, joined_uri, read_datasets
 from fpc_ray.errors import UserError, ray_failure
 from fpc_ray.storage import Location, is_remote, resolve
 
@@ -22,29 +24,33 @@ RAY_DIR = "ray"  # Ray Train's run storage (checkpoints, state), inside the outp
 
 @dataclass
 class PreparedData:
-    """A dataset read, split by patient and decoded once (a search shares it between trials)."""
+    """Datasets read, split by patient (each by its own patients), joined and decoded once (a
+    search shares them between trials)."""
 
-    data_uri: str
-    db: FetalPlanesDB
-    splits: dict
+    parts: list[DatasetSplits]
     arrays: dict[str, SplitArrays]
     image_size: int
 
+    @property
+    def data_uris(self) -> list[str]:
+        return [part.uri for part in self.parts]
 
-def prepare_data(cfg: Config, data_uri: str) -> PreparedData:
-    """Read the FETAL_PLANES_DB CSV, split train/val/test by patient, decode every image once."""
+
+def prepare_data(cfg: Config, data_uri: str | Sequence[str]) -> PreparedData:
+    """Read each FETAL_PLANES_DB CSV, split it train/val/test by its patients, join the datasets'
+    splits and decode every image once."""
     started = time.perf_counter()
-    db = read_fetal_planes(data_uri, cfg.storage)
-    splits = {name: db.split(name, cfg.data.val_fraction, cfg.data.split_seed) for name in ("train", "val", "test")}
+    parts = read_datasets(data_uri, cfg.data.val_fraction, cfg.data.split_seed, cfg.storage)
     for name in ("train", "val"):
-        if not splits[name]:
-            raise UserError(f"{data_uri}: the {name} split is empty (too few patients with Train=1?)")
-    print(_split_summary(db, splits), flush=True)
-    arrays = {name: decode_split(db, recs, cfg.data.image_size, cfg.data.decode_threads)
-              for name, recs in splits.items()}
+        if not any(part.splits[name] for part in parts):
+            raise UserError(f"{joined_uri([p.uri for p in parts])}: the {name} split is empty "
+                            f"(too few patients with Train=1?)")
+    for part in parts:
+        print(_split_summary(part), flush=True)
+    arrays = {name: decode_joined(parts, name, cfg.data.image_size, cfg.data.decode_threads) for name in SPLITS}
     print(f"decoded {sum(len(a) for a in arrays.values())} images at {cfg.data.image_size} px "
           f"in {time.perf_counter() - started:.1f}s", flush=True)
-    return PreparedData(data_uri, db, splits, arrays, cfg.data.image_size)
+    return PreparedData(parts, arrays, cfg.data.image_size)
 
 
 @dataclass
@@ -74,11 +80,10 @@ def check_workers_fit(num_workers: int, cpus_per_worker: float, use_gpu: bool) -
         raise UserError(f"{num_workers} GPU worker(s) do not fit this machine's {gpus:g} GPUs")
 
 
-def _split_summary(db: FetalPlanesDB, splits: dict) -> str:
-    parts = []
-    for name, records in splits.items():
-        parts.append(f"{name} {len(records)} images / {len({r.patient for r in records})} patients")
-    return f"data: {db.root.uri}: " + ", ".join(parts)
+def _split_summary(part: DatasetSplits) -> str:
+    counts = [f"{name} {len(records)} images / {len({r.patient for r in records})} patients"
+              for name, records in part.splits.items()]
+    return f"data: {part.db.root.uri}: " + ", ".join(counts)
 
 
 def _fit(trainer, what: str):
@@ -100,10 +105,14 @@ def _run_storage(out: Location) -> tuple[str, object]:
     return ray_loc.path, None
 
 
-def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = False, *,
+def run_training(cfg: Config, data_uri: str | Sequence[str], output_uri: str, overwrite: bool = False, *,
                  prepared: PreparedData | None = None, run_name: str | None = None,
                  callbacks: list | None = None) -> TrainingOutcome:
-    """Train on a FETAL_PLANES_DB-layout dataset and write a model bundle to ``output_uri``.
+    """Train on one or more FETAL_PLANES_DB-layout datasets and write a model bundle to ``output_uri``.
+
+    Several datasets are split each by its own patients and joined (:mod:`fpc_ray.data.multi`).
+    After training, a temperature is fitted on the validation split (:mod:`fpc_ray.calibration`);
+    the card records it, and the test report is calibrated with it.
 
     ``prepared`` reuses data decoded by :func:`prepare_data`; ``run_name`` fixes Ray Train's run
     folder (a rerun with the same name resumes from its checkpoints); ``callbacks`` go to Ray
@@ -132,9 +141,9 @@ def run_training(cfg: Config, data_uri: str, output_uri: str, overwrite: bool = 
     result = _fit(trainer, f"{what} failed after {tc.max_failures} restart(s)")
 
     model, history, best = _trained_model(cfg, result.checkpoint)
-    test_report = _score_test_split(cfg, model, prepared.arrays["test"], what)
+    calibration, test_report = _calibrate_and_score(cfg, model, prepared.arrays, what)
     blob = weights_bytes(model.state_dict())
-    card = _card(cfg, prepared, model, blob, history, best, test_report, parent,
+    card = _card(cfg, prepared, model, blob, history, best, test_report, calibration, parent,
                  wall_s=time.perf_counter() - started,
                  ray_run=out.join(RAY_DIR, run_name).uri if tc.num_workers else None)
     save_bundle(out, blob, card, history)
@@ -222,39 +231,53 @@ def _trained_model(cfg: Config, checkpoint) -> tuple[object, list[dict], dict]:
     return model, history, best
 
 
-def _score_test_split(cfg: Config, model, test: SplitArrays, what: str) -> dict | None:
-    """The model's report on the test split (None when it is empty). An in-process run scores it
-    here; a run on Ray scores it in a Ray task where the workers' resources (and GPUs) are: the
-    driver may hold no CPU (a Tune trial reserves none; a KubeRay head node has none)."""
+def _calibrate_and_score(cfg: Config, model, arrays: dict[str, SplitArrays], what: str) -> tuple[dict, dict | None]:
+    """The card's calibration (a temperature fitted on the validation logits) and the calibrated
+    report on the test split (None when it is empty)."""
+    from fpc_ray.calibration import calibration_record
+    from fpc_ray.scoring import report_from_logits
+
+    val_logits, test_logits = _logits(cfg, model, [arrays["val"].images, arrays["test"].images], what)
+    calibration = calibration_record(val_logits, arrays["val"].labels, fitted_on="val")
+    if not len(arrays["test"]):
+        return calibration, None
+    return calibration, report_from_logits(test_logits, arrays["test"].labels, list(CLASS_NAMES),
+                                           calibration["temperature"])
+
+
+def _logits(cfg: Config, model, image_sets: list[np.ndarray], what: str) -> list[np.ndarray]:
+    """The best model's logits on each image set. An in-process run computes them here; a run on
+    Ray in a Ray task where the workers' resources (and GPUs) are: the driver may hold no CPU (a
+    Tune trial reserves none; a KubeRay head node has none)."""
     import ray
     import ray.exceptions
 
     from fpc_ray.model import normalization
-    from fpc_ray.scoring import evaluate_arrays
+    from fpc_ray.scoring import split_logits
 
-    if not len(test):
-        return None
     tc = cfg.train
     mean, std = normalization(cfg.model.backbone)
-    args = (model, test.images, test.labels, list(CLASS_NAMES), mean, std, 2 * tc.batch_size, tc.use_gpu)
+    args = (model, image_sets, mean, std, 2 * tc.batch_size, tc.use_gpu)
     if tc.num_workers == 0:
-        return evaluate_arrays(*args)
+        return split_logits(*args)
     # DEFAULT: not inside the placement group of a Tune trial that runs this driver
-    remote = ray.remote(evaluate_arrays).options(num_cpus=tc.cpus_per_worker, num_gpus=1 if tc.use_gpu else 0,
-                                                 scheduling_strategy="DEFAULT")
+    remote = ray.remote(split_logits).options(num_cpus=tc.cpus_per_worker, num_gpus=1 if tc.use_gpu else 0,
+                                              scheduling_strategy="DEFAULT")
     try:
         return ray.get(remote.remote(*args))
-    except ray.exceptions.RayTaskError as e:  # evaluate_arrays itself raised
+    except ray.exceptions.RayTaskError as e:  # split_logits itself raised
         if isinstance(e.cause, UserError):
-            raise ray_failure(e, f"{what}: test evaluation") from e
+            raise ray_failure(e, f"{what}: scoring the best model") from e
         raise  # a bug: keep the traceback
     except ray.exceptions.RayError as e:  # its worker or node was lost
-        raise ray_failure(e, f"{what}: test evaluation failed") from e
+        raise ray_failure(e, f"{what}: scoring the best model failed") from e
 
 
 def _card(cfg: Config, prepared: PreparedData, model, blob: bytes, history: list[dict], best: dict,
-          test_report: dict | None, parent: Bundle | None, *, wall_s: float, ray_run: str | None) -> dict:
-    """The bundle's card: config, data (fingerprint, counts), metrics, training and lineage."""
+          test_report: dict | None, calibration: dict, parent: Bundle | None, *, wall_s: float,
+          ray_run: str | None) -> dict:
+    """The bundle's card: config, data (every dataset's URI, fingerprint and split sizes; the joined
+    counts), metrics, calibration, training and lineage."""
     from fpc_ray.model import count_parameters
 
     tc = cfg.train
@@ -262,12 +285,18 @@ def _card(cfg: Config, prepared: PreparedData, model, blob: bytes, history: list
         name: dict(zip(CLASS_NAMES, np.bincount(a.labels, minlength=len(CLASS_NAMES)).tolist(), strict=True))
         for name, a in prepared.arrays.items()
     }
+    parts = prepared.parts
+    fingerprint = joined_fingerprint([p.db.fingerprint for p in parts])
     return build_card(
         cfg, list(CLASS_NAMES), count_parameters(model), blob,
-        data={"uri": prepared.data_uri, "fingerprint": prepared.db.fingerprint, "images": class_counts,
-              "patients": {n: len({r.patient for r in recs}) for n, recs in prepared.splits.items()}},
+        # ``data`` describes the joined data (for one dataset, that dataset); ``datasets`` each one.
+        data={"uri": joined_uri(prepared.data_uris), "fingerprint": fingerprint, "images": class_counts,
+              # Patients are per dataset: patient 7 of one dataset is not patient 7 of another.
+              "patients": {n: sum(len({r.patient for r in p.splits[n]}) for p in parts) for n in SPLITS}},
+        datasets=[part.card_entry() for part in parts],
         metrics={"val": {k: best[k] for k in ("epoch", "val_top1", "val_top2", "val_loss")},
                  "test": test_report},
+        calibration=calibration,
         training={"epochs": len(history), "best_epoch": best["epoch"], "num_workers": tc.num_workers,
                   "use_gpu": tc.use_gpu, "wall_s": round(wall_s, 1), "ray_run": ray_run},
         lineage={"parent_version": parent.version, "parent_uri": tc.init_from} if parent else None,

@@ -1,11 +1,15 @@
 """The retraining loop: fine-tune the production model on the latest data, promote only if not worse.
 
 1. Read the promotion pointer (``models/production.json``); its bundle is the current model.
-2. Train a candidate from it (``train.init_from``) on the latest data (``fpc-ray train``).
+2. Train a candidate from it (``train.init_from``) on the latest data (``fpc-ray train``; one
+   ``--data`` or several, e.g. the base dataset and every imported review batch).
 3. Score the candidate and the current model on the same fixed test set: the official test
-   patients of ``--test-data`` (default: of ``--data``), which no training run ever sees.
-4. Promote (rewrite the pointer atomically) when the candidate's top-1 is at least the current
-   one's minus ``--margin``. The decision and both scores go into the candidate's card. The
+   patients of ``--test-data`` (default: of every ``--data``, joined), which no training run ever
+   sees; and on each dataset's test split alone.
+4. Promote (rewrite the pointer atomically) when the candidate's overall top-1 is at least the
+   current one's minus ``--margin``. The decision and both models' scores, overall and per
+   dataset, go into the candidate's card and the decision line (a candidate that gains on reviewed
+   frames but loses on the original test set shows as such). The
    pointer is rewritten only if it is still what step 1 read (a compare-and-swap): a concurrent
    retrain or a manual rollback in between makes this one refuse with one line.
 
@@ -17,11 +21,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fpc_ray.bundle import CARD_FILE, PointerState, read_pointer_state, write_pointer
 from fpc_ray.config import Config, StorageConfig
+from fpc_ray.data.multi import data_uris, joined_uri
 from fpc_ray.errors import ConcurrentChange
 from fpc_ray.scoring import evaluate_bundle
 from fpc_ray.storage import resolve
@@ -45,13 +50,14 @@ def promotes(candidate_top1: float, production_top1: float | None, margin: float
     return production_top1 is None or candidate_top1 >= production_top1 - margin - 1e-9
 
 
-def retrain(cfg: Config, data_uri: str, pointer_uri: str, candidates_uri: str, margin: float = 0.01,
-            test_data_uri: str | None = None, echo: Callable[[str], None] = print) -> RetrainDecision:
+def retrain(cfg: Config, data_uri: str | Sequence[str], pointer_uri: str, candidates_uri: str, margin: float = 0.01,
+            test_data_uri: str | Sequence[str] | None = None, echo: Callable[[str], None] = print) -> RetrainDecision:
     """Train a candidate, compare it with production on one test set, promote it or not."""
     from fpc_ray.train.driver import run_training
 
     storage = cfg.storage
-    test_data_uri = test_data_uri or data_uri
+    data = data_uris(data_uri)
+    test_data = data_uris(test_data_uri) if test_data_uri else data
     at_start = read_pointer_state(pointer_uri, storage)  # promotion rewrites it only if still this
     # A pointer that could never be written fails now, as one line, not after the training.
     resolve(pointer_uri.rsplit("/", 1)[0] if "/" in pointer_uri else ".", storage).check_writable()
@@ -62,13 +68,13 @@ def retrain(cfg: Config, data_uri: str, pointer_uri: str, candidates_uri: str, m
     stamp = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
     candidate_uri = resolve(candidates_uri, storage).join(stamp).uri
     echo(f"retrain: production {production or '(none yet)'}; candidate -> {candidate_uri}")
-    card = run_training(cfg, data_uri, candidate_uri).card
+    card = run_training(cfg, data, candidate_uri).card
 
-    candidate = evaluate_bundle(candidate_uri, test_data_uri, "test", storage=storage, use_gpu=cfg.train.use_gpu)
-    current = (evaluate_bundle(production, test_data_uri, "test", storage=storage, use_gpu=cfg.train.use_gpu)
+    candidate = evaluate_bundle(candidate_uri, test_data, "test", storage=storage, use_gpu=cfg.train.use_gpu)
+    current = (evaluate_bundle(production, test_data, "test", storage=storage, use_gpu=cfg.train.use_gpu)
                if production else None)
     promoted = promotes(candidate["top1"], current["top1"] if current else None, margin)
-    record = _promotion_record(promoted, margin, test_data_uri, card, candidate, production, current)
+    record = _promotion_record(promoted, margin, test_data, card, candidate, production, current)
     vs = f"{current['top1']:.4f}" if current else "none"
     if promoted:
         _promote(pointer_uri, at_start, candidate_uri, card, record, storage)
@@ -77,20 +83,43 @@ def retrain(cfg: Config, data_uri: str, pointer_uri: str, candidates_uri: str, m
         _write_decision(candidate_uri, card, record, storage)
         line = (f"refused {candidate_uri}: test top-1 {candidate['top1']:.4f} is worse than production's {vs} "
                 f"by more than {margin}; {pointer_uri} unchanged")
+    line += _per_dataset_line(record)
     return RetrainDecision(promoted, candidate_uri, candidate["top1"], current["top1"] if current else None, line)
 
 
-def _promotion_record(promoted: bool, margin: float, test_data_uri: str, card: dict, candidate: dict,
+def _dataset_scores(report: dict) -> list[dict]:
+    """A model's test scores on each dataset, as the promotion record keeps them."""
+    return [{k: d[k] for k in ("uri", "n", "top1", "top2")} for d in report["per_dataset"]]
+
+
+def _per_dataset_line(record: dict) -> str:
+    """``; per dataset: A 0.9700 vs 0.9800, B 0.9000 vs 0.6000`` where the test set joins several."""
+    mine = record["candidate"]["per_dataset"]
+    if len(mine) < 2:
+        return ""
+    theirs = record["production"]["per_dataset"] if record["production"] else [None] * len(mine)
+
+    def top1(scores: dict | None) -> str:
+        return "none" if scores is None or scores["top1"] is None else f"{scores['top1']:.4f}"
+
+    return "; test top-1 per dataset (candidate vs production): " + ", ".join(
+        f"{d['uri']} {top1(d)} vs {top1(other)}" for d, other in zip(mine, theirs, strict=True))
+
+
+def _promotion_record(promoted: bool, margin: float, test_data: list[str], card: dict, candidate: dict,
                       production: str | None, current: dict | None) -> dict:
-    """The decision and both scores, as the candidate's card records them under ``promotion``."""
+    """The decision and both models' scores (overall and per test dataset), as the candidate's card
+    records them under ``promotion``."""
     return {
         "decision": "promoted" if promoted else "refused",
         "decided_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "margin": margin,
-        "test_data": {"uri": test_data_uri, "fingerprint": candidate["data_fingerprint"], "n": candidate["n"]},
-        "candidate": {"version": card["version"], "top1": candidate["top1"], "top2": candidate["top2"]},
+        "test_data": {"uri": joined_uri(test_data), "fingerprint": candidate["data_fingerprint"], "n": candidate["n"],
+                      "datasets": [{k: d[k] for k in ("uri", "fingerprint", "n")} for d in candidate["per_dataset"]]},
+        "candidate": {"version": card["version"], "top1": candidate["top1"], "top2": candidate["top2"],
+                      "per_dataset": _dataset_scores(candidate)},
         "production": ({"uri": production, "version": current["model_version"], "top1": current["top1"],
-                        "top2": current["top2"]} if current else None),
+                        "top2": current["top2"], "per_dataset": _dataset_scores(current)} if current else None),
     }
 
 

@@ -2,9 +2,9 @@
 
 Each trial runs :func:`fpc_ray.train.driver.run_training` (the same TorchTrainer, loop and bundle
 writer as ``fpc-ray train``) with Tune's ``TuneReportCallback``, on data decoded once by the
-driver. Layout of OUTPUT::
+driver (one dataset, or several joined as ``fpc-ray train`` joins them). Layout of OUTPUT::
 
-    search.json        the resolved search (spec + data URI), read back by --resume
+    search.json        the resolved search (spec + data URI or URIs), read back by --resume
     tune/              Ray Tune's experiment state (Tuner.restore reads it)
     trials/<id>/       each trial's model bundle (only trials that ran to the end have one)
     trials.parquet     one row per trial
@@ -96,7 +96,7 @@ def _report_callback(epochs: int):
     return HoldLastReport()
 
 
-def _trial(params: dict, spec_json: str, output_uri: str, data_uri: str, prepared=None) -> None:
+def _trial(params: dict, spec_json: str, output_uri: str, data_uri: str | list[str], prepared=None) -> None:
     """Tune's function trainable: ``fpc-ray train`` for one point of the space."""
     from ray import tune
 
@@ -170,7 +170,7 @@ def _short_value(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value).replace(" ", "")
 
 
-def _tuner(spec: TuneSpec, data_uri: str, out: Location, resume: bool, echo: Callable[[str], None]):
+def _tuner(spec: TuneSpec, data_uri: str | list[str], out: Location, resume: bool, echo: Callable[[str], None]):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -178,7 +178,7 @@ def _tuner(spec: TuneSpec, data_uri: str, out: Location, resume: bool, echo: Cal
 
     from fpc_ray.train.driver import prepare_data
 
-    prepared = prepare_data(spec.base, data_uri)
+    prepared = prepare_data(spec.base, data_uri)  # every dataset read, split and decoded once for all trials
     trainable = tune.with_parameters(_trial, spec_json=spec.model_dump_json(), output_uri=out.uri,
                                      data_uri=data_uri, prepared=prepared)
     # The trial's own process only waits on its TorchTrainer, whose workers hold the CPUs and
@@ -208,7 +208,8 @@ def _tuner(spec: TuneSpec, data_uri: str, out: Location, resume: bool, echo: Cal
     )
 
 
-def _save_or_restore_spec(spec: TuneSpec, data_uri: str, out: Location, resume: bool) -> tuple[TuneSpec, str]:
+def _save_or_restore_spec(spec: TuneSpec, data_uri: str | list[str], out: Location,
+                          resume: bool) -> tuple[TuneSpec, str | list[str]]:
     """Check OUTPUT against --resume; save or read back the spec."""
     saved = out.join(SPEC_FILE)
     if resume:
@@ -223,9 +224,10 @@ def _save_or_restore_spec(spec: TuneSpec, data_uri: str, out: Location, resume: 
     return spec, data_uri
 
 
-def run_search(spec: TuneSpec, data_uri: str, output_uri: str, resume: bool = False,
+def run_search(spec: TuneSpec, data_uri: str | list[str], output_uri: str, resume: bool = False,
                echo: Callable[[str], None] = print) -> SearchOutcome:
-    """Run (or resume) a search and write trials, best.yaml, best/ and the leaderboard."""
+    """Run (or resume) a search on one dataset or several (a list, joined as in training) and write
+    trials, best.yaml, best/ and the leaderboard."""
 
     from fpc_ray.cluster import init_ray
     from fpc_ray.train.driver import check_workers_fit
