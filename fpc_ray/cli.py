@@ -474,6 +474,41 @@ def bench_label(
         typer.echo(line)
 
 
+@bench_app.command("gpu")
+@one_line_errors
+def bench_gpu(
+    frames: Annotated[int | None, typer.Option("--frames", min=20, help="Frames per archive "
+                                               "(default 20,000 with CUDA, 240 without).")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", min=32,
+                                                   help="Default 224 with CUDA, 96 without.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=2,
+                                               help="Training epochs (the first is warm-up).")] = None,
+    compile_ceiling: Annotated[bool | None, typer.Option("--compile/--no-compile", help="Also measure "
+                                                         "torch.compile'd inference (default: with CUDA).")] = None,
+    workdir: Annotated[Path | None, typer.Option("--workdir", help="Where archives and runs go (default: a "
+                                                 "temporary folder, removed after).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write every figure to this JSON file.")] = None,
+) -> None:
+    """The node's ceilings (decode on all cores, nvJPEG, inference, training step) beside fpc-ray's
+    labelling and training on the same node, and their ratios, in one run."""
+    import dataclasses
+
+    import torch
+
+    from fpc_ray.bench.gpu import GpuBenchSizes, run_and_report
+
+    sizes = GpuBenchSizes.for_device(torch.cuda.is_available())
+    given = {"image_size": image_size, "epochs": epochs, "compile_ceiling": compile_ceiling}
+    if frames is not None:
+        given.update(frames=frames, slice_frames=max(10, frames // 4))
+    sizes = dataclasses.replace(sizes, **{k: v for k, v in given.items() if v is not None})
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    for line in run_and_report(sizes, str(workdir) if workdir else None, str(json_out) if json_out else None,
+                               echo=typer.echo):
+        typer.echo(line)
+
+
 @bench_app.command("history")
 @one_line_errors
 def bench_history(
