@@ -595,6 +595,19 @@ def review_import(
         typer.echo(f"  {name}: {c['model_right']}/{c['reviewed']} ({c['agreement']:.1%})")
 
 
+@review_app.command("demo")
+@one_line_errors
+def review_demo(
+    workdir: Annotated[str, typer.Option("--workdir", help="Where the embedded S3 keeps its data.")] = "review-demo",
+) -> None:
+    """The whole review loop on phantoms (embedded S3, local Ray), with a script as the reviewer:
+    label, export, review, import, retrain, promote; the confused plane's recall before and after."""
+    from fpc_ray.review.demo import run_demo_with_embedded_s3
+
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    run_demo_with_embedded_s3(workdir, echo=typer.echo)
+
+
 def main() -> None:
     """Console entry point: click's usage errors become one line, like every other error."""
     skip_update_checks()

@@ -94,8 +94,11 @@ def _per_dataset(parts, split: str, logits: np.ndarray, labels: np.ndarray, clas
         if end > start:
             report = report_from_logits(logits[start:end], labels[start:end], class_names, temperature)
             row.update({key: report[key] for key in PER_DATASET_KEYS})
+            # Recall of each class present: where a reviewed class got better (or worse) shows.
+            row["recall"] = {name: c["recall"] for name, c in report["per_class"].items() if c["support"]}
         else:
             row.update({key: None for key in PER_DATASET_KEYS if key != "n"})
+            row["recall"] = {}
         rows.append(row)
         start = end
     return rows

@@ -107,3 +107,20 @@ def test_a_trained_bundle_is_calibrated_on_val_and_scored_with_its_temperature(t
     assert report["confusion_matrix"] == test["confusion_matrix"]
     for key in ("top1", "ece", "ece_uncalibrated"):
         assert report[key] == pytest.approx(test[key], abs=1e-6), key
+
+
+def test_a_split_without_errors_does_not_drive_every_confidence_to_one():
+    """40 of 40 right under-confident logits: the NLL optimum is T -> 0; the fit stops where the
+    mean confidence claims (40 + 1/2) / 41, well above the bound it would otherwise hit."""
+    from fpc_ray.calibration import MIN_TEMPERATURE, confidence_ceiling, fit_temperature
+    from fpc_ray.inference import softmax_t
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, 40)
+    logits = rng.normal(0, 0.3, (40, 6))
+    logits[np.arange(40), labels] += rng.uniform(1.0, 3.0, 40)  # every argmax right, margins vary
+    t = fit_temperature(logits, labels)
+    probs = softmax_t(logits, t)
+    assert (probs.argmax(1) == labels).all()
+    assert probs.max(1).mean() == pytest.approx(confidence_ceiling(40, 40), abs=1e-6)
+    assert t > 2 * MIN_TEMPERATURE

@@ -133,9 +133,17 @@ def _promotion_rows(promotion: dict, hide_sources: bool) -> list[tuple]:
     theirs = (promotion.get("production") or {}).get("per_dataset") or [None] * len(mine)
     if len(mine) < 2:
         return []
-    return [(f"test top-1 on {HIDDEN if hide_sources else d['uri']}",
-             f"candidate {_top1(d)}" + (f" vs production {_top1(other)}" if other else "") + f" (n={d['n']})")
-            for d, other in zip(mine, theirs, strict=True)]
+    rows = []
+    for d, other in zip(mine, theirs, strict=True):
+        where = HIDDEN if hide_sources else d["uri"]
+        rows.append((f"test top-1 on {where}",
+                     f"candidate {_top1(d)}" + (f" vs production {_top1(other)}" if other else "") + f" (n={d['n']})"))
+        if d.get("recall"):  # per class: a reviewed class's gain (or a loss elsewhere) is visible here
+            before = (other or {}).get("recall") or {}
+            rows.append((f"test recall per class on {where}", ", ".join(
+                f"{name} {r:.2f}" + (f" (production {before[name]:.2f})" if name in before else "")
+                for name, r in d["recall"].items())))
+    return rows
 
 
 def _top1(scores: dict) -> str:

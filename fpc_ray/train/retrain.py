@@ -89,7 +89,7 @@ def retrain(cfg: Config, data_uri: str | Sequence[str], pointer_uri: str, candid
 
 def _dataset_scores(report: dict) -> list[dict]:
     """A model's test scores on each dataset, as the promotion record keeps them."""
-    return [{k: d[k] for k in ("uri", "n", "top1", "top2")} for d in report["per_dataset"]]
+    return [{k: d[k] for k in ("uri", "n", "top1", "top2", "recall")} for d in report["per_dataset"]]
 
 
 def _per_dataset_line(record: dict) -> str:
