@@ -148,18 +148,21 @@ def _split_stages(objects: list[dict], model_uri: str, card: dict, run_id: str, 
     """CPU decode tasks -> predictor actors -> CPU overlay tasks (see :mod:`fpc_ray.label.split`,
     and resources.py for how each stage is sized)."""
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-    from fpc_ray.label.split import decode_stage, overlay_stage
+    from fpc_ray.label.handover import decode_stage, overlay_stage
 
     sized = size_split(ray.nodes(), ray.cluster_resources(), opts.workers, opts.use_gpu, opts.batch_size)
     ds = ray.data.from_arrow(_object_blocks(objects, opts.batch_size, sized.decoders))
     ds = ds.map_batches(
-        decode_stage, batch_size=opts.batch_size, batch_format="numpy", num_cpus=1, concurrency=sized.decoders,
+        decode_stage, batch_size=opts.batch_size, batch_format="numpy", num_cpus=1,
+        compute=TaskPoolStrategy(size=sized.decoders),
         fn_kwargs={"storage": storage.model_dump(), "input_size": card["input"]["size"],
                    "thumb_size": opts.thumb_size, "frame_stride": opts.frame_stride,
                    "keep_jpeg": opts.predictor_decodes_jpeg(), "max_object_bytes": opts.max_object_bytes,
                    "uid_key": opts.uid_key})
+    # A GPU predictor reserves no CPU: Ray Data keeps it apart from the decode tasks. A CPU
+    # predictor reserves one, like them, and Ray Data fuses the decode tasks into its actors.
     predictor = sized.predictor
     ds = ds.map_batches(
         SplitPredictorActor,
@@ -171,7 +174,8 @@ def _split_stages(objects: list[dict], model_uri: str, card: dict, run_id: str, 
         # Batches queued at each actor: the next is on its node while the GPU works on this one.
         compute=ActorPoolStrategy(size=opts.workers, max_tasks_in_flight_per_actor=PREDICTOR_QUEUE))
     return ds.map_batches(
-        overlay_stage, batch_size=OVERLAY_BATCH, batch_format="numpy", num_cpus=1, concurrency=sized.overlays,
+        overlay_stage, batch_size=OVERLAY_BATCH, batch_format="numpy", num_cpus=1,
+        compute=TaskPoolStrategy(size=sized.overlays),
         fn_kwargs={"class_names": card["class_names"], "version": card["version"], "run_id": run_id,
                    "input_size": card["input"]["size"]})
 

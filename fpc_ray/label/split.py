@@ -1,15 +1,16 @@
 """The GPU-node labelling design: CPU tasks decode, GPU actors classify, CPU tasks draw.
 
-1. :func:`decode_stage` (Ray Data tasks, one CPU each, on every core the cluster has): read, hash,
-   decode and letterbox each object's frames (:class:`~fpc_ray.label.frames.ReadDecode`, the
-   CPU path's own step) and hand them over as fixed-size uint8 arrays: the letterboxed input,
-   the thumbnail padded to ``thumb_size`` square with its true size, the passed-through columns.
-   JPEG frames a batched decoder takes are handed over as codestreams instead. Error rows pass
-   through with zero pixels.
+1. :func:`~fpc_ray.label.handover.decode_stage` (Ray Data tasks, one CPU each, on every core
+   the cluster has): read, hash, decode and letterbox each object's frames
+   (:class:`~fpc_ray.label.frames.ReadDecode`, the CPU path's own step) and hand them over as
+   fixed-size uint8 arrays: the letterboxed input, the thumbnail padded to ``thumb_size`` square
+   with its true size, the passed-through columns. JPEG frames a batched decoder takes are
+   handed over as codestreams instead. Error rows pass through with zero pixels.
 2. :class:`SplitPredictor` (actors holding a GPU share, no CPU): decode the codestreams in one
    batched call (nvJPEG), letterbox and thumbnail them on the GPU, classify hundreds of frames a
    call, and hand over probabilities and CAM maps (float16, feature-map resolution). No PNG here.
-3. :func:`overlay_stage` (Ray Data tasks): CAM overlays, PNG, :data:`LABEL_SCHEMA` rows.
+3. :func:`~fpc_ray.label.handover.overlay_stage` (Ray Data tasks): CAM overlays, PNG,
+   :data:`~fpc_ray.label.schema.LABEL_SCHEMA` rows.
 """
 
 from __future__ import annotations
@@ -21,63 +22,16 @@ import torch
 from fpc_ray.data.transforms import letterbox
 from fpc_ray.label.classify import Classifier
 from fpc_ray.label.decode import DecodeError, decode_raster
-from fpc_ray.label.frames import DEFAULT_MAX_OBJECT_BYTES, ReadDecode, thumbnail
-from fpc_ray.label.rows import PASSED_THROUGH, draw_cams, label_table, optional_column
-from fpc_ray.label.schema import LABEL_SCHEMA, error_text
+from fpc_ray.label.frames import thumbnail
+from fpc_ray.label.handover import frame_block, passed_columns, tensor_column
+from fpc_ray.label.schema import error_text
 from fpc_ray.label.torch_frames import by_size, decode_jpegs, gray_frames, letterbox_frames, thumbnail_frames
 
 MAX_CAM_SIDE = 56  # CAM maps handed over larger than this (pytorch-grad-cam's, at input size) are shrunk
-_INT_COLUMNS = ("frame", "width", "height")
-# The passed-through columns' types: LABEL_SCHEMA's, or a string where the schema lacks the column.
-_PASSED_FIELDS = [LABEL_SCHEMA.field(n) if n in LABEL_SCHEMA.names else pa.field(n, pa.string())
-                  for n in PASSED_THROUGH]
-
-
-def _tensor(values: np.ndarray) -> pa.Array:
-    from ray.data.extensions import ArrowTensorArray
-
-    return ArrowTensorArray.from_numpy(np.ascontiguousarray(values))
-
-
-def _passed(batch: dict[str, np.ndarray]) -> dict[str, list]:
-    """The passed-through columns of a numpy batch as Python values (Ray Data turns a nullable
-    integer column into floats with NaN)."""
-    n = len(batch["source_uri"])
-    return {f.name: optional_column(batch, f.name, n, int if f.name in _INT_COLUMNS else str)
-            for f in _PASSED_FIELDS}
-
-
-def _block(passed: dict[str, list], arrays: dict[str, pa.Array]) -> pa.Table:
-    columns = {f.name: pa.array(passed[f.name], f.type) for f in _PASSED_FIELDS}
-    return pa.table({**columns, **arrays})
-
-
-def decode_stage(batch: dict[str, np.ndarray], *, storage: dict | None, input_size: int, thumb_size: int,
-                 frame_stride: int, keep_jpeg: bool, max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
-                 uid_key: str | None = None) -> pa.Table:
-    """Listed objects -> their frames as fixed-size arrays (see the module docstring)."""
-    reader = ReadDecode(storage, input_size, thumb_size, frame_stride, max_object_bytes, uid_key, keep_jpeg)
-    uris = [str(u) for u in batch["uri"]]
-    sizes = optional_column(batch, "size", len(uris), int)
-    listing_errors = optional_column(batch, "listing_error", len(uris), str)
-    rows = [row for args in zip(uris, sizes, listing_errors, strict=True) for row in reader.frames(*args)]
-    pixels = np.zeros((len(rows), input_size, input_size), np.uint8)
-    thumbs = np.zeros((len(rows), thumb_size, thumb_size), np.uint8)
-    for i, row in enumerate(rows):
-        if row["pixels"] is not None:
-            pixels[i] = row["pixels"]
-            th, tw = row["thumb"].shape
-            thumbs[i, :th, :tw] = row["thumb"]
-    th = [0 if r["thumb"] is None else r["thumb"].shape[0] for r in rows]
-    tw = [0 if r["thumb"] is None else r["thumb"].shape[1] for r in rows]
-    passed = {key: [row[key] for row in rows] for key in PASSED_THROUGH}
-    return _block(passed, {"pixels": _tensor(pixels), "thumb": _tensor(thumbs),
-                           "thumb_h": pa.array(th, pa.int32()), "thumb_w": pa.array(tw, pa.int32()),
-                           "jpeg": pa.array([row["jpeg"] for row in rows], pa.binary())})
 
 
 class SplitPredictor:
-    """Frames handed over by :func:`decode_stage` -> probabilities and CAM maps (see the module
+    """Frames handed over by the decode stage -> probabilities and CAM maps (see the module
     docstring). Loads the bundle once per actor."""
 
     def __init__(self, model_uri: str, storage: dict | None, cam: str, use_gpu: bool, thumb_size: int,
@@ -135,7 +89,7 @@ class SplitPredictor:
             sizes[i] = small.shape
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        passed = _passed(batch)
+        passed = passed_columns(batch)
         pixels = np.array(batch["pixels"])  # writable copies: frames decoded here land in them
         thumbs = np.array(batch["thumb"])
         sizes = np.stack([batch["thumb_h"], batch["thumb_w"]], axis=1).astype(np.int32)
@@ -147,14 +101,14 @@ class SplitPredictor:
         n = len(pixels)
         all_probs = np.zeros((n, len(self.classifier.class_names)), np.float32)
         all_probs[ok] = probs
-        arrays = {"thumb": _tensor(thumbs), "thumb_h": pa.array(sizes[:, 0]), "thumb_w": pa.array(sizes[:, 1]),
-                  "probs": _tensor(all_probs)}
+        arrays = {"thumb": tensor_column(thumbs), "thumb_h": pa.array(sizes[:, 0]), "thumb_w": pa.array(sizes[:, 1]),
+                  "probs": tensor_column(all_probs)}
         if self.cam_shape is not None:
             all_cams = np.zeros((n, *self.cam_shape), np.float16)
             if cams is not None:
                 all_cams[ok] = cams
-            arrays["cam"] = _tensor(all_cams)
-        return _block(passed, arrays)
+            arrays["cam"] = tensor_column(all_cams)
+        return frame_block(passed, arrays)
 
 
 def _small_cams(cams: torch.Tensor) -> np.ndarray:
@@ -200,17 +154,3 @@ def _decode_on_cpu(codestream: bytes, input_size: int, thumb_size: int) -> tuple
         return error_text("too_large", "ran out of memory")
     except Exception as e:  # this frame's failure only
         return error_text("malformed", private_reason(e))
-
-
-def overlay_stage(batch: dict[str, np.ndarray], *, class_names: list[str], version: str, run_id: str,
-                  input_size: int) -> pa.Table:
-    """The GPU predictors' output -> LABEL_SCHEMA rows: CAM overlays on the thumbnails, PNG."""
-    passed = _passed(batch)
-    ok = [i for i, error in enumerate(passed["error"]) if error is None]
-    pngs = None
-    if "cam" in batch:
-        thumbs, th, tw = batch["thumb"], batch["thumb_h"], batch["thumb_w"]
-        rows = [{"thumb": thumbs[i, :th[i], :tw[i]], "width": passed["width"][i], "height": passed["height"][i]}
-                for i in ok]
-        pngs = draw_cams(None, [batch["cam"][i] for i in ok], rows, input_size)
-    return label_table(passed, ok, np.asarray(batch["probs"])[ok], pngs, class_names, version, run_id)
