@@ -124,13 +124,14 @@ def _object_blocks(todo: list[dict], batch_size: int, workers: int) -> list[pa.T
     return [pa.Table.from_pylist(todo[i:i + rows], schema=BLOCK_SCHEMA) for i in range(0, len(todo), rows)]
 
 
-def _one_stage(ds, model_uri: str, run_id: str, opts: LabelOptions, storage: StorageConfig):
+def _one_stage(objects: list[dict], model_uri: str, run_id: str, opts: LabelOptions, storage: StorageConfig):
     """One stage of actors that read + decode on threads and classify (see resources.py for what
     each reserves and how many threads it runs)."""
     import ray
     from ray.data import ActorPoolStrategy
 
     sized = size_predictors(ray.nodes(), ray.cluster_resources(), opts.workers, opts.use_gpu)
+    ds = ray.data.from_arrow(_object_blocks(objects, opts.batch_size, opts.workers))
     return ds.map_batches(
         PredictorActor,
         fn_constructor_kwargs={"model_uri": model_uri, "storage": storage.model_dump(), "cam": opts.cam,
@@ -183,16 +184,13 @@ def _split_stages(objects: list[dict], model_uri: str, card: dict, run_id: str, 
 def _label(todo: list[dict], staged: Location, model_uri: str, card: dict, run_id: str, opts: LabelOptions,
            storage: StorageConfig, echo) -> None:
     """Run the Ray Data pipeline over ``todo``, writing rows into ``staged``."""
-    import ray
-
     from fpc_ray.cluster import init_ray
 
     init_ray()
     if opts.split():
         ds = _split_stages(todo, model_uri, card, run_id, opts, storage)
     else:
-        ds = ray.data.from_arrow(_object_blocks(todo, opts.batch_size, opts.workers))
-        ds = _one_stage(ds, model_uri, run_id, opts, storage)
+        ds = _one_stage(todo, model_uri, run_id, opts, storage)
     configure_ray_data()
     try:
         # Parquet writes are light: a quarter CPU each, so they never queue behind the
