@@ -4,8 +4,7 @@ stages: :func:`decode_stage` before the predictors and :func:`overlay_stage` aft
 Blocks are Arrow tables with explicit types: fixed-size uint8 tensor columns for the frames
 (Ray Data's tensor extension type, numpy arrays again in the next stage's batch) and
 :data:`LABEL_SCHEMA`'s types for the passed-through columns, so every block of a stage has one
-schema, whatever nulls it holds. Torch is not imported here: an overlay task's worker starts
-without it (decode tasks import it with the image transforms).
+schema, whatever nulls it holds. Nothing here needs torch (the image transforms still import it).
 """
 
 from __future__ import annotations

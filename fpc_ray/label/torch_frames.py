@@ -86,7 +86,7 @@ def decode_jpegs(codestreams: list[bytes], device: torch.device) -> list[torch.T
         warnings.simplefilter("ignore")
         try:
             return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError:  # one refused codestream fails the batch: find it
+        except Exception:  # one refused codestream fails the batch: find it
             return [_decode_one(t, device) for t in tensors]
 
 
@@ -95,7 +95,7 @@ def _decode_one(tensor: torch.Tensor, device: torch.device) -> torch.Tensor | No
 
     try:
         return decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
+    except Exception:  # refused: the caller's CPU decoder decides, and reports, what it is
         return None
 
 
