@@ -90,11 +90,11 @@ class SplitPredictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         passed = passed_columns(batch)
-        pixels = np.array(batch["pixels"])  # writable copies: frames decoded here land in them
-        thumbs = np.array(batch["thumb"])
+        pixels, thumbs = batch["pixels"], batch["thumb"]
         sizes = np.stack([batch["thumb_h"], batch["thumb_w"]], axis=1).astype(np.int32)
         todo = [i for i, c in enumerate(batch["jpeg"]) if c is not None and passed["error"][i] is None]
-        if todo:
+        if todo:  # writable copies: the frames decoded here land in them
+            pixels, thumbs = np.array(pixels), np.array(thumbs)
             self._decode_jpegs(todo, batch, passed, pixels, thumbs, sizes)
         ok = [i for i, error in enumerate(passed["error"]) if error is None]
         probs, cams = self._classify(pixels[ok])
