@@ -4,10 +4,11 @@ the GPU predictors of :mod:`fpc_ray.label.split`.
 The frames must come out as the CPU path makes them (:mod:`fpc_ray.label.frames`): PIL's or
 pydicom's decoder, :func:`fpc_ray.data.transforms.to_gray_u8`'s luma, then
 :func:`~fpc_ray.data.transforms.letterbox`'s OpenCV resize. The geometry is ``letterbox_box``'s;
-OpenCV's interpolation is separable, so it is written here as two matrices per size (INTER_AREA:
-each output pixel averages the input pixels it covers, by the fraction covered; INTER_LINEAR:
-half-pixel centres): a batched matmul on the device gives OpenCV's values to float rounding
-(INTER_AREA exactly, INTER_LINEAR within one gray level: OpenCV rounds its weights to 11 bits).
+OpenCV's interpolation is separable, so it is written here as two matrices per size (INTER_AREA
+shrinking: each output pixel averages the input pixels it covers, by the fraction covered;
+INTER_AREA enlarging and INTER_LINEAR: two neighbours): a batched matmul on the device gives
+OpenCV's values to float rounding (INTER_AREA shrinking exactly; otherwise within one gray level,
+OpenCV rounding its weights to 11 bits).
 What remains is the JPEG decoders' own difference (nvJPEG and libjpeg-turbo may round the IDCT
 and the chroma upsampling differently): tests hold the frames within a mean of 2 and a maximum of
 24 gray levels. A frame nvJPEG refuses is decoded by the CPU decoder instead, in the same run.
@@ -31,14 +32,20 @@ _GROUP_FRAMES = 64  # frames resized in one matmul: bounds the float copies of l
 def resize_weights(n_in: int, n_out: int, area: bool) -> np.ndarray:
     """The ``n_out x n_in`` matrix of OpenCV's resize along one axis (INTER_AREA or INTER_LINEAR)."""
     scale = n_in / n_out
-    out = np.arange(n_out, dtype=np.float64)[:, None]
-    pixels = np.arange(n_in, dtype=np.float64)[None, :]
-    if area:  # the overlap of output pixel i, [i*s, (i+1)*s), with input pixel k, [k, k+1)
-        overlap = np.minimum((out + 1) * scale, pixels + 1) - np.maximum(out * scale, pixels)
+    out = np.arange(n_out, dtype=np.float64)
+    if area and n_out <= n_in:  # output pixel i, [i*s, (i+1)*s), averages the input pixels it overlaps
+        pixels = np.arange(n_in, dtype=np.float64)[None, :]
+        overlap = np.minimum((out[:, None] + 1) * scale, pixels + 1) - np.maximum(out[:, None] * scale, pixels)
         return (np.clip(overlap, 0, None) / scale).astype(np.float32)
-    src = np.maximum((out[:, 0] + 0.5) * scale - 0.5, 0.0)
-    left = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    frac = src - left
+    if area:  # INTER_AREA enlarging: OpenCV blends two neighbours only across a source pixel's edge
+        left = np.floor(out * scale)
+        frac = (out + 1) - (left + 1) / scale
+        frac = np.where(frac <= 0, 0.0, frac - np.floor(frac))
+    else:  # INTER_LINEAR: half-pixel centres
+        src = np.maximum((out + 0.5) * scale - 0.5, 0.0)
+        left = np.floor(src)
+        frac = src - left
+    left = np.minimum(left.astype(np.int64), n_in - 1)
     weights = np.zeros((n_out, n_in), np.float64)
     rows = np.arange(n_out)
     np.add.at(weights, (rows, left), 1 - frac)
@@ -63,11 +70,11 @@ def letterbox_frames(frames: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def thumbnail_frames(frames: torch.Tensor, thumb_size: int) -> tuple[torch.Tensor, int, int]:
-    """N x h x w gray frames -> their thumbnails (INTER_AREA, as ``frames.thumbnail``; a frame
-    smaller than the thumbnail is enlarged linearly), with the thumbnails' height and width."""
+    """N x h x w gray frames -> their thumbnails (INTER_AREA, as ``frames.thumbnail``), with the
+    thumbnails' height and width."""
     _, h, w = frames.shape
     _, _, th, tw = letterbox_box(h, w, thumb_size)
-    return resize(frames, th, tw, area=thumb_size <= max(h, w)), th, tw
+    return resize(frames, th, tw, area=True), th, tw
 
 
 def to_gray(rgb: torch.Tensor) -> torch.Tensor:
