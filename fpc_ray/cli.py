@@ -241,6 +241,10 @@ def label(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Predictor actors.")] = 1,
     use_gpu: Annotated[bool, typer.Option("--use-gpu/--no-gpu")] = False,
+    gpu_jpeg: Annotated[bool, typer.Option(
+        "--gpu-jpeg/--no-gpu-jpeg",
+        help="With --use-gpu: decode JPEG files and DICOM JPEG Baseline frames on the GPU (nvJPEG, in "
+             "batches); --no-gpu-jpeg decodes every frame on the CPU cores.")] = True,
     frame_stride: Annotated[int, typer.Option("--frame-stride", min=1, help="Every K-th cine frame.")] = 1,
     full: Annotated[bool, typer.Option("--full", help="Relabel objects already in committed runs.")] = False,
     max_error_rate: Annotated[float, typer.Option("--max-error-rate", min=0.0, max=1.0)] = 0.5,
@@ -273,7 +277,7 @@ def label(
     opts = LabelOptions(run_id=run_id, cam=cam, thumb_size=thumb_size, batch_size=batch_size,
                         workers=workers, use_gpu=use_gpu, frame_stride=frame_stride, full=full,
                         max_error_rate=max_error_rate, limit=limit, max_object_bytes=max_object_bytes,
-                        uid_key=uid_key)
+                        uid_key=uid_key, jpeg_on_gpu=None if gpu_jpeg else False)
     inputs = input[0] if len(input) == 1 else list(input)
     summary = run_labelling(model, inputs, output, opts, cfg.storage, echo=typer.echo)
     typer.echo(f"committed {summary['output']}: {summary['objects']['labelled']} objects, "

@@ -129,6 +129,21 @@ def test_archive_with_every_kind_of_input(env, tmp_path):
     again = run_labelling(env["model"], "s3://test/archive/2026/11/24/", output, LabelOptions(run_id="second"))
     assert again["objects"]["labelled"] == 0 and again["rows"] == 0
 
+    # The GPU nodes' design (decode tasks -> predictors decoding the JPEG frames -> overlay tasks),
+    # here on the CPU: the same rows, and no identifier either.
+    opts = LabelOptions(run_id="split", stages="split", jpeg_on_gpu=True)
+    split = run_labelling(env["model"], "s3://test/archive/2026/11/24/", "s3://test/labels-split", opts)
+    assert (split["rows"], split["errors_by_kind"]) == (summary["rows"], summary["errors_by_kind"])
+    split_rows = pads.dataset("test/labels-split/run=split", filesystem=resolve(output).fs,
+                              format="parquet").to_table().to_pylist()
+    by_frame = {(r["source_uri"], r["frame"]): r for r in split_rows}
+    for row in rows:
+        other = by_frame[(row["source_uri"], row["frame"])]
+        assert (other["label"], other["error"], other["sop_uid"]) == (row["label"], row["error"], row["sop_uid"])
+        assert (other["gradcam_png"] is None) == (row["gradcam_png"] is None)
+    for value in fx.PATIENT.values():
+        assert value not in repr(split_rows)
+
 
 def _label_cmd(model, archive, output, *extra):
     return [sys.executable, "-m", "fpc_ray.cli", "label", "--model", model, "--input", archive,

@@ -7,11 +7,13 @@ import pytest
 from fpc_ray.label.resources import (
     CPU_DECODE_THREADS,
     GPU_DECODE_THREADS_UNKNOWN,
+    GPU_PREDICT_FRAMES,
     MAX_DECODE_THREADS,
     PredictorResources,
     decode_threads,
     gpu_share,
     size_predictors,
+    size_split,
     torch_threads,
 )
 
@@ -78,3 +80,28 @@ def test_gpu_predictors_before_any_gpu_node_is_up():
     nodes = [_node(8)]  # the head node only: the GPU workers autoscale from zero
     assert size_predictors(nodes, _cluster(nodes), 2, use_gpu=True) == \
         PredictorResources(num_cpus=0, num_gpus=1.0, torch_threads=None, decode_threads=GPU_DECODE_THREADS_UNKNOWN)
+
+
+@pytest.mark.parametrize("cpus,gpus,workers,decoders,overlays", [
+    (16, 1, 1, 12, 3),  # the GPU node: 15 CPUs for the CPU stages, one overlay per six
+    (64, 4, 4, 52, 11),
+    (4, 1, 2, 2, 1),
+    (2, 1, 1, 1, 1),    # never fewer than one of each
+])
+def test_split_design_on_gpu_nodes_gives_the_cpus_to_decoding(cpus, gpus, workers, decoders, overlays):
+    nodes = [_node(cpus, gpus)]
+    sized = size_split(nodes, _cluster(nodes), workers, use_gpu=True, batch_size=32)
+    assert (sized.decoders, sized.overlays) == (decoders, overlays)
+    assert sized.decoders + sized.overlays <= max(2, cpus - 1)  # a CPU left to the writes and the driver
+    assert sized.predictor == PredictorResources(0, gpu_share(_cluster(nodes), workers), None, 0)
+    assert sized.predict_frames == GPU_PREDICT_FRAMES
+
+
+def test_split_design_on_a_cpu_cluster_leaves_the_cpu_predictors_their_cores():
+    nodes = [_node(8)]
+    sized = size_split(nodes, _cluster(nodes), 2, use_gpu=False, batch_size=32)
+    assert sized.predictor == PredictorResources(1, 0, torch_threads(nodes, 2), 0)
+    assert (sized.decoders, sized.overlays) == (4, 1)  # 8 - 2 predictors - 1
+    assert sized.predict_frames == 32  # a CPU pass stays --batch-size frames
+    big = size_split(nodes, _cluster(nodes), 1, use_gpu=True, batch_size=2048)
+    assert big.predict_frames == 2048  # a larger --batch-size than the GPU default is kept

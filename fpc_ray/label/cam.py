@@ -38,9 +38,16 @@ def require_global_average_pooling(model) -> None:
                          "use a pytorch-grad-cam method (gradcam++, eigencam)")
 
 
-def predict_with_gradcam(model, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities (N x C) and GradCAM maps (N x h x w, in [0, 1], feature resolution) for
-    each image's top-1 class, in one forward pass.
+def softmax_t(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Calibrated probabilities: softmax(logits / T), T the bundle card's calibration temperature
+    (1.0 without one); the argmax is the logits'. Local until ``fpc_ray.inference.softmax_t``
+    (the one definition, contract (a)) is on this branch."""
+    return (logits.float() / temperature).softmax(dim=1)
+
+
+def predict_with_gradcam(model, batch: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities (N x C, calibrated by ``temperature``) and GradCAM maps (N x h x w, in
+    [0, 1], feature resolution) for each image's top-1 class, in one forward pass.
 
     Raises:
         ValueError: the model's global pooling is not an average (see the module docstring).
@@ -58,17 +65,19 @@ def predict_with_gradcam(model, batch: torch.Tensor) -> tuple[torch.Tensor, torc
         (weights,) = torch.autograd.grad(logits.gather(1, top1[:, None]).sum(), pooled)
     # weights: N x K, proportional to GradCAM's spatial mean of dlogit/dA
     cams = torch.relu(torch.einsum("nk,nkhw->nhw", weights, feats.float()))
-    return logits.detach().softmax(dim=1), _minmax(cams)
+    return softmax_t(logits.detach(), temperature), _minmax(cams)
 
 
-def predict_with_library_cam(model, batch: torch.Tensor, method: str) -> tuple[torch.Tensor, np.ndarray]:
-    """Probabilities and pytorch-grad-cam maps (N x H x W at input size) for the top-1 class."""
+def predict_with_library_cam(model, batch: torch.Tensor, method: str,
+                             temperature: float = 1.0) -> tuple[torch.Tensor, np.ndarray]:
+    """Probabilities (calibrated by ``temperature``) and pytorch-grad-cam maps (N x H x W at
+    input size) for the top-1 class."""
     from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     cls = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "eigencam": EigenCAM}[method]
     with torch.no_grad():
-        probs = model(batch).softmax(dim=1)
+        probs = softmax_t(model(batch), temperature)
     targets = [ClassifierOutputTarget(int(c)) for c in probs.argmax(dim=1)]
     with cls(model=model, target_layers=[model.cam_target_layer]) as cam:
         maps = cam(input_tensor=batch, targets=targets)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from typing import NamedTuple
 
 # Start-of-frame markers of JPEG (SOF0-SOF15 less DHT, JPG and DAC) and JPEG-LS (SOF55).
 _JPEG_SOF = {m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC)} | {0xF7}
@@ -21,8 +22,18 @@ _DEFLATED_TSYNTAX = b"1.2.840.10008.1.2.1.99"
 _INFLATE_CHUNK = 16 * 1024**2
 
 
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` from a JPEG or JPEG-LS codestream's SOF segment.
+class JpegFrameHeader(NamedTuple):
+    """A JPEG codestream's SOF segment: what a decoder needs to know before it starts."""
+
+    marker: int  # 0xC0 baseline, 0xC1 extended, 0xC2 progressive, 0xC3 lossless, 0xF7 JPEG-LS...
+    precision: int  # bits per sample
+    width: int
+    height: int
+    components: int
+
+
+def jpeg_header(data: bytes) -> JpegFrameHeader | None:
+    """The SOF segment of a JPEG or JPEG-LS codestream.
 
     Returns:
         None when the data is not a JPEG codestream or ends before its SOF segment.
@@ -43,13 +54,28 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
         if marker in _JPEG_SOF:
             if pos + 9 > len(data):
                 return None
-            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
-            return width, height
+            precision, height, width = struct.unpack(">BHH", data[pos + 4:pos + 9])
+            components = data[pos + 9] if pos + 9 < len(data) else 0  # 0: cut off before it
+            return JpegFrameHeader(marker, precision, width, height, components)
         length = int.from_bytes(data[pos + 2:pos + 4], "big")
         if marker == _JPEG_SOS or length < 2:  # scan data before any frame header: not a frame
             return None
         pos += 2 + length
     return None
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a JPEG or JPEG-LS codestream's SOF segment, or None (see
+    :func:`jpeg_header`)."""
+    header = jpeg_header(data)
+    return None if header is None else (header.width, header.height)
+
+
+def jpeg_ends(data: bytes) -> bool:
+    """Whether a JPEG codestream ends with its EOI marker (DICOM pads frames to an even length
+    with a zero byte). A codestream cut short decodes to an error on the CPU path; some decoders
+    would return the part they got instead, so only complete ones are handed to them."""
+    return data.rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
 def j2k_size(data: bytes) -> tuple[int, int] | None:

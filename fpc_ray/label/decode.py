@@ -19,7 +19,7 @@ import numpy as np
 
 from fpc_ray.data.transforms import MAX_PIXELS, TooManyPixels, decode_image_bytes, open_image, to_gray_u8
 from fpc_ray.errors import private_reason
-from fpc_ray.label.codestream import deflated_dataset_size, j2k_size, jpeg_size
+from fpc_ray.label.codestream import deflated_dataset_size, j2k_size, jpeg_ends, jpeg_header, jpeg_size
 from fpc_ray.label.schema import error_text
 from fpc_ray.label.uids import output_uid
 
@@ -48,12 +48,24 @@ class DecodeError(Exception):
         self.kind = kind
 
 
+@dataclass(frozen=True)
+class Codestream:
+    """A frame left encoded for a batched JPEG decoder (see ``decode_object(keep_jpeg=True)``):
+    8-bit baseline, one or three components, complete, its size checked against the limits."""
+
+    data: bytes
+    height: int
+    width: int
+
+
 @dataclass
 class Decoded:
-    """The frames of one object (grayscale uint8) and, for DICOM, its UIDs."""
+    """The frames of one object (grayscale uint8, or JPEG codestreams left to decode), what kind
+    of input it was and, for DICOM, its UIDs."""
 
-    frames: list[tuple[int, np.ndarray]]  # (frame index, HxW uint8)
+    frames: list[tuple[int, np.ndarray | Codestream]]  # (frame index, HxW uint8 or its codestream)
     uids: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(_UID_KEYWORDS))
+    kind: str | None = None  # "png", "jpeg", "dicom" (one frame) or "dicom_cine" (several)
 
 
 def is_dicom(uri: str, data: bytes) -> bool:
@@ -61,13 +73,38 @@ def is_dicom(uri: str, data: bytes) -> bool:
     return uri.lower().endswith((".dcm", ".dicom")) or data[DICM_OFFSET:DICM_OFFSET + 4] == b"DICM"
 
 
-def _decode_raster(data: bytes) -> np.ndarray:
+def _raster(data: bytes, keep_jpeg: bool) -> Decoded:
+    """A PNG or JPEG file's one frame; with ``keep_jpeg``, a JPEG a batched decoder takes stays
+    encoded (its size is checked here, as the decoder would allocate it)."""
     try:
-        open_image(data).close()  # the format, from the header alone
+        with open_image(data) as im:  # the format, from the header alone
+            fmt, mode, (width, height) = im.format, im.mode, im.size
     except TooManyPixels as e:
         raise DecodeError("too_large", str(e)) from None
     except Exception:
         raise DecodeError("not_an_image", "not a PNG, JPEG or DICOM file") from None
+    kind = fmt.lower()
+    if (keep_jpeg and fmt == "JPEG" and mode in ("L", "RGB") and width * height <= MAX_PIXELS
+            and batch_decodable(data, 1 if mode == "L" else 3)):
+        return Decoded([(0, Codestream(data, height, width))], kind=kind)
+    return Decoded([(0, decode_raster(data))], kind=kind)
+
+
+def batch_decodable(codestream: bytes, components: int) -> bool:
+    """Whether a batched JPEG decoder (nvJPEG) gives this codestream the CPU decoder's pixels:
+    sequential 8-bit, ``components`` of them (one or three), and complete. Progressive, 12-bit,
+    lossless, CMYK and cut-off codestreams stay with the CPU decoder."""
+    header = jpeg_header(codestream[:65536])  # the header segments lie within the first bytes
+    return (header is not None and header.marker in (0xC0, 0xC1) and header.precision == 8
+            and header.components == components and components in (1, 3) and jpeg_ends(codestream))
+
+
+def decode_raster(data: bytes) -> np.ndarray:
+    """PNG or JPEG bytes (a file, or one DICOM frame's codestream) -> HxW uint8.
+
+    Raises:
+        DecodeError: too_large or truncated, as for a file of the archive.
+    """
     try:
         return decode_image_bytes(data)
     except TooManyPixels as e:
@@ -148,10 +185,11 @@ def _check_inflated_size(data: bytes) -> None:
         raise DecodeError("too_large", f"the deflated dataset inflates past {MAX_INFLATED_BYTES} bytes")
 
 
-def _dicom_frames(data: bytes, frame_stride: int, uid_key: str | None) -> Decoded:
+def _read_dicom(data: bytes, uid_key: str | None):
+    """The dataset and its three UIDs (pseudonymized with ``uid_key``), refused early where its
+    pixels cannot be decoded at all."""
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import get_decoder
 
     _check_inflated_size(data)
     try:
@@ -161,7 +199,13 @@ def _dicom_frames(data: bytes, frame_stride: int, uid_key: str | None) -> Decode
     uids = {column: output_uid(_value(ds, keyword), uid_key) for column, keyword in _UID_KEYWORDS.items()}
     if "PixelData" not in ds:
         raise DecodeError("no_pixels", "DICOM object without pixel data")
-    geo = _geometry(ds)
+    return ds, uids
+
+
+def _pixel_decoder(ds):
+    """The dataset's transfer syntax and pydicom's decoder for it."""
+    from pydicom.pixels import get_decoder
+
     tsyntax = ds.file_meta.get("TransferSyntaxUID")
     if tsyntax is None:
         raise DecodeError("malformed", "DICOM object without a transfer syntax")
@@ -171,6 +215,13 @@ def _dicom_frames(data: bytes, frame_stride: int, uid_key: str | None) -> Decode
         raise DecodeError("unsupported", f"transfer syntax {_syntax_name(tsyntax)}: no pixel decoder") from None
     if not decoder.is_available:
         raise DecodeError("unsupported", f"transfer syntax {_syntax_name(tsyntax)}: no decoding plugin installed")
+    return tsyntax, decoder
+
+
+def _dicom_frames(data: bytes, frame_stride: int, uid_key: str | None, keep_jpeg: bool = False) -> Decoded:
+    ds, uids = _read_dicom(data, uid_key)
+    geo = _geometry(ds)
+    tsyntax, decoder = _pixel_decoder(ds)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric == "PALETTE COLOR" and "RedPaletteColorLookupTableDescriptor" not in ds:
         raise DecodeError("malformed", "PALETTE COLOR without its lookup tables")
@@ -181,6 +232,11 @@ def _dicom_frames(data: bytes, frame_stride: int, uid_key: str | None) -> Decode
                                        f"object; label it with a larger --frame-stride")
     if tsyntax.is_encapsulated:
         _check_codestreams(ds, geo, indices)
+    kind = "dicom_cine" if geo.n_frames > 1 else "dicom"
+    if keep_jpeg and _jpeg_as_is(ds, tsyntax, photometric, geo):
+        kept = _codestreams(ds, geo, indices)
+        if kept is not None:
+            return Decoded(kept, uids, kind)
     frames = []
     # One frame at a time: only the frames kept are decoded, and extra frames past
     # NumberOfFrames (a cine that holds more than its header says) are ignored, not returned.
@@ -193,7 +249,35 @@ def _dicom_frames(data: bytes, frame_stride: int, uid_key: str | None) -> Decode
         except Exception as e:  # pydicom and its plugins raise many types for corrupt pixel data
             raise DecodeError("truncated", f"pixel data cannot be decoded ({private_reason(e)})") from None
         frames.append((index, _to_gray(arr, ds, photometric)))
-    return Decoded(frames, uids)
+    return Decoded(frames, uids, kind)
+
+
+def _jpeg_as_is(ds, tsyntax, photometric: str, geo: _Geometry) -> bool:
+    """Whether this DICOM's frames, decoded by a JPEG decoder alone and turned gray, are its
+    CPU-decoded gray frames: JPEG Baseline 8-bit, no palette, no inversion, no window or VOI LUT."""
+    from pydicom.uid import JPEGBaseline8Bit
+
+    if tsyntax != JPEGBaseline8Bit or int(ds.get("BitsStored", 8) or 8) != 8:
+        return False
+    if geo.samples == 3:
+        return photometric in ("YBR_FULL_422", "YBR_FULL")
+    return geo.samples == 1 and photometric == "MONOCHROME2" and _voi_kind(ds) is None
+
+
+def _codestreams(ds, geo: _Geometry, indices: list[int]) -> list[tuple[int, Codestream]] | None:
+    """The encapsulated frames kept, as codestreams; None where one of them is not
+    :func:`batch_decodable` or missing (the CPU decoder then decodes the object, and reports it)."""
+    from pydicom.encaps import generate_frames
+
+    wanted, kept = set(indices), []
+    for index, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=geo.n_frames)):
+        if index > indices[-1]:
+            break
+        if index in wanted:
+            if not batch_decodable(frame, geo.samples):
+                return None
+            kept.append((index, Codestream(bytes(frame), geo.rows, geo.cols)))
+    return kept if len(kept) == len(indices) else None
 
 
 def _syntax_name(tsyntax) -> str:
@@ -274,7 +358,8 @@ def _value(ds, keyword: str):
         return None
 
 
-def decode_object(uri: str, data: bytes, frame_stride: int = 1, uid_key: str | None = None) -> Decoded:
+def decode_object(uri: str, data: bytes, frame_stride: int = 1, uid_key: str | None = None,
+                  keep_jpeg: bool = False) -> Decoded:
     """Decode an archive object into grayscale frames.
 
     Args:
@@ -282,6 +367,9 @@ def decode_object(uri: str, data: bytes, frame_stride: int = 1, uid_key: str | N
         data: the object's bytes.
         frame_stride: keep every n-th frame of a multi-frame DICOM.
         uid_key: when set, DICOM UIDs are replaced by their keyed hash (see ``uids.pseudonymize_uid``).
+        keep_jpeg: leave JPEG frames that a batched decoder takes as :class:`Codestream` (JPEG
+            files, and JPEG Baseline DICOM whose frames need no other conversion); every check
+            before decoding still applies.
 
     Raises:
         DecodeError: always with a kind, for anything that is not a decodable image; unexpected
@@ -292,9 +380,9 @@ def decode_object(uri: str, data: bytes, frame_stride: int = 1, uid_key: str | N
         raise DecodeError("empty", "zero-byte object")
     try:
         if is_dicom(uri, data):
-            decoded = _dicom_frames(data, frame_stride, uid_key)
+            decoded = _dicom_frames(data, frame_stride, uid_key, keep_jpeg)
         else:
-            decoded = Decoded([(0, _decode_raster(data))])
+            decoded = _raster(data, keep_jpeg)
     except DecodeError:
         raise
     except MemoryError:
@@ -304,6 +392,8 @@ def decode_object(uri: str, data: bytes, frame_stride: int = 1, uid_key: str | N
     if not decoded.frames:
         raise DecodeError("no_pixels", "no frames")
     for index, gray in decoded.frames:
+        if isinstance(gray, Codestream):
+            continue
         if gray.ndim != 2 or gray.dtype != np.uint8 or 0 in gray.shape:
             raise DecodeError("malformed", f"frame {index} decoded to {gray.dtype} {gray.shape}")
     return decoded

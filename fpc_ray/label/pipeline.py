@@ -22,7 +22,7 @@ from fpc_ray.config import StorageConfig
 from fpc_ray.errors import RunFailed, UserError, failure_line, ray_failure
 from fpc_ray.label.listing import list_inputs
 from fpc_ray.label.progress import StagedRowsWatcher, configure_ray_data
-from fpc_ray.label.resources import size_predictors
+from fpc_ray.label.resources import WRITE_CPUS, size_predictors, size_split
 from fpc_ray.label.runs import (
     OBJECTS_SCHEMA,
     SUCCESS,
@@ -39,6 +39,8 @@ from fpc_ray.label.schema import schema_with_metadata
 from fpc_ray.storage import Location, resolve
 
 BATCHES_PER_BLOCK = 4  # batches per Ray Data block (see _object_blocks)
+PREDICTOR_QUEUE = 4  # batches queued at each split-design predictor (Ray Data's default: 2)
+OVERLAY_BATCH = 256  # frames per overlay task call in the split design
 # What travels to the predictors: the listing, plus why an object cannot be read at all.
 BLOCK_SCHEMA = OBJECTS_SCHEMA.append(pa.field("listing_error", pa.string()))
 
@@ -61,6 +63,19 @@ class LabelOptions:
     lock_wait_s: float = 900.0  # how long a commit waits for another commit on the same output
     max_object_bytes: int = 2 * 1024**3  # larger objects are error rows, never read (cine loops fit)
     uid_key: str | None = None  # a key to pseudonymize DICOM UIDs with (keyed hash), or keep them
+    # "one": the one-stage design (read, decode, classify in each actor: the CPU path); "split":
+    # CPU decode tasks -> GPU predictors -> CPU overlay tasks (see split.py); "auto": split on GPUs.
+    stages: str = "auto"
+    # JPEG frames decoded by the predictors in batches (nvJPEG) in the split design; None: on GPUs.
+    jpeg_on_gpu: bool | None = None
+
+    def split(self) -> bool:
+        if self.stages not in ("auto", "one", "split"):
+            raise UserError(f"stages {self.stages!r}: one of auto, one, split")
+        return self.stages == "split" or (self.stages == "auto" and self.use_gpu)
+
+    def predictor_decodes_jpeg(self) -> bool:
+        return self.split() and (self.use_gpu if self.jpeg_on_gpu is None else self.jpeg_on_gpu)
 
 
 def default_run_id() -> str:
@@ -83,6 +98,16 @@ class PredictorActor:
         return self.predictor(batch)
 
 
+class SplitPredictorActor(PredictorActor):
+    """The split design's predictor stage: a :class:`~fpc_ray.label.split.SplitPredictor` built in
+    the actor (torch stays out of the driver here too)."""
+
+    def __init__(self, **kwargs):
+        from fpc_ray.label.split import SplitPredictor
+
+        self.predictor = SplitPredictor(**kwargs)
+
+
 def _object_blocks(todo: list[dict], batch_size: int, workers: int) -> list[pa.Table]:
     """The objects to label as Ray Data blocks of whole batches.
 
@@ -99,20 +124,15 @@ def _object_blocks(todo: list[dict], batch_size: int, workers: int) -> list[pa.T
     return [pa.Table.from_pylist(todo[i:i + rows], schema=BLOCK_SCHEMA) for i in range(0, len(todo), rows)]
 
 
-def _label(todo: list[dict], staged: Location, model_uri: str, card: dict, run_id: str, opts: LabelOptions,
-           storage: StorageConfig, echo) -> None:
-    """Run the Ray Data pipeline over ``todo``, writing rows into ``staged``."""
+def _one_stage(objects: list[dict], model_uri: str, run_id: str, opts: LabelOptions, storage: StorageConfig):
+    """One stage of actors that read + decode on threads and classify (see resources.py for what
+    each reserves and how many threads it runs)."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    from fpc_ray.cluster import init_ray
-
-    init_ray()
     sized = size_predictors(ray.nodes(), ray.cluster_resources(), opts.workers, opts.use_gpu)
-    ds = ray.data.from_arrow(_object_blocks(todo, opts.batch_size, opts.workers))
-    # One stage of actors that read + decode on threads and classify (see resources.py for
-    # what each reserves and how many threads it runs).
-    ds = ds.map_batches(
+    ds = ray.data.from_arrow(_object_blocks(objects, opts.batch_size, opts.workers))
+    return ds.map_batches(
         PredictorActor,
         fn_constructor_kwargs={"model_uri": model_uri, "storage": storage.model_dump(), "cam": opts.cam,
                                "use_gpu": opts.use_gpu, "run_id": run_id, "thumb_size": opts.thumb_size,
@@ -122,13 +142,62 @@ def _label(todo: list[dict], staged: Location, model_uri: str, card: dict, run_i
         batch_size=opts.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=opts.workers),
         num_cpus=sized.num_cpus, num_gpus=sized.num_gpus,
     )
+
+
+def _split_stages(objects: list[dict], model_uri: str, card: dict, run_id: str, opts: LabelOptions,
+                  storage: StorageConfig):
+    """CPU decode tasks -> predictor actors -> CPU overlay tasks (see :mod:`fpc_ray.label.split`,
+    and resources.py for how each stage is sized)."""
+    import ray
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    from fpc_ray.label.handover import decode_stage, overlay_stage
+
+    sized = size_split(ray.nodes(), ray.cluster_resources(), opts.workers, opts.use_gpu, opts.batch_size)
+    ds = ray.data.from_arrow(_object_blocks(objects, opts.batch_size, sized.decoders))
+    ds = ds.map_batches(
+        decode_stage, batch_size=opts.batch_size, batch_format="numpy", num_cpus=1,
+        compute=TaskPoolStrategy(size=sized.decoders),
+        fn_kwargs={"storage": storage.model_dump(), "input_size": card["input"]["size"],
+                   "thumb_size": opts.thumb_size, "frame_stride": opts.frame_stride,
+                   "keep_jpeg": opts.predictor_decodes_jpeg(), "max_object_bytes": opts.max_object_bytes,
+                   "uid_key": opts.uid_key})
+    # A GPU predictor reserves no CPU: Ray Data keeps it apart from the decode tasks. A CPU
+    # predictor reserves one, like them, and Ray Data fuses the decode tasks into its actors.
+    predictor = sized.predictor
+    ds = ds.map_batches(
+        SplitPredictorActor,
+        fn_constructor_kwargs={"model_uri": model_uri, "storage": storage.model_dump(), "cam": opts.cam,
+                               "use_gpu": opts.use_gpu, "thumb_size": opts.thumb_size,
+                               "frames_per_pass": sized.predict_frames, "torch_threads": predictor.torch_threads},
+        batch_size=sized.predict_frames, batch_format="numpy", num_cpus=predictor.num_cpus,
+        num_gpus=predictor.num_gpus,
+        # Batches queued at each actor: the next is on its node while the GPU works on this one.
+        compute=ActorPoolStrategy(size=opts.workers, max_tasks_in_flight_per_actor=PREDICTOR_QUEUE))
+    return ds.map_batches(
+        overlay_stage, batch_size=OVERLAY_BATCH, batch_format="numpy", num_cpus=1,
+        compute=TaskPoolStrategy(size=sized.overlays),
+        fn_kwargs={"class_names": card["class_names"], "version": card["version"], "run_id": run_id,
+                   "input_size": card["input"]["size"]})
+
+
+def _label(todo: list[dict], staged: Location, model_uri: str, card: dict, run_id: str, opts: LabelOptions,
+           storage: StorageConfig, echo) -> None:
+    """Run the Ray Data pipeline over ``todo``, writing rows into ``staged``."""
+    from fpc_ray.cluster import init_ray
+
+    init_ray()
+    if opts.split():
+        ds = _split_stages(todo, model_uri, card, run_id, opts, storage)
+    else:
+        ds = _one_stage(todo, model_uri, run_id, opts, storage)
     configure_ray_data()
     try:
         # Parquet writes are light: a quarter CPU each, so they never queue behind the
         # predictors for a whole core (measured +20 % labelling throughput on 2 CPUs).
         with StagedRowsWatcher(lambda: parquet_parts(staged), staged.fs, len(todo), echo):
             ds.write_parquet(staged.path, filesystem=staged.fs, schema=schema_with_metadata(card),
-                             ray_remote_args={"num_cpus": 0.25})
+                             ray_remote_args={"num_cpus": WRITE_CPUS})
     except Exception as e:  # storage outage or lost workers, after Ray's and S3's retries
         raise ray_failure(e, f"labelling run {run_id} failed, nothing committed") from e
 
@@ -181,7 +250,8 @@ def _summary(attempt: Attempt, model_uri: str, card: dict, sources: list[Locatio
         "input": sources[0].uri, "inputs": [s.uri for s in sources], "output": attempt.run_dir.uri,
         "objects": {"listed": len(listed), "skipped": len(listed) - len(todo), "labelled": len(todo)},
         "options": {"cam": opts.cam, "thumb_size": opts.thumb_size, "frame_stride": opts.frame_stride,
-                    "full": opts.full, "workers": opts.workers, "use_gpu": opts.use_gpu},
+                    "full": opts.full, "workers": opts.workers, "use_gpu": opts.use_gpu,
+                    "stages": "split" if opts.split() else "one", "jpeg_on_gpu": opts.predictor_decodes_jpeg()},
         "timings": timings,
     }
 

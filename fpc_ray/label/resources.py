@@ -11,6 +11,14 @@ from dataclasses import dataclass
 MAX_DECODE_THREADS = 16
 CPU_DECODE_THREADS = 2  # a CPU predictor shares its cores with torch: two threads keep it fed
 GPU_DECODE_THREADS_UNKNOWN = 4  # a GPU predictor before any GPU node is up to measure
+WRITE_CPUS = 0.25  # each Parquet write task's reservation (writes are light)
+# The split design (split.py). Frames per GPU predictor call: hundreds keep the GPU's kernels
+# full (EfficientNet-Lite0 at 224 px, bf16: ~24,000 frames/s at 1024 a pass on an H200) while a
+# batch's activations stay far below any GPU's memory.
+GPU_PREDICT_FRAMES = 512
+# One overlay task (CAM overlay + PNG of a 128 px thumbnail: ~0.4 ms a frame) per this many
+# CPUs left to the CPU stages; decoding (~4-6 ms a frame) takes the rest.
+CPUS_PER_OVERLAY = 6
 
 
 @dataclass(frozen=True)
@@ -65,3 +73,34 @@ def size_predictors(nodes: list[dict], resources: dict, workers: int, use_gpu: b
         return PredictorResources(0, gpu_share(resources, workers), None,
                                   decode_threads(nodes, resources, workers, True))
     return PredictorResources(1, 0, torch_threads(nodes, workers), decode_threads(nodes, resources, workers, False))
+
+
+@dataclass(frozen=True)
+class SplitResources:
+    """The split design's stages: CPU tasks at once per CPU stage, the predictors' reservation,
+    and the frames each predictor call takes (its Ray Data batch size)."""
+
+    decoders: int
+    overlays: int
+    predictor: PredictorResources
+    predict_frames: int
+
+
+def size_split(nodes: list[dict], resources: dict, workers: int, use_gpu: bool, batch_size: int) -> SplitResources:
+    """The split design on this cluster: every CPU not held by a CPU predictor or the writes runs a
+    decode or an overlay task (one CPU each); GPU predictors hold their GPU share and no CPU.
+
+    Args:
+        batch_size: frames per CPU predictor call (``--batch-size``); a GPU predictor takes at
+            least :data:`GPU_PREDICT_FRAMES`.
+    """
+    if use_gpu:
+        predictor = PredictorResources(0, gpu_share(resources, workers), None, 0)
+    else:
+        predictor = PredictorResources(1, 0, torch_threads(nodes, workers), 0)
+    cpus = int(resources.get("CPU", 1))
+    # One CPU left to the Parquet writes (a quarter CPU each) and the driver.
+    free = max(2, cpus - workers * int(predictor.num_cpus) - 1)
+    overlays = -(-free // CPUS_PER_OVERLAY)
+    frames = max(batch_size, GPU_PREDICT_FRAMES) if use_gpu else batch_size
+    return SplitResources(max(1, free - overlays), overlays, predictor, frames)
