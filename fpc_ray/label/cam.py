@@ -19,6 +19,8 @@ from timm.layers import SelectAdaptivePool2d
 from timm.layers.adaptive_avgmax_pool import FastAdaptiveAvgPool
 from torch import nn
 
+from fpc_ray.inference import softmax_t
+
 
 def _minmax(cams: torch.Tensor) -> torch.Tensor:
     flat = cams.flatten(1)
@@ -36,13 +38,6 @@ def require_global_average_pooling(model) -> None:
             or (isinstance(inner, nn.AdaptiveAvgPool2d) and inner.output_size in (1, (1, 1)))):
         raise ValueError(f"gradcam needs global average pooling; the model pools with {pool}: "
                          "use a pytorch-grad-cam method (gradcam++, eigencam)")
-
-
-def softmax_t(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Calibrated probabilities: softmax(logits / T), T the bundle card's calibration temperature
-    (1.0 without one); the argmax is the logits'. Local until ``fpc_ray.inference.softmax_t``
-    (the one definition, contract (a)) is on this branch."""
-    return (logits.float() / temperature).softmax(dim=1)
 
 
 def predict_with_gradcam(model, batch: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fpc_ray.inference import autocast, place_model, select_device
-from fpc_ray.label.cam import predict_with_gradcam, predict_with_library_cam, softmax_t
+from fpc_ray.inference import autocast, place_model, select_device, softmax_t
+from fpc_ray.label.cam import predict_with_gradcam, predict_with_library_cam
 
 
 class Classifier:
@@ -25,7 +25,7 @@ class Classifier:
         self.size = bundle.card["input"]["size"]
         self.mean, self.std = bundle.card["input"]["mean"], bundle.card["input"]["std"]
         # A bundle calibrated after training divides its logits by T; the argmax is unchanged.
-        self.temperature = float(bundle.card.get("calibration", {}).get("temperature", 1.0))
+        self.temperature = bundle.temperature
         self.cam = cam
 
     def classify(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | np.ndarray | None]:
