@@ -34,6 +34,24 @@ class ConcurrentChange(RunFailed):
     it and may be run again (exit 1)."""
 
 
+def run_job(run, args) -> int:
+    """A job entrypoint's body (``jobs/*.py``): ``run(args)``'s exit code, or one ``error:`` line on
+    stderr and 2 for a :class:`UserError`, 1 for a :class:`RunFailed`, as the CLI does."""
+    import sys
+
+    from fpc_ray.cluster import skip_update_checks
+
+    skip_update_checks()
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
 def root_cause(err: BaseException) -> BaseException:
     """The exception the failing code raised, unwrapped from Ray's wrappers.
 

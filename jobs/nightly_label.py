@@ -99,19 +99,9 @@ def run(args: argparse.Namespace, echo=print) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # argparse exits 2 with its own one-line usage error
 
-    from fpc_ray.cluster import skip_update_checks
-    from fpc_ray.errors import RunFailed, UserError
+    from fpc_ray.errors import run_job
 
-    skip_update_checks()
-
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RunFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_job(run, args)
 
 
 if __name__ == "__main__":
