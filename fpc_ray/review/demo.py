@@ -35,7 +35,7 @@ class LoopDemoSizes:
     base_per_class: int = 40
     archive_per_class: int = 40
     holdout_per_class: int = 20
-    review_n: int = 60
+    review_n: int = 90
     image_size: int = 96
     epochs: int = 5
     width: int = 256
