@@ -116,3 +116,20 @@ def test_gpu_workers_that_do_not_fit_fail_fast_in_gpus(ray_cluster):
                                         r"this machine's 0 GPUs"):
         check_workers_fit(2, 1.0, True, 0.5)
     check_workers_fit(2, 1.0, False, 0.5)  # CPU workers: the GPU fraction asks for nothing
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: two Ray Train workers sharing one")
+def test_two_workers_sharing_one_gpu_train_checkpoint_and_resume(ray_cluster, tmp_path):
+    """The multi-worker GPU path on a one-GPU node: two workers with half the GPU each, DDP over
+    gloo on CUDA tensors, batches augmented on the GPU; a rerun with the run's name and one more
+    epoch resumes from its last checkpoint (the first two epochs' records come back unchanged)."""
+    data, out = str(tmp_path / "data"), str(tmp_path / "bundle")
+    synthesize(data, per_class=12, seed=5, width=128, height=96)
+    more = ("train.use_gpu=true", "train.gpus_per_worker=0.5", "train.batch_size=8", "model.pretrained=none")
+    first = run_training(_cfg(2, 2, *more), data, out, run_name="shared-gpu")
+    assert [h["epoch"] for h in first.history] == [1, 2]
+    assert first.card["training"]["use_gpu"] and first.card["training"]["num_workers"] == 2
+    resumed = run_training(_cfg(2, 3, *more), data, out, overwrite=True, run_name="shared-gpu")
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert resumed.history[:2] == first.history  # read from the checkpoint, not trained again
+    assert resumed.history[2]["train_loss"] > 0

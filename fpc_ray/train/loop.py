@@ -206,8 +206,9 @@ def run_epoch(w: Worker, epoch: int) -> dict:
         if quarter and step % quarter == 0 and step < steps:
             print(f"epoch {epoch + 1}/{tc.epochs}  {100 * step // steps}%  loss {loss_sum.item() / seen:.4f}  "
                   f"{seen / (time.perf_counter() - t0):.1f} img/s (this worker)", flush=True)
+    loss_value = loss_sum.item()  # waits for the last step: the time below is the device's too
     train_time = time.perf_counter() - t0
-    loss_total, seen_total = _all_reduce_sum([loss_sum.item(), seen], w.device)
+    loss_total, seen_total = _all_reduce_sum([loss_value, seen], w.device)
     metrics = {"epoch": epoch + 1, "train_loss": loss_total / max(seen_total, 1),
                "images_per_s": seen_total / max(train_time, 1e-9), "lr": current_lr(w.optimizer),
                "backbone_frozen": frozen}
