@@ -142,7 +142,7 @@ def test_compile_time_is_the_first_steps_extra_and_printed_once(capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.compile of a training step takes "
                                                           "minutes on a CPU")
-def test_compiled_training_step_on_cuda(capsys):
+def test_compiled_training_step_on_cuda():
     from fpc_ray.train.loop import _prepare_model, _train_step
     from fpc_ray.train.recipe import build_loss
 
