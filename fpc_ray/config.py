@@ -102,6 +102,10 @@ class DataConfig(StrictModel):
     augment: AugmentConfig = AugmentConfig()
     loader_workers: int = Field(0, ge=0, le=32, description="torch DataLoader processes")
     decode_threads: int = Field(4, ge=1, le=64, description="threads that decode images once")
+    augment_on: Literal["auto", "cpu", "device"] = Field(
+        "auto", description="cpu: albumentations per image; device: batched torch on the training device; "
+                            "auto: device on CUDA, else cpu",
+    )
 
 
 class TrainConfig(StrictModel):
@@ -120,10 +124,19 @@ class TrainConfig(StrictModel):
     num_workers: int = Field(0, ge=0, le=1024, description="Ray Train workers; 0 = in-process")
     cpus_per_worker: float = Field(1.0, gt=0, le=256)
     use_gpu: bool = False
+    gpus_per_worker: float = Field(1.0, gt=0, le=64, description="a fraction lets workers share a GPU")
+    compile: bool = Field(False, description="torch.compile the model for training steps")
     amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from checkpoint")
     keep_checkpoints: int = Field(2, ge=1)
     init_from: str | None = Field(None, description="bundle to continue from (retraining)")
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_gpus_above_one(cls, v: float) -> float:
+        if v > 1 and not float(v).is_integer():
+            raise ValueError(f"{v:g}: Ray shares a GPU only in fractions of one; above 1 give whole GPUs")
+        return v
 
     @model_validator(mode="after")
     def _frozen_within_epochs(self) -> TrainConfig:

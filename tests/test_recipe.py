@@ -84,3 +84,75 @@ def test_resumed_scheduler_continues_where_it_stopped():
         fresh.step_update(done)
         resumed.append(current_lr(fresh_optimizer))
     assert resumed == pytest.approx(straight[7:])
+
+
+def test_gpus_per_worker_is_a_fraction_of_one_or_whole_gpus():
+    from fpc_ray.errors import UserError
+
+    assert load_config(None, ["train.gpus_per_worker=0.5"]).train.gpus_per_worker == 0.5
+    assert load_config(None, ["train.gpus_per_worker=2"]).train.gpus_per_worker == 2
+    with pytest.raises(UserError, match="train.gpus_per_worker: 1.5: Ray shares a GPU only in fractions of one"):
+        load_config(None, ["train.gpus_per_worker=1.5"])
+    with pytest.raises(UserError, match="train.gpus_per_worker"):
+        load_config(None, ["train.gpus_per_worker=0"])
+    with pytest.raises(UserError, match="data.augment_on"):
+        load_config(None, ["data.augment_on=gpu"])
+
+
+def _worker(*overrides: str):
+    """A Worker with what freezing, wrapping and compiling touch (no Ray context, no data)."""
+    from fpc_ray.train.checkpoint import Progress
+    from fpc_ray.train.loop import Worker
+
+    cfg = load_config(None, ["model.backbone=test_efficientnet", "model.pretrained=none", "data.image_size=32",
+                             *overrides])
+    model = build_model(cfg.model, 6, pretrained=False)
+    return Worker(cfg=cfg, rank=0, world=1, device=torch.device("cpu"), amp=False, train=None, val=None,
+                  mean=None, std=None, model=model, optimizer=None, scheduler=None, loss_fn=None, sampler=None,
+                  progress=Progress(), lines_within_epoch=False)
+
+
+def test_compile_wraps_the_training_steps_and_leaves_the_validated_model_plain():
+    """The plumbing only: compiling itself (on the first step) takes minutes on this 2-core CPU for
+    even timm's test_efficientnet at 32 px (inductor builds C++), so the compiled step runs in the
+    CUDA test below, on a GPU node."""
+    from fpc_ray.train.loop import _prepare_model
+
+    w = _worker("train.compile=true")
+    _prepare_model(w, frozen=True)
+    compiled = w.wrapped
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is w.model
+    _prepare_model(w, frozen=True)  # nothing changed: no new wrapper, no recompile
+    assert w.wrapped is compiled
+    _prepare_model(w, frozen=False)  # the thaw re-wraps, so it compiles anew
+    assert w.wrapped is not compiled and w.wrapped._orig_mod is w.model
+    plain = _worker()
+    _prepare_model(plain, frozen=False)
+    assert plain.wrapped is plain.model
+
+
+def test_compile_time_is_the_first_steps_extra_and_printed_once(capsys):
+    from fpc_ray.train.loop import _compile_seconds
+
+    w = _worker("train.compile=true")
+    assert _compile_seconds(w, first_step_s=10.5, train_time=12.5, steps=5) == pytest.approx(10.0)
+    assert _compile_seconds(w, first_step_s=0.4, train_time=2.0, steps=5) == 0.0  # no compile: never below 0
+    assert capsys.readouterr().out.count("torch.compile: the first training step took 10.0s longer") == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.compile of a training step takes "
+                                                          "minutes on a CPU")
+def test_compiled_training_step_on_cuda():
+    from fpc_ray.train.loop import _prepare_model, _train_step
+    from fpc_ray.train.recipe import build_loss
+
+    w = _worker("train.compile=true")
+    w.device = torch.device("cuda", 0)
+    w.model.to(w.device)
+    w.optimizer = build_optimizer(w.model, w.cfg.train)
+    w.scheduler = build_scheduler(w.optimizer, w.cfg.train, steps_per_epoch=4)
+    w.loss_fn = build_loss(w.cfg.train, torch.arange(6).numpy(), 6).to(w.device)
+    _prepare_model(w, frozen=False)
+    images, labels = torch.randn(4, 3, 32, 32, device=w.device), torch.arange(4, device=w.device)
+    losses = [float(_train_step(w, images, labels)) for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses))) and w.progress.updates == 3

@@ -62,10 +62,11 @@ class TrainingOutcome:
     history: list[dict]
 
 
-def check_workers_fit(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
+def check_workers_fit(num_workers: int, cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float = 1.0) -> None:
     """Fail fast where a local cluster can never place the workers (Ray would wait forever).
 
-    A cluster named by ``RAY_ADDRESS`` may autoscale, so only the local one is checked.
+    A cluster named by ``RAY_ADDRESS`` may autoscale, so only the local one is checked. Workers
+    with a fraction of a GPU each share GPUs (two with 0.5 fit one).
     """
     import ray
 
@@ -76,8 +77,9 @@ def check_workers_fit(num_workers: int, cpus_per_worker: float, use_gpu: bool) -
     if num_workers * cpus_per_worker > cpus:
         raise UserError(f"{num_workers} worker(s) x {cpus_per_worker:g} CPUs (train.cpus_per_worker) "
                         f"do not fit this machine's {cpus:g} CPUs")
-    if use_gpu and num_workers > gpus:
-        raise UserError(f"{num_workers} GPU worker(s) do not fit this machine's {gpus:g} GPUs")
+    if use_gpu and num_workers * gpus_per_worker > gpus:
+        raise UserError(f"{num_workers} GPU worker(s) x {gpus_per_worker:g} GPUs (train.gpus_per_worker) "
+                        f"do not fit this machine's {gpus:g} GPUs")
 
 
 def _split_summary(part: DatasetSplits) -> str:
@@ -176,7 +178,7 @@ def _build_trainer(cfg: Config, prepared: PreparedData, parent: Bundle | None, o
     """Ray Train's TorchTrainer for the run: the data shared once, storage under the output."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from fpc_ray.train.loop import train_loop_per_worker
 
@@ -193,12 +195,18 @@ def _build_trainer(cfg: Config, prepared: PreparedData, parent: Bundle | None, o
         "progress_within_epoch": sys.stdout.isatty(),
     }
     storage_path, storage_fs = _run_storage(out)
+    resources = {"CPU": tc.cpus_per_worker} | ({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})
+    # Workers with a fraction of a GPU may share one, and NCCL refuses two ranks on one device:
+    # gloo then all-reduces the CUDA gradients through host copies (slower, but it runs).
+    # Otherwise Ray's default: NCCL on GPUs, gloo on CPUs.
+    shares_gpus = tc.use_gpu and tc.gpus_per_worker < 1 and tc.num_workers > 1
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="gloo") if shares_gpus else None,
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-            resources_per_worker=None if in_process else {"CPU": tc.cpus_per_worker},
+            resources_per_worker=None if in_process else resources,
         ),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,

@@ -1,5 +1,9 @@
 """The per-worker training function that Ray Train runs (and Tune trials reuse).
 
+Batches come from one of two paths (``data.augment_on``): a DataLoader over an albumentations
+transform per image (the CPU path), or index batches of the uint8 split augmented as whole batches
+on the training device (:mod:`fpc_ray.train.batch_augment`; the GPU path).
+
 Each epoch ends with ``ray.train.report(metrics, checkpoint)``: the checkpoint
 (:mod:`fpc_ray.train.checkpoint`) carries weights, optimizer and scheduler state and the history,
 so a worker group that fails resumes from it.
@@ -20,10 +24,11 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from fpc_ray.config import Config
-from fpc_ray.data.dataset import PlaneDataset, SplitArrays
+from fpc_ray.data.dataset import IndexBatches, PlaneDataset, SplitArrays
 from fpc_ray.data.transforms import train_transform
 from fpc_ray.inference import autocast, place_model, predict_probs, to_device
 from fpc_ray.model import build_model, normalization
+from fpc_ray.train.batch_augment import BatchAugment, augment_seed, augmented_batches, augments_on_device
 from fpc_ray.train.checkpoint import Progress, discard_local_checkpoint, resume, save_checkpoint
 from fpc_ray.train.recipe import build_loss, build_optimizer, build_scheduler, current_lr, seed_everything
 
@@ -83,9 +88,12 @@ class Worker:
     sampler: DistributedSampler
     progress: Progress
     lines_within_epoch: bool  # a progress line each quarter epoch (rank 0, in a terminal)
+    batches: IndexBatches | None = None  # the device path's data (None on the CPU path)
+    augment: BatchAugment | None = None
     wrapped: torch.nn.Module | None = None  # the model, in DDP with several workers
     frozen: bool | None = None  # whether ``wrapped`` was made with the backbone frozen
     kept_locally: str | None = None  # the previous epoch's checkpoint folder, in an in-process run
+    compile_printed: bool = False  # the compile time is printed once per worker process
 
 
 def set_up_worker(config: dict) -> Worker:
@@ -118,6 +126,9 @@ def set_up_worker(config: dict) -> Worker:
         scheduler=scheduler, loss_fn=build_loss(tc, train.labels, len(class_names)).to(device), sampler=sampler,
         progress=Progress(), lines_within_epoch=bool(config.get("progress_within_epoch")) and rank == 0,
     )
+    if augments_on_device(cfg.data.augment_on, device):
+        worker.batches = IndexBatches(train, device)
+        worker.augment = BatchAugment(cfg.data.augment, mean, std, device)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as path:
@@ -144,34 +155,77 @@ def _train_step(w: Worker, images: torch.Tensor, labels: torch.Tensor) -> torch.
     return loss.detach()
 
 
+def _prepare_model(w: Worker, frozen: bool) -> None:
+    """Freeze or thaw the backbone; DDP wraps the parameters trainable at wrapping time, so a
+    change re-wraps (and, with ``train.compile``, recompiles: the guards see new requires_grad)."""
+    if frozen == w.frozen:
+        return
+    w.model.set_backbone_trainable(not frozen)
+    w.wrapped, w.frozen = _wrap(w.model, w.world), frozen
+    if w.cfg.train.compile:
+        # The training steps only: validation runs the plain model (once per epoch, not worth it).
+        w.wrapped = torch.compile(w.wrapped)
+
+
+def _epoch_batches(w: Worker, epoch: int):
+    """This worker's ``(images, labels)`` batches of one epoch, in the sampler's order.
+
+    The augmentation is seeded afresh per epoch and rank on either path, and so is torch's global
+    generator (dropout): a run resumed from an epoch's checkpoint replays the same draws.
+    """
+    tc = w.cfg.train
+    seed = augment_seed(tc.seed, epoch, w.rank)
+    torch.manual_seed(seed)
+    w.sampler.set_epoch(epoch)
+    if w.augment is not None:
+        return augmented_batches(w.batches, w.augment, list(w.sampler), tc.batch_size, seed)
+    transform = train_transform(w.cfg.data.augment, w.mean, w.std, seed=seed)
+    return DataLoader(PlaneDataset(w.train, transform), batch_size=tc.batch_size, sampler=w.sampler,
+                      drop_last=True, num_workers=w.cfg.data.loader_workers,
+                      pin_memory=w.device.type == "cuda", persistent_workers=False)
+
+
 def run_epoch(w: Worker, epoch: int) -> dict:
     """Train one epoch (0-based) on this worker's share; the epoch's training metrics, all workers'."""
     tc = w.cfg.train
     frozen = epoch < tc.frozen_epochs
-    if frozen != w.frozen:  # DDP wraps the parameters trainable at wrapping time: re-wrap on a thaw
-        w.model.set_backbone_trainable(not frozen)
-        w.wrapped, w.frozen = _wrap(w.model, w.world), frozen
-    w.sampler.set_epoch(epoch)
-    # A fresh, epoch-seeded augmentation per epoch makes a resumed run replay the same draws.
-    transform = train_transform(w.cfg.data.augment, w.mean, w.std, seed=tc.seed * 100003 + epoch * 1009 + w.rank)
-    loader = DataLoader(PlaneDataset(w.train, transform), batch_size=tc.batch_size, sampler=w.sampler,
-                        drop_last=True, num_workers=w.cfg.data.loader_workers,
-                        pin_memory=w.device.type == "cuda", persistent_workers=False)
+    _prepare_model(w, frozen)
+    batches = _epoch_batches(w, epoch)
+    steps = len(w.sampler) // tc.batch_size  # full batches only, on both paths
     w.wrapped.train()
     t0 = time.perf_counter()
-    loss_sum, seen = 0.0, 0
-    quarter = max(1, len(loader) // 4) if w.lines_within_epoch else 0
-    for step, (images, labels) in enumerate(loader, 1):
-        loss_sum += float(_train_step(w, images, labels)) * len(labels)
+    # The loss is summed on the device: reading it each step would wait for the GPU each step.
+    loss_sum, seen, first_step_s = torch.zeros((), dtype=torch.float64, device=w.device), 0, 0.0
+    quarter = max(1, steps // 4) if w.lines_within_epoch else 0
+    for step, (images, labels) in enumerate(batches, 1):
+        loss_sum += _train_step(w, images, labels).double() * len(labels)
         seen += len(labels)
-        if quarter and step % quarter == 0 and step < len(loader):
-            print(f"epoch {epoch + 1}/{tc.epochs}  {100 * step // len(loader)}%  loss {loss_sum / seen:.4f}  "
+        if step == 1 and tc.compile:
+            loss_sum.item()  # waits for the first step, compilation included
+            first_step_s = time.perf_counter() - t0
+        if quarter and step % quarter == 0 and step < steps:
+            print(f"epoch {epoch + 1}/{tc.epochs}  {100 * step // steps}%  loss {loss_sum.item() / seen:.4f}  "
                   f"{seen / (time.perf_counter() - t0):.1f} img/s (this worker)", flush=True)
+    loss_value = loss_sum.item()  # waits for the last step: the time below is the device's too
     train_time = time.perf_counter() - t0
-    loss_total, seen_total = _all_reduce_sum([loss_sum, seen], w.device)
-    return {"epoch": epoch + 1, "train_loss": loss_total / max(seen_total, 1),
-            "images_per_s": seen_total / max(train_time, 1e-9), "lr": current_lr(w.optimizer),
-            "backbone_frozen": frozen}
+    loss_total, seen_total = _all_reduce_sum([loss_value, seen], w.device)
+    metrics = {"epoch": epoch + 1, "train_loss": loss_total / max(seen_total, 1),
+               "images_per_s": seen_total / max(train_time, 1e-9), "lr": current_lr(w.optimizer),
+               "backbone_frozen": frozen}
+    if tc.compile:
+        metrics["compile_s"] = _compile_seconds(w, first_step_s, train_time, steps)
+    return metrics
+
+
+def _compile_seconds(w: Worker, first_step_s: float, train_time: float, steps: int) -> float:
+    """The first step's time beyond an average later step: what ``torch.compile`` cost this epoch
+    (about 0 in epochs that compiled nothing). Rank 0 prints it once, after its first epoch."""
+    later = (train_time - first_step_s) / (steps - 1) if steps > 1 else 0.0
+    compile_s = max(0.0, first_step_s - later)
+    if w.rank == 0 and not w.compile_printed:
+        w.compile_printed = True
+        print(f"torch.compile: the first training step took {compile_s:.1f}s longer than the others", flush=True)
+    return compile_s
 
 
 def validate(w: Worker) -> dict:
