@@ -135,7 +135,7 @@ def run_training(cfg: Config, data_uri: str | Sequence[str], output_uri: str, ov
     tc = cfg.train
     if tc.num_workers:
         init_ray()
-        check_workers_fit(tc.num_workers, tc.cpus_per_worker, tc.use_gpu)
+        check_workers_fit(tc.num_workers, tc.cpus_per_worker, tc.use_gpu, tc.gpus_per_worker)
     run_name = run_name or "train-" + dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     what = f"training run {run_name} for {out.uri}"
     quiet_report_logs()  # an in-process run reports in this process (and Ray Train logs its set-up)

@@ -239,7 +239,8 @@ def run_search(spec: TuneSpec, data_uri: str | list[str], output_uri: str, resum
     if cpus is not None and not resume:
         spec.base.train.cpus_per_worker = cpus
     spec.base.train.num_workers = spec.search.workers_per_trial
-    check_workers_fit(spec.base.train.num_workers, spec.base.train.cpus_per_worker, spec.base.train.use_gpu)
+    tc = spec.base.train
+    check_workers_fit(tc.num_workers, tc.cpus_per_worker, tc.use_gpu, tc.gpus_per_worker)
     if resume:
         echo(f"resuming the search at {out.uri}")
     else:
