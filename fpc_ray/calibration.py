@@ -82,7 +82,10 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def calibration_record(logits: np.ndarray, labels: np.ndarray, fitted_on: str = "val") -> dict:
-    """Fit T on ``logits`` and say what it did there: the card's ``calibration`` section."""
+    """Fit T on ``logits`` and say what it did there: the card's ``calibration`` section (T=1 and
+    no scores for an empty split: JSON has no NaN)."""
+    if len(labels) == 0:
+        return {"method": "temperature", "temperature": 1.0, "fitted_on": fitted_on, "n": 0}
     temperature = fit_temperature(logits, labels)
     return {
         "method": "temperature",

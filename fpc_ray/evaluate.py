@@ -26,8 +26,8 @@ def save_report(report: dict, out_dir: str, storage: StorageConfig | None = None
 
 def calibration_note(report: dict) -> str:
     """The temperature a report's probabilities were divided by, and the ECE without it, e.g.
-    `` (calibrated, T=0.62; uncalibrated 0.0831)``; T=1 for a bundle without calibration."""
-    if "temperature" not in report:
+    `` (calibrated, T=0.62; uncalibrated 0.0831)``; nothing for a bundle without calibration (T=1)."""
+    if report.get("temperature", 1.0) == 1.0:
         return ""
     return f" (calibrated, T={report['temperature']:.3g}; uncalibrated {report['ece_uncalibrated']:.4f})"
 

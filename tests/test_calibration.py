@@ -124,3 +124,11 @@ def test_a_split_without_errors_does_not_drive_every_confidence_to_one():
     assert (probs.argmax(1) == labels).all()
     assert probs.max(1).mean() == pytest.approx(confidence_ceiling(40, 40), abs=1e-6)
     assert t > 2 * MIN_TEMPERATURE
+
+
+def test_an_empty_split_records_no_scaling_and_no_nan():
+    from fpc_ray.calibration import calibration_record
+
+    record = calibration_record(np.zeros((0, 6)), np.zeros(0, np.int64))
+    assert record == {"method": "temperature", "temperature": 1.0, "fitted_on": "val", "n": 0}
+    json.dumps(record, allow_nan=False)

@@ -69,14 +69,15 @@ def _calibration_section(test: dict, calibration: dict | None) -> str:
     """The test split's reliability diagram, before and after temperature scaling where the bundle
     has a temperature (bundles from before calibration: their one diagram)."""
     note = "<p class=\"muted\">Bars below the diagonal: the model is more confident than it is right.</p>"
-    if not calibration or "reliability_uncalibrated" not in test:
+    if not calibration or not calibration.get("n") or "reliability_uncalibrated" not in test:
         return section("Calibration (test)", img(plots.reliability_png(test["reliability"], test["ece"]),
                                                  "reliability diagram"), note)
     t = calibration["temperature"]
     png = plots.reliability_png(test["reliability"], test["ece"], uncalibrated_bins=test["reliability_uncalibrated"],
                                 uncalibrated_ece=test["ece_uncalibrated"], temperature=t)
     fitted = (f"<p>Probabilities are softmax(logits / T) with T = {t:.4g}, fitted on the validation split "
-              f"(n={calibration.get('n', '?')}) by minimising the negative log-likelihood: validation ECE "
+              f"(n={calibration['n']}) by minimising the negative log-likelihood, its mean confidence capped "
+              f"at what the split's accuracy can show: validation ECE "
               f"{calibration['val_ece_before']:.4f} before, {calibration['val_ece_after']:.4f} after; test ECE "
               f"{test['ece_uncalibrated']:.4f} before, {test['ece']:.4f} after. T changes no prediction.</p>")
     return section("Calibration (test)", img(png, "reliability diagram before and after calibration"), fitted, note)
