@@ -217,6 +217,42 @@ def test_a_changed_or_vanished_source_is_skipped_never_exported_with_other_pixel
     assert [m["frame_id"] for m in _manifest(batch)] == still[:2]  # the next in line took their places
 
 
+def test_a_relabelled_object_exports_its_current_frame_with_its_current_pixels(tmp_path):
+    src = tmp_path / "archive" / "x.png"
+    src.parent.mkdir()
+    old, new = (render_phantom(p, np.random.default_rng(5), 96, 72) for p in ("Fetal femur", "Fetal thorax"))
+    src.write_bytes(png(old))
+    first = _row(str(src), src.read_bytes(), 0, "Fetal femur", "Fetal femur", 0.4, "20260101T000000Z")
+    src.write_bytes(png(new))  # replaced, then labelled again
+    second = _row(str(src), src.read_bytes(), 0, "Fetal thorax", "Fetal thorax", 0.5, "20260102T000000Z")
+    write_run(tmp_path / "labels", "20260101T000000Z", [first])
+    write_run(tmp_path / "labels", "20260102T000000Z", [second])
+    batch = tmp_path / "batches" / "b"
+    result = invoke("review", "export", tmp_path / "labels", "--output", batch, "--n", 2)
+    assert result.exit_code == 0, result.output
+    (m,) = _manifest(batch)
+    assert m["frame_id"] == frame_id(second["content_sha256"], 0) and m["run_id"] == "20260102T000000Z"
+    written = cv2.imread(str(batch / "images" / f"{m['frame_id']}.png"), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(written, new)
+    assert not (batch / "images" / f"{frame_id(first['content_sha256'], 0)}.png").exists()
+    assert "changed 1" in result.output  # the old content's row, not what the object holds now
+
+
+def test_export_of_runs_with_error_rows_only_is_one_line(tmp_path):
+    rows = [_row(str(tmp_path / "broken.png"), b"xx", 0, "Other", "Other", 0.0, "20260101T000000Z",
+                 error="truncated: image data is incomplete")]
+    write_run(tmp_path / "labels", "20260101T000000Z", rows)
+    result = invoke("review", "export", tmp_path / "labels", "--output", tmp_path / "batches" / "b", "--n", 2)
+    assert result.exit_code == 2 and "no labelled frames in" in one_error_line(result)
+    assert not (tmp_path / "batches").exists()
+
+
+def test_per_class_with_another_strategy_is_refused(archive, tmp_path):
+    result = invoke("review", "export", archive["labels"], "--output", tmp_path / "b", "--n", 2, "--per-class", 1)
+    assert result.exit_code == 2 and "--per-class applies to --strategy per-class only" in one_error_line(result)
+    assert not (tmp_path / "b").exists()
+
+
 def test_export_refuses_uncommitted_runs_and_empty_prefixes(archive, tmp_path):
     result = invoke("review", "export", archive["labels"] / "run=20260103T000000Z", "--output", tmp_path / "b",
                     "--n", 2)
