@@ -539,6 +539,28 @@ def test_an_import_that_cannot_read_a_batch_image_writes_nothing_and_can_be_run_
     assert len(read_fetal_planes(str(tmp_path / "ds")).records) == 11
 
 
+def test_an_import_to_s3_that_fails_while_writing_leaves_nothing_there(archive, batch, s3_server, tmp_path):
+    client = s3_server.client()
+    broken = sorted((batch / "images").iterdir())[-1].name
+    for path in batch.rglob("*"):
+        if path.is_file():
+            key = f"review-import/batch/{path.relative_to(batch)}"
+            client.put_object(Bucket="test", Key=key + ("/x" if path.name == broken else ""), Body=path.read_bytes())
+    exported = tmp_path / "export.json"
+    exported.write_text(json.dumps(simulated_export(batch, archive["truth"])))
+    result = invoke("review", "import", exported, "--batch", "s3://test/review-import/batch",
+                    "--output", "s3://test/review-import/ds")
+    assert result.exit_code == 2 and "error: not found" in result.output  # a "folder": found, unreadable
+    assert client.list_objects_v2(Bucket="test", Prefix="review-import/ds").get("KeyCount") == 0  # no object
+    client.delete_object(Bucket="test", Key=f"review-import/batch/images/{broken}/x")
+    client.put_object(Bucket="test", Key=f"review-import/batch/images/{broken}",
+                      Body=(batch / "images" / broken).read_bytes())
+    result = invoke("review", "import", exported, "--batch", "s3://test/review-import/batch",
+                    "--output", "s3://test/review-import/ds")
+    assert result.exit_code == 0, result.output
+    assert client.list_objects_v2(Bucket="test", Prefix="review-import/ds/Images/")["KeyCount"] == 11
+
+
 # --- phantoms a first model confuses ------------------------------------------------------------
 
 def test_confuse_changes_only_a_share_of_one_class_images(tmp_path):
