@@ -21,7 +21,7 @@ from fpc_ray.errors import UserError
 from fpc_ray.label.decode import decode_object
 from fpc_ray.label.schema import LABEL_SCHEMA
 from fpc_ray.review import Strategy
-from fpc_ray.review.importer import patient_num
+from fpc_ray.review.importer import is_test_study, patient_num, pick_test_studies
 from fpc_ray.review.select import frame_id, ranked
 from tests.fixtures_archive import dicom_jpeg_ybr_cine, jpeg, png
 from tests.test_cli import invoke, one_error_line
@@ -217,6 +217,42 @@ def test_a_changed_or_vanished_source_is_skipped_never_exported_with_other_pixel
     assert [m["frame_id"] for m in _manifest(batch)] == still[:2]  # the next in line took their places
 
 
+def test_a_relabelled_object_exports_its_current_frame_with_its_current_pixels(tmp_path):
+    src = tmp_path / "archive" / "x.png"
+    src.parent.mkdir()
+    old, new = (render_phantom(p, np.random.default_rng(5), 96, 72) for p in ("Fetal femur", "Fetal thorax"))
+    src.write_bytes(png(old))
+    first = _row(str(src), src.read_bytes(), 0, "Fetal femur", "Fetal femur", 0.4, "20260101T000000Z")
+    src.write_bytes(png(new))  # replaced, then labelled again
+    second = _row(str(src), src.read_bytes(), 0, "Fetal thorax", "Fetal thorax", 0.5, "20260102T000000Z")
+    write_run(tmp_path / "labels", "20260101T000000Z", [first])
+    write_run(tmp_path / "labels", "20260102T000000Z", [second])
+    batch = tmp_path / "batches" / "b"
+    result = invoke("review", "export", tmp_path / "labels", "--output", batch, "--n", 2)
+    assert result.exit_code == 0, result.output
+    (m,) = _manifest(batch)
+    assert m["frame_id"] == frame_id(second["content_sha256"], 0) and m["run_id"] == "20260102T000000Z"
+    written = cv2.imread(str(batch / "images" / f"{m['frame_id']}.png"), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(written, new)
+    assert not (batch / "images" / f"{frame_id(first['content_sha256'], 0)}.png").exists()
+    assert "changed 1" in result.output  # the old content's row, not what the object holds now
+
+
+def test_export_of_runs_with_error_rows_only_is_one_line(tmp_path):
+    rows = [_row(str(tmp_path / "broken.png"), b"xx", 0, "Other", "Other", 0.0, "20260101T000000Z",
+                 error="truncated: image data is incomplete")]
+    write_run(tmp_path / "labels", "20260101T000000Z", rows)
+    result = invoke("review", "export", tmp_path / "labels", "--output", tmp_path / "batches" / "b", "--n", 2)
+    assert result.exit_code == 2 and "no labelled frames in" in one_error_line(result)
+    assert not (tmp_path / "batches").exists()
+
+
+def test_per_class_with_another_strategy_is_refused(archive, tmp_path):
+    result = invoke("review", "export", archive["labels"], "--output", tmp_path / "b", "--n", 2, "--per-class", 1)
+    assert result.exit_code == 2 and "--per-class applies to --strategy per-class only" in one_error_line(result)
+    assert not (tmp_path / "b").exists()
+
+
 def test_export_refuses_uncommitted_runs_and_empty_prefixes(archive, tmp_path):
     result = invoke("review", "export", archive["labels"] / "run=20260103T000000Z", "--output", tmp_path / "b",
                     "--n", 2)
@@ -269,8 +305,8 @@ def _annotation(plane: str | None, brain: str | None = None, cancelled=False, up
 
 def simulated_export(batch: Path, truth: dict) -> list[dict]:
     """Label Studio's JSON export of the batch, reviewed with the ground truth: the first task
-    cancelled, the second answered Unsure, the third answered twice (the later answer counts),
-    the fourth imported twice with the same answer."""
+    cancelled, the second answered Unsure, the third answered by two reviewers who agree (and a
+    third who skipped), the fourth imported twice with the same answer."""
     tasks = json.loads((batch / "tasks.json").read_text())
     out = []
     for i, t in enumerate(tasks):
@@ -281,7 +317,7 @@ def simulated_export(batch: Path, truth: dict) -> list[dict]:
         elif i == 1:
             annotations = [_annotation("Unsure")]
         elif i == 2:
-            annotations.insert(0, _annotation("Other", updated="2026-01-01T00:00:00Z"))
+            annotations += [dict(annotations[0], id=2), _annotation("Other", cancelled=True)]
         out.append({"id": i + 1, **t, "annotations": annotations})
     out.append(dict(out[3]))
     return out
@@ -290,11 +326,13 @@ def simulated_export(batch: Path, truth: dict) -> list[dict]:
 def test_import_of_a_label_studio_export_writes_a_fetal_planes_dataset(archive, batch, tmp_path):
     exported = tmp_path / "project-1-export.json"
     exported.write_text(json.dumps(simulated_export(batch, archive["truth"])))
+    manifest = {m["frame_id"]: m for m in _manifest(batch)}
+    studies = {m["study"] for m in manifest.values()}  # the PNG folders' depend on tmp_path
+    seed = next(s for s in range(100) if 0 < sum(is_test_study(st, 0.34, s) for st in studies) < 3)
     result = invoke("review", "import", exported, "--batch", batch, "--output", tmp_path / "ds",
-                    "--test-fraction", 0.34, "--seed", 1)
+                    "--test-fraction", 0.34, "--seed", seed)
     assert result.exit_code == 0, result.output
     db = read_fetal_planes(str(tmp_path / "ds"))
-    manifest = {m["frame_id"]: m for m in _manifest(batch)}
     assert len(db.records) == 11  # 13 frames, one cancelled, one unsure
     for rec in db.records:
         fid = rec.image_name.removeprefix("review_")
@@ -304,7 +342,9 @@ def test_import_of_a_label_studio_export_writes_a_fetal_planes_dataset(archive, 
         assert db.image_location(rec).read_bytes() == (batch / "images" / f"{fid}.png").read_bytes()
     # Patients are studies: the three cine frames one, the PNGs by folder; 1 of 3 studies in test.
     assert len({r.patient for r in db.records}) == 3
-    assert len({r.patient for r in db.records if not r.official_train}) == 1
+    in_test = {patient_num(s) for s in studies if is_test_study(s, 0.34, seed)}
+    assert {r.patient for r in db.records if not r.official_train} == in_test
+    assert "warning: 3 studies answered" in result.output  # too few for a split by study to mean much
     patients = {r.patient for r in db.records}
     assert all(len({r.official_train for r in db.records if r.patient == p}) == 1 for p in patients)
 
@@ -337,6 +377,60 @@ def test_import_of_the_filled_csv(archive, batch, tmp_path):
     assert brain and all(r.brain_plane == "Other" for r in brain)  # a brain frame without a sub-plane
 
 
+def _filled_rows(batch: Path, truth: dict) -> list[list[str]]:
+    """tasks.csv's rows with the ground truth in ``label``, the trailing empty ``brain_plane``
+    cell dropped as some spreadsheets do."""
+    import csv
+
+    rows = list(csv.reader((batch / "tasks.csv").read_text().splitlines()))
+    return [rows[0]] + [[*r[:6], truth[r[0]]] for r in rows[1:]]
+
+
+@pytest.mark.parametrize("case", ["comma", "semicolon cp1252", "tab", "numeric frame_id"])
+def test_import_reads_the_csv_as_spreadsheets_save_it(archive, batch, tmp_path, case):
+    rows = _filled_rows(batch, archive["truth"])
+    delimiter, encoding = {"semicolon cp1252": (";", "cp1252"), "tab": ("\t", "utf-8")}.get(case, (",", "utf-8"))
+    if case == "semicolon cp1252":
+        rows[0].append("Bemerkung")  # a reviewer's notes column, with non-ASCII text
+        rows[1] = [*rows[1], "", "Schädel unscharf, Ø 3 cm"]
+    if case == "numeric frame_id":
+        rows[2][0] = "1.23457E+15"  # what Excel shows of an all-digit frame_id
+    answers = tmp_path / "answers.csv"
+    answers.write_bytes("\n".join(delimiter.join(r) for r in rows).encode(encoding) + b"\n")
+    result = invoke("review", "import", answers, "--batch", batch, "--output", tmp_path / "ds")
+    assert result.exit_code == 0, result.output
+    db = read_fetal_planes(str(tmp_path / "ds"))
+    assert sorted(r.image_name for r in db.records) == sorted(f"review_{r[0]}" for r in
+                                                              _filled_rows(batch, archive["truth"])[1:])
+    assert all(r.plane == archive["truth"][r.image_name.removeprefix("review_")] for r in db.records)
+
+
+def test_a_numeric_frame_id_whose_frame_is_not_one_of_the_batch_is_refused(archive, batch, tmp_path):
+    rows = _filled_rows(batch, archive["truth"])
+    rows[2][0], rows[2][2] = "1.23457E+15", "7"  # no frame 7 of that object in the batch
+    answers = tmp_path / "answers.csv"
+    answers.write_text("\n".join(",".join(r) for r in rows) + "\n")
+    result = invoke("review", "import", answers, "--batch", batch, "--output", tmp_path / "ds")
+    assert result.exit_code == 2 and "line 3 (frame 1.23457E+15): frame not in batch" in one_error_line(result)
+
+
+def test_import_of_label_studio_json_min(archive, batch, tmp_path):
+    tasks = json.loads((batch / "tasks.json").read_text())
+    entries = [{"id": i, **t["data"], "annotator": 1, "plane": archive["truth"][t["data"]["frame_id"]]}
+               for i, t in enumerate(tasks)]
+    entries[0]["plane"] = {"choices": [entries[0]["plane"]]}
+    del entries[1]["plane"]  # not annotated
+    brain = next(e for e in entries[2:] if e["plane"] == "Fetal brain")
+    brain["brain_plane"] = "Trans-ventricular"
+    exported = tmp_path / "min.json"
+    exported.write_text(json.dumps(entries))
+    result = invoke("review", "import", exported, "--batch", batch, "--output", tmp_path / "ds")
+    assert result.exit_code == 0, result.output
+    db = {r.image_name: r for r in read_fetal_planes(str(tmp_path / "ds")).records}
+    assert len(db) == 12 and db[f"review_{brain['frame_id']}"].brain_plane == "Trans-ventricular"
+    assert all(r.plane == archive["truth"][name.removeprefix("review_")] for name, r in db.items())
+
+
 def _bad_json(batch: Path, truth: dict, case: str) -> tuple[str, str]:
     tasks = simulated_export(batch, truth)
     if case == "unknown class":
@@ -349,6 +443,11 @@ def _bad_json(batch: Path, truth: dict, case: str) -> tuple[str, str]:
         tasks.append({**tasks[6], "annotations": [_annotation("Maternal cervix" if truth[tasks[6]["data"][
             "frame_id"]] != "Maternal cervix" else "Other")]})
         return json.dumps(tasks), f"entry {len(tasks)} (frame {tasks[6]['data']['frame_id']}): conflicting answers"
+    if case == "reviewers disagree":
+        other = "Maternal cervix" if truth[tasks[6]["data"]["frame_id"]] != "Maternal cervix" else "Other"
+        tasks[6]["annotations"].append(_annotation(other, updated="2026-01-03T00:00:00Z"))
+        return json.dumps(tasks), (f"entry 7 (frame {tasks[6]['data']['frame_id']}): conflicting answers for one "
+                                   f"frame: '{other}' here")
     if case == "brain contradiction":
         fid = next(t for t in tasks if truth[t["data"]["frame_id"]] == "Fetal femur")["data"]["frame_id"]
         for t in tasks:
@@ -358,7 +457,8 @@ def _bad_json(batch: Path, truth: dict, case: str) -> tuple[str, str]:
     return json.dumps(tasks)[:-20], "not valid JSON"
 
 
-@pytest.mark.parametrize("case", ["unknown class", "not in batch", "conflict", "brain contradiction", "malformed"])
+@pytest.mark.parametrize("case", ["unknown class", "not in batch", "conflict", "reviewers disagree",
+                                  "brain contradiction", "malformed"])
 def test_a_bad_label_studio_export_is_refused_with_one_line_and_nothing_written(archive, batch, tmp_path, case):
     text, needle = _bad_json(batch, archive["truth"], case)
     exported = tmp_path / "export.json"
@@ -377,8 +477,8 @@ def test_a_bad_csv_is_refused_with_one_line_and_nothing_written(batch, tmp_path,
         lines = [ln.rsplit(",", 2)[0] for ln in lines]
         needle = "missing column(s) label"
     elif case == "short row":
-        lines[3] = lines[3].rsplit(",", 1)[0]
-        needle = "tasks.csv line 4: expected 8 fields, got 7"
+        lines[3] = lines[3].rsplit(",", 2)[0]  # the label cell gone too, not only the optional brain_plane
+        needle = "tasks.csv line 4: expected 8 fields, got 6"
     else:
         cells = lines[2].split(",")
         cells[6] = "fetal brain"
@@ -402,6 +502,63 @@ def test_import_refuses_a_non_empty_output_and_a_folder_that_is_not_a_batch(arch
     assert [p.name for p in (tmp_path / "ds").iterdir()] == ["keep.txt"]
     result = invoke("review", "import", exported, "--batch", tmp_path, "--output", tmp_path / "ds2")
     assert result.exit_code == 2 and "not a review batch" in one_error_line(result)
+
+
+def test_a_study_is_on_the_same_side_of_the_split_in_every_batch():
+    studies = [f"1.2.3.{i}" for i in range(400)]
+    first = pick_test_studies(set(studies[:300]), 0.2, 7, echo=lambda _: None)
+    second = pick_test_studies(set(studies[100:]), 0.2, 7, echo=lambda _: None)
+    shared = set(studies[100:300])
+    assert first & shared == second & shared and 0 < len(first & shared) < len(shared)
+    assert 0.1 < len(first) / 300 < 0.3  # about the fraction
+    assert pick_test_studies({"a"}, 0.2, 7, echo=lambda _: None) == pick_test_studies({"a", "b"}, 0.2, 7,
+                                                                                       echo=lambda _: None) & {"a"}
+    warned = []
+    pick_test_studies({"prefix:/archive/pngs"}, 0.2, 0, echo=warned.append)
+    assert len(warned) == 1 and "1 study answered" in warned[0] and "a split by study needs 5" in warned[0]
+
+
+def test_an_import_that_cannot_read_a_batch_image_writes_nothing_and_can_be_run_again(archive, batch, tmp_path):
+    copy = tmp_path / "project" / "batch"
+    shutil.copytree(batch, copy)
+    exported = tmp_path / "export.json"
+    exported.write_text(json.dumps(simulated_export(copy, archive["truth"])))
+    image = sorted((copy / "images").iterdir())[-1]
+    kept = image.read_bytes()
+    image.unlink()
+    result = invoke("review", "import", exported, "--batch", copy, "--output", tmp_path / "ds")
+    assert result.exit_code == 2 and "have no image in the batch" in one_error_line(result)
+    assert not (tmp_path / "ds").exists()
+    image.mkdir()  # there, but unreadable: the import fails while it writes
+    result = invoke("review", "import", exported, "--batch", copy, "--output", tmp_path / "ds")
+    assert result.exit_code != 0 and not (tmp_path / "ds").exists()
+    image.rmdir()
+    image.write_bytes(kept)
+    result = invoke("review", "import", exported, "--batch", copy, "--output", tmp_path / "ds")
+    assert result.exit_code == 0, result.output
+    assert len(read_fetal_planes(str(tmp_path / "ds")).records) == 11
+
+
+def test_an_import_to_s3_that_fails_while_writing_leaves_nothing_there(archive, batch, s3_server, tmp_path):
+    client = s3_server.client()
+    broken = sorted((batch / "images").iterdir())[-1].name
+    for path in batch.rglob("*"):
+        if path.is_file():
+            key = f"review-import/batch/{path.relative_to(batch)}"
+            client.put_object(Bucket="test", Key=key + ("/x" if path.name == broken else ""), Body=path.read_bytes())
+    exported = tmp_path / "export.json"
+    exported.write_text(json.dumps(simulated_export(batch, archive["truth"])))
+    result = invoke("review", "import", exported, "--batch", "s3://test/review-import/batch",
+                    "--output", "s3://test/review-import/ds")
+    assert result.exit_code == 2 and "error: not found" in result.output  # a "folder": found, unreadable
+    assert client.list_objects_v2(Bucket="test", Prefix="review-import/ds").get("KeyCount") == 0  # no object
+    client.delete_object(Bucket="test", Key=f"review-import/batch/images/{broken}/x")
+    client.put_object(Bucket="test", Key=f"review-import/batch/images/{broken}",
+                      Body=(batch / "images" / broken).read_bytes())
+    result = invoke("review", "import", exported, "--batch", "s3://test/review-import/batch",
+                    "--output", "s3://test/review-import/ds")
+    assert result.exit_code == 0, result.output
+    assert client.list_objects_v2(Bucket="test", Prefix="review-import/ds/Images/")["KeyCount"] == 11
 
 
 # --- phantoms a first model confuses ------------------------------------------------------------

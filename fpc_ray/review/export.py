@@ -96,14 +96,20 @@ def exported_frames(out: Location) -> set[str]:
     return done
 
 
-def _frames_of(uri: str, rows: list[dict], storage: StorageConfig | None) -> dict[int, object] | str:
-    """The wanted frames of one source object (index -> gray frame), or why they cannot be had:
-    ``vanished``, ``changed`` (the content hash differs from the run's) or ``undecodable``."""
+def _read_source(uri: str, storage: StorageConfig | None) -> bytes | None:
     try:
-        data = resolve(uri, storage).read_bytes()
+        return resolve(uri, storage).read_bytes()
     except UserError:
+        return None
+
+
+def _frames_of(uri: str, data: bytes | None, content_sha256: str, rows: list[dict]) -> dict[int, object] | str:
+    """The wanted frames of one source object as one run labelled it (index -> gray frame), or
+    why they cannot be had: ``vanished``, ``changed`` (the object's content hash is no longer
+    ``content_sha256``, the one the rows were labelled from) or ``undecodable``."""
+    if data is None:
         return "vanished"
-    if hashlib.sha256(data).hexdigest() != rows[0]["content_sha256"]:
+    if hashlib.sha256(data).hexdigest() != content_sha256:
         return "changed"
     wanted = {r["frame"] for r in rows}
     stride = math.gcd(*wanted) or _ONLY_FRAME_0  # every wanted index is a multiple of it
@@ -137,12 +143,15 @@ def write_frames(order: Iterator[dict], cap: int | None, n: int, out: Location,
         batch = _next_rows(order, n - len(chosen), cap, per_class)
         if not batch:
             break
-        by_source: dict[str, list[dict]] = {}
+        # Rows of one object from runs before and after it was replaced name different content:
+        # each content is checked (and decoded) on its own, and each object is read once.
+        by_content: dict[tuple[str, str], list[dict]] = {}
         for row in batch:
-            by_source.setdefault(row["source_uri"], []).append(row)
-        frames = {uri: _frames_of(uri, rows, storage) for uri, rows in by_source.items()}  # each object read once
+            by_content.setdefault((row["source_uri"], row["content_sha256"]), []).append(row)
+        data = {uri: _read_source(uri, storage) for uri, _ in by_content}
+        frames = {key: _frames_of(key[0], data[key[0]], key[1], rows) for key, rows in by_content.items()}
         for row in batch:  # in the batch's order
-            got = frames[row["source_uri"]]
+            got = frames[(row["source_uri"], row["content_sha256"])]
             if isinstance(got, str):
                 skipped[got] += 1
                 per_class[row["label"]] -= 1
@@ -208,6 +217,8 @@ def export_batch(inputs: list[str], output: str, opts: ExportOptions, storage: S
         UserError: ``output`` already holds a batch, an input holds no committed run, or no
             frame is left to export.
     """
+    if opts.per_class is not None and opts.strategy != Strategy.per_class:
+        raise UserError(f"--per-class applies to --strategy {Strategy.per_class} only, not {opts.strategy}")
     out = resolve(output, storage)
     if is_remote(out.uri) and "/" not in out.path:
         raise UserError(f"--output {out.uri}: give a prefix inside the bucket (batches sit side by side under one)")

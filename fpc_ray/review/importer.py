@@ -2,23 +2,25 @@
 
 Every answer is checked before anything is written: it names a frame of the batch, a known
 plane (or ``Unsure``), a brain sub-plane consistent with it, and one frame gets one answer (the
-same answer twice, as when a task was imported into Label Studio twice, counts once; two
-different answers are an error). A skipped frame (a cancelled annotation, none at all, an empty
-CSV cell) and an ``Unsure`` one are left out and counted.
+same answer twice, as when a task was imported into Label Studio twice or two reviewers agree,
+counts once; two different answers, two reviewers who disagree included, are an error). A
+skipped frame (a cancelled annotation, none at all, an empty CSV cell) and an ``Unsure`` one are
+left out and counted.
 
 The dataset: ``Images/review_<frame_id>.png`` and ``FETAL_PLANES_DB_data.csv`` as
 :mod:`fpc_ray.data.fetal_planes` writes it. ``Patient_num`` is the study: a stable number derived
 from the study UID (or the source prefix of a non-DICOM object), the same in every batch, and
-``Train `` is 0 for ``--test-fraction`` of the studies (drawn with ``--seed``), 1 for the rest.
+``Train `` is 0 for a study whose hash with ``--seed`` falls below ``--test-fraction`` (about that share
+of the studies; the same study on the same side in every batch), 1 for the rest.
 ``agreement.json`` says how often the model's label was the reviewers'.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
-import math
-import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ AGREEMENT = "agreement.json"
 NOT_A_BRAIN = "Not A Brain"
 BRAIN = "Fetal brain"
 OPERATOR = MACHINE = "Other"  # not known for archive frames: the dataset's catch-all value
+MIN_STUDIES = 5  # fewer, and a split by study is mostly chance
 
 
 @dataclass
@@ -57,15 +60,31 @@ def read_batch(uri: str, storage: StorageConfig | None = None) -> Batch:
 
 def read_answers(uri: str, storage: StorageConfig | None = None) -> list[Answer]:
     """The answers in a Label Studio JSON export or a filled ``tasks.csv`` (by the name's suffix,
-    else by whether the text starts like JSON)."""
+    else by whether the text starts like JSON); UTF-8, else Windows-1252."""
     loc = resolve(uri, storage)
     name = loc.uri.rstrip("/").rsplit("/", 1)[-1]
+    data = loc.read_bytes()
     try:
-        text = loc.read_bytes().decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise UserError(f"{name}: not UTF-8 text (expected Label Studio's JSON export or the filled CSV)") from None
+        try:  # Excel on Windows saves CSV in the ANSI code page
+            text = data.decode("cp1252")
+        except UnicodeDecodeError:
+            raise UserError(f"{name}: neither UTF-8 nor Windows-1252 text (expected Label Studio's JSON export "
+                            f"or the filled CSV)") from None
     is_json = name.lower().endswith(".json") or (not name.lower().endswith(".csv") and text.lstrip()[:1] in "[{")
     return parse_export(text, name) if is_json else parse_filled_csv(text, name)
+
+
+def _frame_of(answer: Answer, batch: Batch) -> Answer:
+    """The answer, naming its batch frame by the CSV's (source_uri, frame) when its frame_id is
+    not one of the batch's but the pair names exactly one frame (a spreadsheet turned an
+    all-digit frame_id into a number)."""
+    if answer.frame_id in batch.frames or answer.source_uri is None or answer.frame is None:
+        return answer
+    same = [fid for fid, m in batch.frames.items()
+            if (m["source_uri"], str(m["frame"])) == (answer.source_uri, answer.frame)]
+    return dataclasses.replace(answer, frame_id=same[0]) if len(same) == 1 else answer
 
 
 def _check(answer: Answer, batch: Batch) -> None:
@@ -89,14 +108,16 @@ def validate(answers: list[Answer], batch: Batch) -> tuple[dict[str, Answer], Co
         UserError: naming the first bad entry.
     """
     given: dict[str, Answer] = {}
-    for answer in answers:
+    for answer in map(lambda a: _frame_of(a, batch), answers):
         _check(answer, batch)
         if answer.plane is None:
             continue
         earlier = given.setdefault(answer.frame_id, answer)
         if (earlier.plane, earlier.brain_plane) != (answer.plane, answer.brain_plane):
+            there = ("in another annotation of this task" if earlier.where == answer.where
+                     else f"at {earlier.where.split(' (frame')[0]}")
             raise UserError(f"{answer.where}: conflicting answers for one frame: {answer.plane!r} here, "
-                            f"{earlier.plane!r} at {earlier.where.split(' (frame')[0]}")
+                            f"{earlier.plane!r} {there}")
     labelled = {fid: a for fid, a in given.items() if a.plane != UNSURE}
     counts = Counter(reviewed=len(labelled), unsure=len(given) - len(labelled),
                      skipped=len(batch.frames) - len(given))
@@ -108,15 +129,26 @@ def patient_num(study: str) -> int:
     return int(hashlib.sha256(study.encode()).hexdigest()[:8], 16)
 
 
-def pick_test_studies(studies: set[str], test_fraction: float, seed: int) -> set[str]:
-    """The studies in the test split: ``test_fraction`` of them (rounded), drawn with ``seed``, at least one
-    on each side when the fraction is strictly between 0 and 1 and there are two studies."""
-    order = sorted(studies)
-    random.Random(seed).shuffle(order)
-    n_test = math.floor(test_fraction * len(order) + 0.5)  # the nearest count, halves up
-    if 0 < test_fraction < 1 and len(order) >= 2:
-        n_test = min(max(n_test, 1), len(order) - 1)
-    return set(order[:n_test])
+def is_test_study(study: str, test_fraction: float, seed: int) -> bool:
+    """Whether a study is in the test split: a function of the study (and seed) alone, so a study
+    answered in several batches is on the same side in each, and a retrain never scores on a
+    study it trained on. About ``test_fraction`` of many studies are."""
+    draw = int.from_bytes(hashlib.sha256(f"{seed}:{study}".encode()).digest()[:8], "big") / 2**64
+    return draw < test_fraction
+
+
+def pick_test_studies(studies: set[str], test_fraction: float, seed: int,
+                      echo: Callable[[str], None] = print) -> set[str]:
+    """The studies in the test split (see :func:`is_test_study`); warns when a side the fraction
+    asks for is empty, or when there are too few studies for the fraction to mean much."""
+    test = {s for s in studies if is_test_study(s, test_fraction, seed)}
+    empty = [side for side, n, wanted in (("test", len(test), test_fraction > 0),
+                                          ("train", len(studies) - len(test), test_fraction < 1)) if wanted and not n]
+    if empty or len(studies) < MIN_STUDIES:
+        echo(f"warning: {len(studies)} stud{'y' if len(studies) == 1 else 'ies'} answered, {len(test)} in test"
+             f"{' (the ' + ' and '.join(empty) + ' split is empty)' if empty else ''}; a split by study needs "
+             f"{MIN_STUDIES} or more (a folder of PNGs without study UIDs is one study)")
+    return test
 
 
 def agreement(batch: Batch, labelled: dict[str, Answer], counts: Counter) -> dict:
@@ -134,8 +166,9 @@ def agreement(batch: Batch, labelled: dict[str, Answer], counts: Counter) -> dic
             "model_versions": sorted({batch.frames[f]["model_version"] for f in labelled})}
 
 
-def _records(batch: Batch, labelled: dict[str, Answer], test_fraction: float, seed: int) -> list[Record]:
-    test = pick_test_studies({batch.frames[f]["study"] for f in labelled}, test_fraction, seed)
+def _records(batch: Batch, labelled: dict[str, Answer], test_fraction: float, seed: int,
+             echo: Callable[[str], None]) -> list[Record]:
+    test = pick_test_studies({batch.frames[f]["study"] for f in labelled}, test_fraction, seed, echo)
     records = []
     for fid in sorted(labelled, key=lambda f: (batch.frames[f]["study"], f)):
         answer, study = labelled[fid], batch.frames[fid]["study"]
@@ -146,8 +179,11 @@ def _records(batch: Batch, labelled: dict[str, Answer], test_fraction: float, se
 
 
 def _refuse_non_empty(out: Location) -> None:
-    entries = guard(out.uri, lambda: out.fs.get_file_info(pafs.FileSelector(out.path, allow_not_found=True)))
-    if entries or out.info().type == pafs.FileType.File:
+    """Refuse an output holding a file. Empty folders hold nothing to lose: some S3 servers
+    (SeaweedFS) keep a folder a failed import emptied, and the import must run again."""
+    entries = guard(out.uri, lambda: out.fs.get_file_info(
+        pafs.FileSelector(out.path, allow_not_found=True, recursive=True)))
+    if any(e.type == pafs.FileType.File for e in entries) or out.info().type == pafs.FileType.File:
         raise UserError(f"{out.uri}: exists and is not empty; give a new --output for the dataset")
 
 
@@ -169,14 +205,31 @@ def import_answers(annotations: str, batch_uri: str, output: str, test_fraction:
     if not labelled:
         raise UserError(f"{annotations}: no frame of the batch has a class ({counts['unsure']} unsure, "
                         f"{counts['skipped']} skipped); nothing to write")
-    records = _records(batch, labelled, test_fraction, seed)
-    for record in records:
-        fid = record.image_name.removeprefix("review_")
-        image = batch.location.join("images", f"{fid}.png").read_bytes()
-        out.join(IMAGES_DIR, record.image_name + IMAGE_EXT).write_bytes(image)
-    out.join(CSV_NAME).write_text(write_csv(records))
+    images = {f"review_{fid}": batch.location.join("images", f"{fid}.png") for fid in labelled}
+    missing = [loc.uri for loc in images.values() if not loc.exists()]
+    if missing:
+        raise UserError(f"{batch.uri}: {len(missing)} answered frame(s) have no image in the batch, "
+                        f"e.g. {missing[0]}; nothing written")
+    records = _records(batch, labelled, test_fraction, seed, echo)
     summary = agreement(batch, labelled, counts)
     summary["test_studies"] = len({r.patient for r in records if not r.official_train})
     summary["train_studies"] = len({r.patient for r in records if r.official_train})
-    out.join(AGREEMENT).write_text(json.dumps(summary, indent=2))
+    _write_dataset(out, records, images, summary)
     return summary
+
+
+def _write_dataset(out: Location, records: list[Record], images: dict[str, Location], summary: dict) -> None:
+    """Write the dataset into ``out`` (found empty); if a write fails, remove what was written,
+    so the same import can be run again."""
+    existed = out.exists()
+    try:
+        for record in records:
+            out.join(IMAGES_DIR, record.image_name + IMAGE_EXT).write_bytes(images[record.image_name].read_bytes())
+        out.join(CSV_NAME).write_text(write_csv(records))
+        out.join(AGREEMENT).write_text(json.dumps(summary, indent=2))
+    except BaseException:
+        with contextlib.suppress(OSError):  # keep the write's own error, the one to report
+            out.fs.delete_dir_contents(out.path, missing_dir_ok=True)
+            if not existed and out.exists():
+                out.fs.delete_dir(out.path)
+        raise

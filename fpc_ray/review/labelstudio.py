@@ -7,6 +7,8 @@
   the model's label as a pre-annotation with its score and model version.
 - The JSON export: a list of tasks, each with ``annotations[]`` holding ``result[]`` items
   (``from_name``, ``to_name``, ``type: choices``, ``value.choices``) and ``was_cancelled``.
+- The JSON-MIN export: a list of flat entries, the task data (``frame_id``) beside the choices
+  (``plane``, ``brain_plane``) by control name.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ class Answer:
     frame_id: str
     plane: str | None
     brain_plane: str | None
+    # Where the CSV gives them: the frame's object and index, which name the frame when a
+    # spreadsheet turned an all-digit frame_id into a number (1.23457E+15).
+    source_uri: str | None = None
+    frame: str | None = None
 
 
 def labeling_config() -> str:
@@ -90,18 +96,48 @@ def _choice(result: list, name: str, where: str) -> str | None:
     return values[0]
 
 
-def _latest_annotation(annotations: list, where: str) -> dict | None:
-    """The latest annotation not cancelled (skipped), by update time then id; None if none."""
+def _answered(annotations: list, where: str) -> list[dict]:
+    """The annotations not cancelled (skipped). Each is an answer of its own: reviewers who
+    disagree on a task are a conflict for import to name, never settled by who answered last."""
     if not isinstance(annotations, list) or not all(isinstance(a, dict) for a in annotations):
         raise UserError(f"{where}: 'annotations' is not a list of objects")
-    kept = [a for a in annotations if not a.get("was_cancelled")]
-    if not kept:
-        return None
-    return max(kept, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), str(a.get("id", ""))))
+    return [a for a in annotations if not a.get("was_cancelled")]
+
+
+def _min_choice(entry: dict, name: str, where: str) -> str | None:
+    """A choice in a JSON-MIN entry: a string, or ``{"choices": [one]}``; None when not given."""
+    value = entry.get(name)
+    if isinstance(value, dict):
+        value = value.get("choices")
+        value = value[0] if isinstance(value, list) and len(value) == 1 else value
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{where}: '{name}' must hold exactly one choice, got {value!r}")
+    return value or None
+
+
+def _task_answers(t: object, where: str) -> list[Answer]:
+    """The answers of one exported task: one per annotation not cancelled (one empty answer when
+    none is left), or the one a JSON-MIN entry (flat: ``frame_id``, ``plane``) holds."""
+    if isinstance(t, dict) and "data" not in t and isinstance(t.get("frame_id"), str):
+        where = f"{where} (frame {t['frame_id']})"
+        return [Answer(where, t["frame_id"], _min_choice(t, PLANE, where), _min_choice(t, BRAIN_PLANE, where))]
+    data = t.get("data") if isinstance(t, dict) else None
+    if not isinstance(data, dict) or not isinstance(data.get("frame_id"), str):
+        raise UserError(f"{where}: no data.frame_id (not a task of a review batch)")
+    where = f"{where} (frame {data['frame_id']})"
+    answers = []
+    for annotation in _answered(t.get("annotations", []), where) or [{"result": []}]:
+        result = annotation.get("result")
+        if not isinstance(result, list):
+            raise UserError(f"{where}: the annotation's 'result' is not a list")
+        answers.append(Answer(where, data["frame_id"], _choice(result, PLANE, where),
+                              _choice(result, BRAIN_PLANE, where)))
+    return answers
 
 
 def parse_export(text: str, name: str) -> list[Answer]:
-    """Answers from Label Studio's JSON export (a list of tasks with ``annotations``).
+    """Answers from Label Studio's JSON export (a list of tasks with ``annotations``) or its
+    JSON-MIN export (a list of flat entries).
 
     Raises:
         UserError: malformed JSON, or an entry that is not a task of a review batch.
@@ -112,31 +148,29 @@ def parse_export(text: str, name: str) -> list[Answer]:
         raise UserError(f"{name}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
     if not isinstance(tasks, list):
         raise UserError(f"{name}: expected Label Studio's JSON export, a list of tasks")
-    answers = []
-    for i, t in enumerate(tasks, start=1):
-        where = f"{name} entry {i}"
-        data = t.get("data") if isinstance(t, dict) else None
-        if not isinstance(data, dict) or not isinstance(data.get("frame_id"), str):
-            raise UserError(f"{where}: no data.frame_id (not a task of a review batch)")
-        where = f"{where} (frame {data['frame_id']})"
-        annotation = _latest_annotation(t.get("annotations", []), where)
-        result = annotation.get("result") if annotation else []
-        if not isinstance(result, list):
-            raise UserError(f"{where}: the annotation's 'result' is not a list")
-        answers.append(Answer(where, data["frame_id"], _choice(result, PLANE, where),
-                              _choice(result, BRAIN_PLANE, where)))
-    return answers
+    return [a for i, t in enumerate(tasks, start=1) for a in _task_answers(t, f"{name} entry {i}")]
+
+
+def _delimiter(header_line: str) -> str:
+    """The CSV's delimiter: the one of ``,``, ``;`` (Excel in locales with a decimal comma) and tab
+    that splits the header into the columns import needs."""
+    for delimiter in (",", ";", "\t"):
+        if {"frame_id", "label"} <= {h.strip() for h in header_line.split(delimiter)}:
+            return delimiter
+    return ","
 
 
 def parse_filled_csv(text: str, name: str) -> list[Answer]:
-    """Answers from the filled ``tasks.csv`` (comma-separated, ``frame_id`` and ``label`` columns;
-    ``brain_plane`` optional; an empty ``label`` is a skipped frame).
+    """Answers from the filled ``tasks.csv`` (``,``, ``;`` or tab separated; ``frame_id`` and
+    ``label`` columns, ``brain_plane`` optional; an empty ``label`` is a skipped frame). Cells
+    missing at the end of a row after ``frame_id`` and ``label`` count as empty (spreadsheets drop
+    trailing empty cells).
 
     Raises:
-        UserError: a missing column or a row with the wrong number of fields.
+        UserError: a missing column or a row with too many or too few fields.
     """
     try:
-        rows = list(csv.reader(io.StringIO(text)))
+        rows = list(csv.reader(io.StringIO(text), delimiter=_delimiter(text.split("\n", 1)[0])))
     except csv.Error as e:
         raise UserError(f"{name}: not a valid CSV file ({e})") from None
     if not rows:
@@ -146,14 +180,17 @@ def parse_filled_csv(text: str, name: str) -> list[Answer]:
     if missing:
         raise UserError(f"{name}: missing column(s) {', '.join(missing)} (expected the batch's tasks.csv, filled)")
     col = {c: header.index(c) for c in header}
+    needed = max(col["frame_id"], col["label"]) + 1
     answers = []
     for lineno, row in enumerate(rows[1:], start=2):
         if not any(c.strip() for c in row):
             continue
-        if len(row) != len(header):
+        if not needed <= len(row) <= len(header):
             raise UserError(f"{name} line {lineno}: expected {len(header)} fields, got {len(row)}")
+        row = row + [""] * (len(header) - len(row))
         fid = row[col["frame_id"]].strip()
         brain = row[col["brain_plane"]].strip() if "brain_plane" in col else ""
+        source = {c: row[col[c]].strip() for c in ("source_uri", "frame") if c in col}
         answers.append(Answer(f"{name} line {lineno} (frame {fid})", fid, row[col["label"]].strip() or None,
-                              brain or None))
+                              brain or None, source.get("source_uri"), source.get("frame")))
     return answers

@@ -65,9 +65,9 @@ def read_candidates(runs: list[Location]) -> pa.Table:
         table = table.filter(pc.and_(pc.is_null(table["error"]), pc.is_valid(table["label"])))
         tables.append(table.drop_columns(["error"]).append_column(
             "run_uri", pa.array([run.uri] * table.num_rows, pa.string())))
-    if not tables:
+    table = pa.concat_tables(tables, promote_options="default") if tables else None
+    if table is None or table.num_rows == 0:  # no parts, or error rows only
         raise UserError(f"no labelled frames in {', '.join(r.uri for r in runs)}")
-    table = pa.concat_tables(tables, promote_options="default")
     ids = [frame_id(s, f) for s, f in zip(table["content_sha256"].to_pylist(), table["frame"].to_pylist(),
                                           strict=True)]
     table = table.append_column("frame_id", pa.array(ids, pa.string()))
