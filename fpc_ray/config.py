@@ -165,6 +165,10 @@ class DriftConfig(StrictModel):
     chi2_p_alert: float = Field(0.001, gt=0, lt=1, description="class-mix chi-square p-value below "
                                 "which (with PSI at least psi_warn) a run is an alert")
     chi2_min_frames: int = Field(100, ge=1, description="fewer labelled frames: no chi-square test")
+    min_frames: int = Field(200, ge=1, description="fewer labelled frames in a run or its reference: level "
+                            "'too few frames', never warn or alert (PSI's sampling noise on small runs)")
+    error_rate_alert: float = Field(0.2, gt=0, le=1, description="an error rate this much above the "
+                                    "reference's (absolute, and significant at chi2_p_alert) is an alert")
     low_confidence: float = Field(0.5, gt=0, le=1, description="top-1 confidence below this is low")
     reference_window: int = Field(5, ge=1, le=1000, description="runs before each run that make its reference")
 

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from fpc_ray.cli import app
 from fpc_ray.config import DriftConfig
-from fpc_ray.drift.assess import ALERT, FIRST, NO_FRAMES, OK, REFERENCE, assess, model_note
+from fpc_ray.drift.assess import ALERT, FIRST, NO_FRAMES, OK, REFERENCE, TOO_FEW, WARN, alert_line, assess, model_note
 from fpc_ray.drift.history import RunRecord, load_history
-from fpc_ray.drift.scores import PSI_EPSILON, chi_square, psi
+from fpc_ray.drift.scores import SMOOTHING, chi_square, psi
 from fpc_ray.label import runs
 from fpc_ray.label.run_stats import STATS_COLUMNS, run_stats
 from fpc_ray.label.schema import LABEL_SCHEMA, schema_with_metadata
@@ -36,12 +36,12 @@ SHIFTED_MIX = (0.05, 0.45, 0.05, 0.05, 0.05, 0.35)  # by true plane: a brain-hea
 # ---------------------------------------------------------------- scores on known values
 def test_psi_on_known_values():
     assert psi([50, 50], [50, 50]) == 0.0
-    # (0.4 - 0.6) ln(0.4/0.6) + (0.6 - 0.4) ln(0.6/0.4) = 0.4 ln 1.5
-    assert psi([60, 40], [40, 60]) == pytest.approx(0.4 * math.log(1.5))
+    # Half a frame added to each count: shares 60.5/101 and 40.5/101, swapped; PSI = 2 d ln(hi/lo).
+    assert SMOOTHING == 0.5
+    assert psi([60, 40], [40, 60]) == pytest.approx(2 * (20 / 101) * math.log(60.5 / 40.5))
     assert psi([60, 40], [40, 60]) == pytest.approx(psi([40, 60], [60, 40]))  # symmetric
-    # A class the reference never saw: its share is floored at PSI_EPSILON, then renormalised.
-    ref = np.array([1.0, PSI_EPSILON]) / (1 + PSI_EPSILON)
-    cur = np.array([0.5, 0.5])
+    # A class the reference never saw: 0.5 of 11 against 5.5 of 11.
+    ref, cur = np.array([10.5, 0.5]) / 11, np.array([5.5, 5.5]) / 11
     assert psi([10, 0], [5, 5]) == pytest.approx(float(np.sum((cur - ref) * np.log(cur / ref))))
     assert psi([10, 0, 0], [5, 5, 0]) == pytest.approx(psi([10, 0], [5, 5]))  # empty on both sides: no term
     with pytest.raises(ValueError, match="different categories"):
@@ -51,19 +51,25 @@ def test_psi_on_known_values():
 
 
 def test_chi_square_on_known_values():
-    # Pearson's statistic and the chi-square survival function: (60-50)^2/50 * 2 = 4 on 1 dof.
-    test = chi_square([1, 1], [60, 40])
-    assert (test.statistic, test.dof) == (pytest.approx(4.0), 1)
+    # Homogeneity of [[10, 20], [20, 10]]: every expected count 15, statistic 4 * 25 / 15 on 1 dof.
+    test = chi_square([10, 20], [20, 10])
+    assert (test.statistic, test.dof) == (pytest.approx(20 / 3), 1)
+    assert test.p_value == pytest.approx(0.0098232, rel=1e-4)
+    # A reference far larger than the run: the goodness-of-fit values against its shares,
+    # (60-50)^2/50 * 2 = 4 on 1 dof, and on 2 dof a survival function of exp(-x/2).
+    huge = 10**9
+    test = chi_square([huge, huge], [60, 40])
+    assert (test.statistic, test.dof) == (pytest.approx(4.0, rel=1e-6), 1)
     assert test.p_value == pytest.approx(0.0455003, rel=1e-5)
-    # 2 dof: the survival function is exp(-x/2).
-    test = chi_square([1, 1, 1], [10, 20, 30])
-    assert test.statistic == pytest.approx(10.0) and test.p_value == pytest.approx(math.exp(-5))
+    test = chi_square([huge] * 3, [10, 20, 30])
+    assert test.statistic == pytest.approx(10.0, rel=1e-6) and test.p_value == pytest.approx(math.exp(-5), rel=1e-5)
     assert chi_square([3, 3, 3], [20, 20, 20]).p_value == pytest.approx(1.0)
+    assert tuple(vars(chi_square([5, 0], [7, 0])).values()) == (0.0, 0, 1.0)  # one category: nothing to test
     # Tables of the chi-square distribution, 5 dof: sf(11.0705) = 0.05, sf(20.5150) = 0.001.
     # Six even classes, two moved by d: the statistic is 2 d^2 / 20.
     for statistic, p in ((11.0705, 0.05), (20.5150, 0.001)):
         d = (statistic * 10) ** 0.5
-        assert chi_square([1] * 6, [20 + d, 20 - d, 20, 20, 20, 20]).p_value == pytest.approx(p, rel=1e-3)
+        assert chi_square([huge] * 6, [20 + d, 20 - d, 20, 20, 20, 20]).p_value == pytest.approx(p, rel=1e-3)
 
 
 # ---------------------------------------------------------------- run_stats
@@ -114,8 +120,8 @@ def test_run_stats_of_no_rows_and_size_buckets():
 
 # ---------------------------------------------------------------- assessing synthetic histories
 def _record(run_id: str, by_class: dict, model="m1", conf_counts=None) -> RunRecord:
-    counts = conf_counts or [0] * 18 + [10, sum(by_class.values()) - 10]
     n = sum(by_class.values())
+    counts = conf_counts or [0] * 18 + [min(n, 10), n - min(n, 10)]
     stats = {"version": 1, "rows": n, "labelled": n, "errors": 0, "errors_by_kind": {}, "class_names": ["a", "b"],
              "by_class": by_class, "confidence": {"bins": [], "counts": counts, "mean": 0.9 if n else None},
              "low_confidence": {"threshold": 0.5, "frames": 0, "share": 0.0 if n else None},
@@ -152,13 +158,31 @@ def test_a_model_change_is_named_where_it_happened():
     history = [_record("n01", {"a": 500, "b": 500}), _record("n02", {"a": 500, "b": 500}),
                _record("n03", {"a": 800, "b": 200}, model="m2"), _record("n04", {"a": 800, "b": 200}, model="m2")]
     out = assess(history, DriftConfig())
-    assert out[2].model_note == "model changed m1 -> m2 at this run"
-    assert out[3].model_note == "model changed m1 -> m2 at run n03"  # the reference still holds m1 runs
+    # The promotion's first run has only m1 runs before it: compared across models, never an alert.
+    assert [r.run_id for r in out[2].reference] == ["n01", "n02"] and out[2].scores["class_psi"] >= 0.25
+    assert out[2].level == WARN
+    assert out[2].model_note == "model changed m1 -> m2 at this run: compared across models, not alerting"
+    assert alert_line(out[2]).startswith("drift: run n03 warn: class-mix PSI ")
+    assert alert_line(out[2]).endswith("; model changed m1 -> m2 at this run: compared across models, not alerting")
+    # The next m2 run is compared with the m2 run before it, not with the m1 runs in its window.
+    assert [r.run_id for r in out[3].reference] == ["n03"] and out[3].level == OK and out[3].model_note is None
     assert model_note(history[1], history, history[:1]) is None
-    from fpc_ray.drift.assess import alert_line
+    # A fixed reference of another model is capped the same way.
+    fixed = assess(history, DriftConfig(), reference_run="n01")
+    assert fixed[3].level == WARN and fixed[3].model_note.startswith("model changed m1 -> m2 at run n03: ")
 
-    assert alert_line(out[2]).startswith("drift: run n03 alert: class-mix PSI ")
-    assert alert_line(out[2]).endswith("; model changed m1 -> m2 at this run")
+
+def test_a_model_change_compares_with_runs_of_the_same_model():
+    """m2 is promoted, then rolled back to m1: each run's reference is the runs of its own model,
+    also where other models' runs sit in between; only a model's first run crosses models."""
+    even, moved = {"a": 500, "b": 500}, {"a": 800, "b": 200}
+    history = [_record("n01", even), _record("n02", even), _record("n03", moved, model="m2"),
+               _record("n04", moved, model="m2"), _record("n05", even), _record("n06", moved, model="m2")]
+    out = assess(history, DriftConfig(reference_window=5))
+    assert [[r.run_id for r in a.reference] for a in out[1:]] == [["n01"], ["n01", "n02"], ["n03"], ["n01", "n02"],
+                                                                 ["n03", "n04"]]
+    assert [a.level for a in out] == [FIRST, OK, WARN, OK, OK, OK]
+    assert [a.model_note is not None for a in out] == [False, False, True, False, False, False]
 
 
 def test_chi_square_alerts_only_when_the_move_is_not_negligible():
@@ -170,7 +194,75 @@ def test_chi_square_alerts_only_when_the_move_is_not_negligible():
     a = assess(moved, cfg)[1]
     assert a.scores["class_psi"] >= cfg.psi_warn and a.scores["chi2_p"] < cfg.chi2_p_alert and a.level == ALERT
     few = [_record("n01", {"a": 50, "b": 50}), _record("n02", {"a": 20, "b": 60})]
-    assert assess(few, DriftConfig(chi2_min_frames=100, psi_alert=10.0))[1].scores["chi2_p"] is None
+    assert assess(few, DriftConfig(chi2_min_frames=100, min_frames=50, psi_alert=10.0))[1].scores["chi2_p"] is None
+
+
+def _sampled(run_id: str, rng: np.random.Generator, frames: int) -> RunRecord:
+    """A run of ``frames`` frames drawn from one fixed distribution: a six-class mix and a model's
+    confidence histogram (most frames confident, a long thin tail over the 20 bins)."""
+    mix = np.array([0.3, 0.25, 0.15, 0.12, 0.1, 0.08])
+    conf = np.array([0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 2, 0, 3, 0, 0, 0, 0, 4, 2, 23], dtype=np.float64)
+    by_class = dict(zip("abcdef", rng.multinomial(frames, mix).tolist(), strict=True))
+    record = _record(run_id, by_class, conf_counts=rng.multinomial(frames, conf / conf.sum()).tolist())
+    record.stats["class_names"] = list("abcdef")
+    return record
+
+
+def test_small_runs_of_one_distribution_never_alert():
+    """Two samples of one distribution, 1000 times over: at 150 frames each they are "too few
+    frames", never scored (sampling noise alone takes PSI past 0.25 about one time in 200 there);
+    at 200 frames, the fewest the default scores, alerts stay at the rate the chi-square rule is
+    designed for (p < 0.001, with the class-mix PSI at least psi_warn): at most 5 in 1000. With
+    a floor on the shares and a goodness-of-fit test instead, 7 % of the 200-frame pairs and 13 %
+    of the 150-frame pairs were alerts."""
+    rng = np.random.default_rng(15)
+    cfg = DriftConfig()
+    levels = {OK: 0, WARN: 0, ALERT: 0}
+    for _ in range(1000):
+        assert assess([_sampled("n01", rng, 150), _sampled("n02", rng, 150)], cfg)[1].level == TOO_FEW
+        levels[assess([_sampled("n01", rng, 200), _sampled("n02", rng, 200)], cfg)[1].level] += 1
+    assert cfg.min_frames == 200 and levels[ALERT] <= 5 and levels[OK] > 3 * levels[WARN], levels
+
+
+def test_too_few_frames_in_the_run_or_the_reference_is_its_own_level():
+    cfg = DriftConfig()  # min_frames 200
+    one = [_record("n01", {"a": 500, "b": 500}), _record("n02", {"a": 0, "b": 1}, conf_counts=[1] + [0] * 19)]
+    out = assess(one, cfg)[1]
+    assert out.level == TOO_FEW and out.scores == {"error_rate": 0.0, "reference_error_rate": 0.0,
+                                                   "error_p": 1.0}
+    assert alert_line(out) == ("drift: run n02: too few frames (1 labelled frames, 1000 in the reference: drift "
+                               "scores need 200 in each), nothing to compare")
+    small_reference = [_record("n01", {"a": 60, "b": 40}), _record("n02", {"a": 100, "b": 900})]
+    assert assess(small_reference, cfg)[1].level == TOO_FEW
+    # Pooled, the window's small runs make a reference: each run of 120 is too few, 240 are enough.
+    pooled = [_record(f"n0{k}", {"a": 60, "b": 60}) for k in (1, 2)] + [_record("n03", {"a": 900, "b": 100})]
+    assert [a.level for a in assess(pooled, cfg)] == [FIRST, TOO_FEW, ALERT]
+
+
+def _failing(run_id: str, errors: int, labelled: int, **kinds) -> RunRecord:
+    record = _record(run_id, {"a": labelled // 2, "b": labelled - labelled // 2})
+    record.stats |= {"rows": labelled + errors, "errors": errors, "errors_by_kind": kinds}
+    return record
+
+
+def test_an_error_rate_jump_is_an_alert_even_without_frames():
+    history = [_failing("n01", 10, 990, truncated=10), _failing("n02", 12, 988, truncated=12),
+               _failing("n03", 500, 0, decode=480, truncated=15, empty=5)]
+    out = assess(history, DriftConfig())
+    assert out[1].level == OK and out[1].scores["error_rate"] == pytest.approx(0.012)
+    night = out[2]
+    assert night.level == ALERT and night.scores["error_rate"] == 1.0 and night.scores["error_p"] < 1e-300
+    assert alert_line(night) == ("drift: run n03 alert: error rate 100.0% (reference 1.1%, alert +20%): "
+                                 "decode 480, truncated 15, empty 5")
+    # A rise under error_rate_alert, or one too small to be more than chance, is no alert.
+    assert assess(history, DriftConfig(error_rate_alert=1.0))[2].level == NO_FRAMES
+    tiny = [_failing("n01", 50, 950), _failing("n02", 1, 1)]  # a 5 % reference: 1 of 2 failing is chance
+    chance = assess(tiny, DriftConfig())[1]
+    assert chance.scores["error_rate"] == 0.5 and chance.level == TOO_FEW
+    # Also on a scored run, and also across a model change (errors are not the model's).
+    promoted = [_failing("n01", 10, 990), _failing("n02", 400, 600, decode=400)]
+    promoted[1].model_version = "m2"
+    assert assess(promoted, DriftConfig())[1].level == ALERT
 
 
 # ---------------------------------------------------------------- ten nights on phantoms
@@ -306,6 +398,26 @@ def test_nightly_job_drift_option_is_the_same_check(nights, capsys):
     assert capsys.readouterr().out.splitlines()[1].startswith(f"drift: run {nights['ids'][6]} ok: ")
 
 
+def test_nightly_job_drift_thresholds_come_from_config_and_set(nights, capsys, tmp_path):
+    """The job's --config FILE and repeatable --set reach its --drift check; a bad value is one
+    line and exit 2 before anything is labelled."""
+    from tests.test_label import _nightly_job
+
+    job = _nightly_job()
+    args = ["--model", "unused", "--archive", "unused", "--output", str(nights["output"]), "--drift",
+            "--date", "2026-11-10"]
+    config = tmp_path / "drift.yaml"
+    config.write_text("drift:\n  psi_warn: 50\n  psi_alert: 100\n")
+    assert job.main([*args, "--config", str(config)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith(f"drift: run {nights['ids'][-1]} ok: ")
+    assert job.main([*args, "--set", "drift.psi_warn=0.2", "--set", "drift.psi_alert=100",
+                     "--set", "drift.chi2_p_alert=1e-300"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith(f"drift: run {nights['ids'][-1]} warn: ")
+    assert job.main([*args, "--config", str(config), "--set", "drift.psi_alert=0.25"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "psi_warn (50.0) must not exceed psi_alert (0.25)" in err, err
+
+
 def test_drift_errors_are_one_line(nights, tmp_path):
     for args, message in (([str(tmp_path / "none")], "no such prefix"),
                           ([str(tmp_path)], "no committed run"),
@@ -340,18 +452,18 @@ def write_old_run(output: Path, run_id: str, labels: list[str], committed_at: st
 
 
 def test_runs_committed_before_stats_are_computed_not_missing(tmp_path):
-    write_old_run(tmp_path, "r1", ["Fetal brain"] * 60 + ["Other"] * 40)
-    write_old_run(tmp_path, "r2", ["Fetal brain"] * 58 + ["Other"] * 42)
+    write_old_run(tmp_path, "r1", ["Fetal brain"] * 150 + ["Other"] * 100)
+    write_old_run(tmp_path, "r2", ["Fetal brain"] * 145 + ["Other"] * 105)
     history = load_history(resolve(str(tmp_path)), DriftConfig().low_confidence)
     assert [(r.run_id, r.source) for r in history] == [("r1", "computed"), ("r2", "computed")]
-    assert history[0].stats["input_kind"] == {"unknown": 100} and history[0].stats["by_class"]["Other"] == 40
+    assert history[0].stats["input_kind"] == {"unknown": 250} and history[0].stats["by_class"]["Other"] == 100
     done = _drift(str(tmp_path), "--json")
     assert done.exit_code == 0, done.output
     runs_out = json.loads(done.stdout)["runs"]
     assert [r["stats"] for r in runs_out] == ["computed", "computed"] and runs_out[1]["level"] == OK
     # The old run's other readers: the run report, the index and the objects of committed runs.
     table, committed = runs.committed_objects(resolve(str(tmp_path)))
-    assert committed == {"r1", "r2"} and table.num_rows == 200
+    assert committed == {"r1", "r2"} and table.num_rows == 500
     page = tmp_path / "r1.html"
     report = CliRunner().invoke(app, ["report", str(tmp_path / "run=r1"), "--output", str(page)])
     assert report.exit_code == 0, report.output
@@ -377,8 +489,13 @@ def test_a_new_commit_beside_old_runs_records_stats(tmp_path, monkeypatch):
     history = load_history(resolve(str(tmp_path)), DriftConfig().low_confidence)
     assert [(r.run_id, r.source) for r in history] == [("r1", "computed"), ("r2", "recorded")]
     # Another threshold than the one recorded: computed again from the Parquet, never misread.
+    # Another threshold than the one recorded: the low-confidence share is counted again from the
+    # confidence column, the other stats stay as recorded; never misread.
     other = load_history(resolve(str(tmp_path)), 0.3)
-    assert other[1].source == "computed" and other[1].stats["low_confidence"]["share"] == 0.0
+    assert other[1].source == "recorded" and other[1].stats["low_confidence"] == {
+        "threshold": 0.3, "frames": 0, "share": 0.0}
+    assert other[1].stats | {"low_confidence": stats["low_confidence"]} == stats
+    assert load_history(resolve(str(tmp_path)), 0.41)[1].stats["low_confidence"]["frames"] == 4
 
 
 def test_trends_page_shows_the_alert_and_renders(nights, chromium, tmp_path):  # noqa: F811 - the fixture

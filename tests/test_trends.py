@@ -33,9 +33,9 @@ def labels(tmp_path) -> Path:
     """r0 from before stats (model m0), then r1 and r2 by a promoted model m1; r2's mix moved.
     r1's folder holds its own report."""
     out = tmp_path / "labels"
-    write_old_run(out, "r0", ["Fetal brain"] * 50 + ["Other"] * 50, committed_at="2026-11-01T03:00:00+00:00")
-    _new_run(out, "r1", "m1", 52, 48)
-    _new_run(out, "r2", "m1", 90, 10)
+    write_old_run(out, "r0", ["Fetal brain"] * 250 + ["Other"] * 250, committed_at="2026-11-01T03:00:00+00:00")
+    _new_run(out, "r1", "m1", 260, 240)
+    _new_run(out, "r2", "m1", 450, 50)
     (out / "run=r1" / "report.html").write_text("<html>r1</html>")
     return out
 
@@ -47,7 +47,7 @@ def test_trends_page_marks_the_promotion_links_run_pages_and_computes_old_stats(
     assert kind == "trends"
     assert '<a href="../labels/run=r1/report.html">r1</a>' in page  # relative to where the page goes
     assert 'href="../labels/run=r2' not in page and "<td>r2</td>" in page  # no page, no link
-    assert "<td>m1 (new)</td>" in page and "model changed m0 -&gt; m1 at run r1" in page
+    assert "<td>m1 (new)</td>" in page and "model changed m0 -&gt; m1 at this run: compared across models" in page
     assert "<td>computed</td>" in page and "<td>recorded</td>" in page  # r0 predates recorded stats
     assert "ALERT" in page and "drift: run r2 alert: class-mix PSI" in page
     assert "<tr><td>r2</td><td>alert</td>" in page and "<tr><td>r1</td><td>alert</td>" not in page

@@ -1,12 +1,21 @@
 """Each run against its reference: scores, a level (ok, warn, alert) and what moved.
 
-The reference of a run is by default the ``reference_window`` runs before it, their counts
-pooled; with a fixed reference run, that one run for every other. A run is an *alert* when a
-PSI (class mix or confidence histogram) reaches ``psi_alert``, or when the class mix's
-chi-square p-value is below ``chi2_p_alert`` on at least ``chi2_min_frames`` frames *and* its
-PSI reaches ``psi_warn`` (significant and not negligible: on a large night the test alone would
-flag any wobble); a *warning* when a PSI reaches ``psi_warn``. A model change inside the
-comparison is named, so a drift a promotion caused is not read as a change in the data.
+The reference of a run is by default the ``reference_window`` labelled runs before it of the
+same model version, their counts pooled (a promotion changes the labels and confidences
+wholesale: comparing across models would flag every promotion as drift). Where no run before
+used that model (the first nights of a new one), the runs before it of any model are used and
+the level is capped at *warn*, the line saying the comparison crossed models. With a fixed
+reference run, that one run for every other (capped the same way where its model differs).
+
+A run or a pooled reference of fewer than ``min_frames`` labelled frames is *too few frames*,
+never a warning or an alert: PSI's sampling noise on a few dozen frames reaches the alert level.
+Otherwise a run is an *alert* when a PSI (class mix or confidence histogram) reaches
+``psi_alert``, or when the class mix's chi-square p-value is below ``chi2_p_alert`` on at least
+``chi2_min_frames`` frames *and* its PSI reaches ``psi_warn`` (significant and not negligible:
+on a large night the test alone would flag any wobble); a *warning* when a PSI reaches
+``psi_warn``. Whatever its frames or model, a run whose error rate is ``error_rate_alert`` or
+more above its reference's, significantly so (binomial test, p below ``chi2_p_alert``), is an
+alert: a night where every object fails has no frames to score but must not pass quietly.
 """
 
 from __future__ import annotations
@@ -20,15 +29,17 @@ from fpc_ray.drift.history import RunRecord
 from fpc_ray.drift.scores import chi_square, psi
 from fpc_ray.errors import UserError
 
-FIRST, REFERENCE, NO_FRAMES = "first run", "reference", "no frames"
+FIRST, REFERENCE, NO_FRAMES, TOO_FEW = "first run", "reference", "no frames", "too few frames"
+UNSCORED = (FIRST, REFERENCE, NO_FRAMES, TOO_FEW)
 OK, WARN, ALERT = "ok", "warn", "alert"
 MOVERS = 3  # the classes named in an alert line
+ERROR_KINDS = 3  # the error kinds named in an error-rate alert line
 
 
 @dataclass
 class Assessment:
-    """One run's comparison with its reference (``level`` is FIRST, REFERENCE or NO_FRAMES when
-    there is nothing to compare)."""
+    """One run's comparison with its reference (``level`` is one of UNSCORED when there is
+    nothing to compare)."""
 
     run: RunRecord
     reference: list[RunRecord]
@@ -95,7 +106,7 @@ def _score(run: RunRecord, reference: list[RunRecord], cfg: DriftConfig) -> Asse
 
 def model_note(run: RunRecord, history: list[RunRecord], reference: list[RunRecord]) -> str | None:
     """``model changed A -> B at this run`` (or ``at run X``) where the reference holds runs of
-    another model than ``run``'s; None where it does not."""
+    another model than ``run``'s, saying the comparison does not alert; None where it does not."""
     if all(r.model_version == run.model_version for r in reference):
         return None
     at = history.index(run)
@@ -103,13 +114,53 @@ def model_note(run: RunRecord, history: list[RunRecord], reference: list[RunReco
         at -= 1
     before = history[at - 1].model_version if at > 0 else reference[-1].model_version
     where = "this run" if history[at] is run else f"run {history[at].run_id}"
-    return f"model changed {before} -> {run.model_version} at {where}"
+    return f"model changed {before} -> {run.model_version} at {where}: compared across models, not alerting"
 
 
 def _reference_of(i: int, history: list[RunRecord], fixed: RunRecord | None, window: int) -> list[RunRecord]:
+    """The fixed run, or the ``window`` labelled runs before run ``i`` of its model version (of
+    any model where none before used it)."""
     if fixed is not None:
         return [] if history[i] is fixed else [fixed]
-    return [r for r in history[max(0, i - window):i] if r.stats["labelled"]]
+    before = [r for r in history[:i] if r.stats["labelled"]]
+    same = [r for r in before if r.model_version == history[i].model_version]
+    return (same or before)[-window:]
+
+
+def _error_rule(a: Assessment, cfg: DriftConfig) -> None:
+    """The error-rate alert: the run's error rows over its rows against the reference's, when the
+    rise reaches ``error_rate_alert`` and a binomial test finds it beyond sampling."""
+    from scipy.stats import binom
+
+    rows, errors = a.run.stats["rows"], a.run.stats["errors"]
+    ref_rows, ref_errors = (sum(r.stats[k] for r in a.reference) for k in ("rows", "errors"))
+    if not rows or not ref_rows:
+        return
+    rate, ref_rate = errors / rows, ref_errors / ref_rows
+    # The reference's rate smoothed by half an error, so a reference that never failed is not exact 0.
+    p = float(binom.sf(errors - 1, rows, (ref_errors + 0.5) / (ref_rows + 1)))
+    a.scores |= {"error_rate": rate, "reference_error_rate": ref_rate, "error_p": p}
+    if rate - ref_rate >= cfg.error_rate_alert and p < cfg.chi2_p_alert:
+        kinds = sorted(a.run.stats.get("errors_by_kind", {}).items(), key=lambda kv: -kv[1])[:ERROR_KINDS]
+        a.level = ALERT
+        a.reasons.append(f"error rate {rate:.1%} (reference {ref_rate:.1%}, alert +{cfg.error_rate_alert:.0%}): "
+                         + ", ".join(f"{k} {n}" for k, n in kinds))
+
+
+def _assess_run(run: RunRecord, reference: list[RunRecord], history: list[RunRecord], cfg: DriftConfig) -> Assessment:
+    frames, ref_frames = run.stats["labelled"], sum(r.stats["labelled"] for r in reference)
+    if not frames:
+        done = Assessment(run, reference, NO_FRAMES)
+    elif min(frames, ref_frames) < cfg.min_frames:
+        done = Assessment(run, reference, TOO_FEW, reasons=[
+            f"{frames} labelled frames, {ref_frames} in the reference: drift scores need {cfg.min_frames} in each"])
+    else:
+        done = _score(run, reference, cfg)
+    done.model_note = model_note(run, history, reference)
+    if done.model_note and done.level == ALERT:  # a promotion moves everything: not a data change
+        done.level = WARN
+    _error_rule(done, cfg)
+    return done
 
 
 def assess(history: list[RunRecord], cfg: DriftConfig, reference_run: str | None = None,
@@ -132,22 +183,19 @@ def assess(history: list[RunRecord], cfg: DriftConfig, reference_run: str | None
         reference = _reference_of(i, history, fixed, window or cfg.reference_window)
         if run is fixed:
             out.append(Assessment(run, [], REFERENCE))
-        elif not run.stats["labelled"]:
-            out.append(Assessment(run, reference, NO_FRAMES))
-        elif not reference:
+        elif not reference and run.stats["labelled"]:
             out.append(Assessment(run, [], FIRST))
         else:
-            done = _score(run, reference, cfg)
-            done.model_note = model_note(run, history, reference)
-            out.append(done)
+            out.append(_assess_run(run, reference, history, cfg))
     return out
 
 
 def alert_line(a: Assessment) -> str:
     """One line: the run, its level and what moved (the nightly job's alert)."""
-    if a.level in (FIRST, REFERENCE, NO_FRAMES):
-        return f"drift: run {a.run.run_id}: {a.level}, nothing to compare"
+    note = f"; {a.model_note}" if a.model_note else ""
+    if a.level in UNSCORED:
+        why = f" ({'; '.join(a.reasons)})" if a.reasons else ""
+        return f"drift: run {a.run.run_id}: {a.level}{why}, nothing to compare{note}"
     what = "; ".join(a.reasons) or (f"class-mix PSI {a.scores['class_psi']:.3f}, "
                                     f"confidence PSI {a.scores['confidence_psi']:.3f}")
-    note = f"; {a.model_note}" if a.model_note else ""
     return f"drift: run {a.run.run_id} {a.level}: {what}{note}"

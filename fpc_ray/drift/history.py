@@ -1,7 +1,9 @@
 """The committed runs under a labelling output, oldest first, each with its ``stats``.
 
-A run committed before ``stats`` existed (or with another low-confidence threshold than the
-config's) has them computed from its Parquet here, and says so: ``source`` is ``computed``.
+A run committed before ``stats`` existed has them computed from its Parquet here, and says so:
+``source`` is ``computed``. A run whose stats were recorded with another low-confidence threshold
+than the config's keeps them, but for the low-confidence share, which is counted again from the
+run's ``confidence`` column alone (one float column: cheap beside the whole stats read).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 from dataclasses import dataclass
 
 from fpc_ray.errors import UserError
-from fpc_ray.label.run_stats import STATS_VERSION, read_stats_table, run_stats
+from fpc_ray.label.run_stats import STATS_VERSION, low_confidence_share, read_stats_table, run_stats
 from fpc_ray.label.runs import SUCCESS, run_folders, run_parts
 from fpc_ray.storage import Location, guard
 
@@ -29,11 +31,13 @@ class RunRecord:
 
 def _stats(summary: dict, run: Location, low_confidence: float) -> tuple[dict, str]:
     recorded = summary.get("stats")
-    if (recorded and recorded.get("version") == STATS_VERSION
-            and recorded["low_confidence"]["threshold"] == low_confidence):
-        return recorded, "recorded"
-    table = guard(run.uri, lambda: read_stats_table(run_parts(run), run.fs))
-    return run_stats(table, low_confidence), "computed"
+    if not recorded or recorded.get("version") != STATS_VERSION:
+        table = guard(run.uri, lambda: read_stats_table(run_parts(run), run.fs))
+        return run_stats(table, low_confidence), "computed"
+    if recorded["low_confidence"]["threshold"] != low_confidence:
+        table = guard(run.uri, lambda: read_stats_table(run_parts(run), run.fs, columns=("confidence",)))
+        recorded = recorded | {"low_confidence": low_confidence_share(table["confidence"], low_confidence)}
+    return recorded, "recorded"
 
 
 def _read_summary(run: Location) -> dict | None:

@@ -29,8 +29,8 @@ STATS_COLUMNS = ("label", "confidence", "top2_confidence", "probabilities", "wid
 CLASS_NAMES_KEY = b"fpc_ray.class_names"
 
 
-def read_stats_table(parts: list[str], fs: pafs.FileSystem) -> pa.Table:
-    """The stats columns of some LABEL_SCHEMA parts, read by column projection.
+def read_stats_table(parts: list[str], fs: pafs.FileSystem, columns: tuple[str, ...] = STATS_COLUMNS) -> pa.Table:
+    """The stats columns (or some of them) of some LABEL_SCHEMA parts, read by column projection.
 
     The dataset is read under LABEL_SCHEMA's fields, so a part written before a column existed
     (``input_kind``) reads it as nulls instead of failing; the first part's metadata (class names)
@@ -38,12 +38,12 @@ def read_stats_table(parts: list[str], fs: pafs.FileSystem) -> pa.Table:
     """
     import pyarrow.dataset as pads
 
-    schema = pa.schema([LABEL_SCHEMA.field(c) for c in STATS_COLUMNS])
+    schema = pa.schema([LABEL_SCHEMA.field(c) for c in columns])
     if not parts:
         return schema.empty_table()
     dataset = pads.dataset(parts, schema=schema, filesystem=fs, format="parquet")
     metadata = pads.dataset(parts[:1], filesystem=fs, format="parquet").schema.metadata
-    return dataset.to_table(columns=list(STATS_COLUMNS)).replace_schema_metadata(metadata)
+    return dataset.to_table(columns=list(columns)).replace_schema_metadata(metadata)
 
 
 def class_names_of(table: pa.Table) -> list[str] | None:
@@ -82,6 +82,13 @@ def _mean_probabilities(probabilities: pa.ChunkedArray, class_names: list[str] |
     return {name: round(float(v), 6) for name, v in zip(class_names, mean, strict=True)}
 
 
+def low_confidence_share(confidence: pa.ChunkedArray, threshold: float) -> dict:
+    """The ``low_confidence`` stat: labelled frames (those with a confidence) below ``threshold``."""
+    conf = confidence.drop_null().to_numpy().astype(np.float64)
+    return {"threshold": threshold, "frames": int((conf < threshold).sum()),
+            "share": round(float((conf < threshold).mean()), 6) if conf.size else None}
+
+
 def run_stats(table: pa.Table, low_confidence: float, class_names: list[str] | None = None) -> dict:
     """The aggregate of one run's rows (STATS_COLUMNS; class names from the table's metadata
     unless given), computed column-wise so a run of millions of frames stays cheap.
@@ -106,8 +113,7 @@ def run_stats(table: pa.Table, low_confidence: float, class_names: list[str] | N
         "class_names": class_names,
         "by_class": {n: by_class.get(n, 0) for n in class_names or []} | by_class,
         "confidence": _histogram(conf),
-        "low_confidence": {"threshold": low_confidence, "frames": int((conf < low_confidence).sum()),
-                           "share": round(float((conf < low_confidence).mean()), 6) if conf.size else None},
+        "low_confidence": low_confidence_share(scored["confidence"], low_confidence),
         "margin": _histogram(conf - second),
         "input_kind": _counts(labelled["input_kind"]),
         "frame_size": _size_buckets(labelled["width"], labelled["height"]),

@@ -85,7 +85,7 @@ def trends_report(prefix: str, storage: StorageConfig, cfg: DriftConfig, output:
         section("Drift scores", img(trend_plots.series_png(
             ids, {"class-mix PSI": [r["scores"].get("class_psi") for r in records],
                   "confidence PSI": [r["scores"].get("confidence_psi") for r in records]},
-            f"PSI against the reference (the {cfg.reference_window} runs before)", promotions,
+            f"PSI against the reference (the {cfg.reference_window} runs before, same model)", promotions,
             bands=(cfg.psi_warn, cfg.psi_alert)), "drift scores per run"),
             table(["run", "level", "what moved"],
                   [(r["run_id"], r["level"], "; ".join(r["reasons"])) for r in flagged]) if flagged else
