@@ -139,7 +139,11 @@ def test_archive_with_every_kind_of_input(env, tmp_path):
     by_frame = {(r["source_uri"], r["frame"]): r for r in split_rows}
     for row in rows:
         other = by_frame[(row["source_uri"], row["frame"])]
-        assert (other["label"], other["error"], other["sop_uid"]) == (row["label"], row["error"], row["sop_uid"])
+        assert (other["error"], other["sop_uid"]) == (row["error"], row["sop_uid"])
+        # The GPU design's JPEG decoder may differ by a gray level: a near tie of the test's small
+        # model may then flip to its runner-up, never to a third class.
+        close_call = row["label"] is not None and row["confidence"] - row["top2_confidence"] < 0.1
+        assert other["label"] == row["label"] or (close_call and other["label"] == row["top2_label"])
         assert (other["gradcam_png"] is None) == (row["gradcam_png"] is None)
     for value in fx.PATIENT.values():
         assert value not in repr(split_rows)

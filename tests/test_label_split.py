@@ -18,6 +18,7 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, UltrasoundImageStorage
 
+from fpc_ray.bundle import read_card
 from fpc_ray.data.fetal_planes import read_fetal_planes
 from fpc_ray.data.transforms import letterbox
 from fpc_ray.label.decode import Codestream, DecodeError, decode_object
@@ -201,10 +202,13 @@ def test_probabilities_are_the_cards_calibrated_softmax_in_both_designs(trained_
     def one_stage(model, cam):
         return Predictor(model, None, cam, False, "r", thumb_size=THUMB)({"uri": np.array(uris, object)}).to_pylist()
 
+    t0 = read_card(trained_bundle["bundle"]).get("calibration", {}).get("temperature", 1.0)  # its own fit
+    assert t0 < 2.5
     for cam in ("none", "gradcam", "eigencam"):
         plain, calibrated = one_stage(trained_bundle["bundle"], cam), one_stage(hot, cam)
         for a, b in zip(plain, calibrated, strict=True):
-            expected = np.asarray(a["probabilities"]) ** (1 / 2.5)  # softmax(z / T) from softmax(z)
+            # softmax(z / 2.5) from softmax(z / t0): the t0 / 2.5 power, renormalised
+            expected = np.asarray(a["probabilities"], np.float64) ** (t0 / 2.5)
             np.testing.assert_allclose(b["probabilities"], expected / expected.sum(), atol=1e-5)
             assert a["label"] == b["label"] and b["confidence"] < a["confidence"]
     for a, b in zip(one_stage(hot, "gradcam"), _split_in_process(hot, uris, "gradcam", False), strict=True):

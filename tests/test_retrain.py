@@ -79,7 +79,7 @@ def test_retrain_fine_tunes_production_scores_both_and_swaps_the_pointer(trained
     assert promotion["production"]["top1"] == pytest.approx(production["top1"])
 
     def scores(report: dict) -> list[dict]:
-        return [{k: d[k] for k in ("uri", "n", "top1", "top2")} for d in report["per_dataset"]]
+        return [{k: d[k] for k in ("uri", "n", "top1", "top2", "recall")} for d in report["per_dataset"]]
 
     assert promotion["candidate"] == {"version": card["version"], "top1": candidate["top1"], "top2": candidate["top2"],
                                       "per_dataset": scores(candidate)}
