@@ -20,11 +20,14 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
 
 
 def confidence_ceiling(correct: int, n: int) -> float:
-    """The most accuracy ``correct`` right of ``n`` can show: (correct + 1/2) / (n + 1) (a
-    Jeffreys-style estimate; 40 of 40 shows 0.988, not 1). A validation split without errors would
-    otherwise drive T to its lower bound, and most confidences to 1.0 in float32: the least
-    confident frames, the ones reviewers should see, would be harder to tell apart."""
-    return (correct + 0.5) / (n + 1)
+    """The most accuracy ``correct`` right of ``n`` can show: the median of its Jeffreys posterior,
+    Beta(correct + 1/2, n - correct + 1/2) (40 of 40 shows 0.9944, not 1). A validation split
+    without errors would otherwise drive T to its lower bound, and most confidences to 1.0 in
+    float32: the least confident frames, the ones reviewers should see, would be harder to tell
+    apart."""
+    from scipy.stats import beta  # scipy comes with albumentations and scikit-image
+
+    return float(beta.median(correct + 0.5, n - correct + 0.5))
 
 
 def _mean_confidence(x: torch.Tensor, temperature: float) -> float:

@@ -111,7 +111,7 @@ def test_a_trained_bundle_is_calibrated_on_val_and_scored_with_its_temperature(t
 
 def test_a_split_without_errors_does_not_drive_every_confidence_to_one():
     """40 of 40 right under-confident logits: the NLL optimum is T -> 0; the fit stops where the
-    mean confidence claims (40 + 1/2) / 41, well above the bound it would otherwise hit."""
+    mean confidence claims the Jeffreys median of 40 of 40 right, well above the bound."""
     from fpc_ray.calibration import MIN_TEMPERATURE, confidence_ceiling, fit_temperature
     from fpc_ray.inference import softmax_t
 
@@ -123,7 +123,7 @@ def test_a_split_without_errors_does_not_drive_every_confidence_to_one():
     probs = softmax_t(logits, t)
     assert (probs.argmax(1) == labels).all()
     assert probs.max(1).mean() == pytest.approx(confidence_ceiling(40, 40), abs=1e-6)
-    assert t > 2 * MIN_TEMPERATURE
+    assert t > 1.2 * MIN_TEMPERATURE  # the likelihood alone would stop at the bound
 
 
 def test_an_empty_split_records_no_scaling_and_no_nan():
