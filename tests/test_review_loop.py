@@ -60,8 +60,9 @@ def test_the_loop_runs_end_to_end_and_records_the_reviewed_class(loop):
     assert recalled and all(set(d["recall"]) <= set(card["class_names"]) for d in recalled)
     html = build_report(decision.candidate_uri, StorageConfig())[1]
     assert "test recall per class on" in html and "(production " in html
-    assert 0.0 <= result["recall_before"] <= 1.0 and 0.0 <= result["recall_after"] <= 1.0
-    assert any(CONFUSED in line and "recall on held-out look-alikes" in line for line in lines)
+    assert set(result["recall_before"]) == set(result["recall_after"]) == set(card["class_names"])
+    assert any(line.startswith("recall on held-out archive-like phantoms") for line in lines)
+    assert sum(CONFUSED in line and " -> " in line for line in lines) == 1
 
 
 def test_a_malformed_export_is_refused_with_one_line_and_nothing_changes(loop):
