@@ -106,6 +106,12 @@ class Location:
         """The pyarrow file info, with filesystem errors turned into user errors."""
         return guard(self.uri, lambda: self.fs.get_file_info(self.path))
 
+    def entries(self, recursive: bool = False) -> list[pafs.FileInfo]:
+        """What this directory holds (everything below it with ``recursive``); none when it does
+        not exist. Filesystem errors as for every other call here."""
+        return guard(self.uri, lambda: self.fs.get_file_info(
+            pafs.FileSelector(self.path, recursive=recursive, allow_not_found=True)))
+
     def read_bytes(self) -> bytes:
         """The whole object."""
         def read() -> bytes:

@@ -74,15 +74,10 @@ def _name(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _list(folder: Location, recursive: bool = False) -> list[pafs.FileInfo]:
-    return guard(folder.uri, lambda: folder.fs.get_file_info(
-        pafs.FileSelector(folder.path, recursive=recursive, allow_not_found=True)))
-
-
 def parquet_parts(folder: Location, prefix: str = "") -> list[str]:
     """The Parquet files under a run's staging or committed folder (names starting with
     ``prefix``: ``part-`` leaves out a committed run's ``_objects.parquet``), in a stable order."""
-    return sorted(f.path for f in _list(folder, recursive=True) if f.type == pafs.FileType.File
+    return sorted(f.path for f in folder.entries(recursive=True) if f.type == pafs.FileType.File
                   and f.base_name.startswith(prefix) and f.base_name.endswith(".parquet"))
 
 
@@ -95,7 +90,7 @@ def run_folders(output: Location) -> dict[str, Location]:
     """Every ``run=<id>/`` folder under OUTPUT, committed or not: one listing of OUTPUT's top level."""
     if not is_remote(output.uri) and not os.path.isdir(output.path):
         return {}
-    return {_name(e.path)[4:]: output.join(_name(e.path)) for e in _list(output)
+    return {_name(e.path)[4:]: output.join(_name(e.path)) for e in output.entries()
             if e.type == pafs.FileType.Directory and _name(e.path).startswith("run=")}
 
 
@@ -174,7 +169,7 @@ def _age_s(folder: Location, now: float) -> float:
     info = folder.info()
     if info.type == pafs.FileType.File:
         return now - (info.mtime_ns or 0) / 1e9
-    mtimes = [f.mtime_ns for f in _list(folder, recursive=True) if f.type == pafs.FileType.File and f.mtime_ns]
+    mtimes = [f.mtime_ns for f in folder.entries(recursive=True) if f.type == pafs.FileType.File and f.mtime_ns]
     return now - max(mtimes) / 1e9 if mtimes else float("inf")
 
 
@@ -193,11 +188,11 @@ def clean_stale_staging(output: Location, grace_s: float = STALE_AFTER_S, echo: 
     now = time.time() if now is None else now
     staging = output.join(STAGING)
     deleted = []
-    for run in _list(staging):
+    for run in staging.entries():
         if run.type != pafs.FileType.Directory:
             continue
         run_loc = staging.join(_name(run.path))
-        for entry in _list(run_loc):
+        for entry in run_loc.entries():
             name = _name(entry.path)
             loc = run_loc.join(name)
             started = attempt_started(name[len("attempt="):]) if name.startswith("attempt=") else None

@@ -85,10 +85,8 @@ def exported_frames(out: Location) -> set[str]:
     """The frame ids in the manifests of the batches beside ``out`` (under its parent)."""
     parent = resolve(posixpath.dirname(out.uri) if is_remote(out.uri) else os.path.dirname(out.path),
                      filesystem=out.fs)
-    entries = guard(parent.uri, lambda: parent.fs.get_file_info(
-        pafs.FileSelector(parent.path, allow_not_found=True)))
     done: set[str] = set()
-    for entry in entries:
+    for entry in parent.entries():
         manifest = parent.join(entry.base_name, MANIFEST)
         if entry.type == pafs.FileType.Directory and manifest.exists():
             table = guard(manifest.uri, lambda m=manifest: pq.read_table(m.path, filesystem=m.fs, columns=["frame_id"]))

@@ -181,9 +181,7 @@ def _records(batch: Batch, labelled: dict[str, Answer], test_fraction: float, se
 def _refuse_non_empty(out: Location) -> None:
     """Refuse an output holding a file. Empty folders hold nothing to lose: some S3 servers
     (SeaweedFS) keep a folder a failed import emptied, and the import must run again."""
-    entries = guard(out.uri, lambda: out.fs.get_file_info(
-        pafs.FileSelector(out.path, allow_not_found=True, recursive=True)))
-    if any(e.type == pafs.FileType.File for e in entries) or out.info().type == pafs.FileType.File:
+    if any(e.type == pafs.FileType.File for e in out.entries(recursive=True)) or out.info().type == pafs.FileType.File:
         raise UserError(f"{out.uri}: exists and is not empty; give a new --output for the dataset")
 
 

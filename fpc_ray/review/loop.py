@@ -44,10 +44,7 @@ def imported_datasets(datasets: str, storage: StorageConfig | None = None) -> li
     import pyarrow.fs as pafs
 
     root = resolve(datasets, storage)
-    if not root.exists():
-        return []
-    folders = root.fs.get_file_info(pafs.FileSelector(root.path, allow_not_found=True))
-    names = sorted(f.base_name for f in folders if f.type == pafs.FileType.Directory)
+    names = sorted(f.base_name for f in root.entries() if f.type == pafs.FileType.Directory)
     return [root.join(n).uri for n in names if root.join(n, CSV_NAME).exists()]
 
 
