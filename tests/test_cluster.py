@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,10 +89,12 @@ def _wait_for_nodes(dashboard: str, n: int, timeout: float = 60) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     """Two Ray nodes of one CPU each, on free ports, with a temp dir of their own. Workers bind
     random ports (worker port range 0), so no port range is shared with another cluster."""
-    temp_dir = str(tmp_path_factory.mktemp("ray2node"))
+    # Ray's socket paths (temp dir + ~70 characters) must stay under AF_UNIX's 107 bytes: pytest's
+    # own temp dirs, deeper still under parallel test workers, are too long.
+    temp_dir = tempfile.mkdtemp(prefix="fpc-2node-", dir="/tmp")
     head_port, dashboard_port, client_port, *agent_ports = _free_ports(7)
     random_worker_ports = ("--min-worker-port=0", "--max-worker-port=0")
     try:
@@ -109,6 +112,7 @@ def cluster(tmp_path_factory):
         yield dashboard
     finally:
         _stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _submit(address: str, *entrypoint: str) -> subprocess.CompletedProcess:

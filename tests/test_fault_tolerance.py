@@ -17,13 +17,13 @@ from fpc_ray.data.synth import synthesize
 pytestmark = pytest.mark.ray
 
 
-def _train_worker_pids() -> list[int]:
-    """The Ray Train workers alive in this session's cluster (tests run one at a time, so they are
-    this test's run's), from Ray's state API: another Ray cluster's workers on the machine are
-    never touched."""
+def _train_worker_pids(cluster: str) -> list[int]:
+    """The Ray Train workers alive in the session's cluster (its tests run one at a time, so they
+    are this test's run's), from Ray's state API. The cluster is named: another one on the machine
+    (a parallel test worker's) makes Ray's autodetection refuse, and its workers are never touched."""
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    actors = list_actors(address=cluster, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
                          detail=True, raise_on_missing_output=False)
     return sorted(a.pid for a in actors if a.pid)
 
@@ -43,7 +43,7 @@ def test_worker_killed_mid_training_resumes_from_checkpoint(ray_cluster, tmp_pat
         while time.monotonic() < deadline and proc.poll() is None:
             # The controller writes its snapshot once a checkpoint is registered for restarts.
             if list(out.glob("ray/train-*/checkpoint_manager_snapshot.json")):
-                pids = _train_worker_pids()
+                pids = _train_worker_pids(ray_cluster)
                 if pids:
                     killed = pids[-1]
                     os.kill(killed, signal.SIGKILL)
