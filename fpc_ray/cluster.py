@@ -43,6 +43,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     kwargs: dict = {"log_to_driver": True, "logging_level": "WARNING"}
     env_vars = {k: v for k, v in NO_UPDATE_CHECKS.items() if k not in _job_env_vars()}
     if not uses_external_cluster():
+        # A new cluster of our own: without "local", ray.init joins a cluster that `ray start` left
+        # running on this machine, which refuses the settings below (and is not what the user named).
+        kwargs["address"] = "local"
         # Ray runs workers at nice 15 so its daemons stay responsive; on a laptop-sized local
         # cluster that makes torch's threads stall behind every idle daemon tick (measured:
         # -10..30 % training throughput on 2 cores). A cluster's nodes keep Ray's default.
