@@ -15,9 +15,16 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c 'import torch, ray; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "ray", ray.__version__)'
-
-python3 -m ray.scripts.scripts start --head --port=6390 --include-dashboard=false --disable-usage-stats >/dev/null
+# Every import the bench needs, now: a missing or mismatched package fails here in seconds, not minutes in.
+python3 -c 'import torch, torchvision, ray, ray.data, ray.train.torch, timm, numpy, cv2, pyarrow, pydantic, albumentations, pydicom, pylibjpeg, typing_extensions
+from importlib.metadata import version
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "torchvision", torchvision.__version__, "ray", ray.__version__,
+      "timm", timm.__version__, "numpy", numpy.__version__, "cv2", cv2.__version__, "pyarrow", pyarrow.__version__,
+      "typing_extensions", version("typing_extensions"))'
+# Ray is told the GPUs torch sees: a GPU Ray missed would leave the GPU stages waiting forever.
+GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+python3 -m ray.scripts.scripts start --head --port=6390 --include-dashboard=false --disable-usage-stats --num-gpus="$GPUS" >/dev/null
 trap 'python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1 || true' EXIT
 export RAY_ADDRESS=127.0.0.1:6390
+rm -rf /tmp/fpc-bench-gpu  # a rerun on a warm node: the archives' hard links and the bundle would refuse it
 python3 -m fpc_ray bench gpu --workdir /tmp/fpc-bench-gpu --json "$OUT/bench-gpu.json" "$@" 2>&1 | tee "$OUT/bench-gpu.log"

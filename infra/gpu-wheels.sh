@@ -17,7 +17,7 @@ for tag in manylinux_2_{39,35,34,31,28,27,24,17}_x86_64 manylinux2014_x86_64; do
 # Pinned to what this project's own environment resolved, so the node runs the same code.
 PY=${PYTHON:-.venv/bin/python}
 pkgs=()
-for name in ray pydantic pydantic_core annotated-types typing-inspection albumentations albucore stringzilla \
+for name in ray pydantic pydantic_core annotated-types typing-inspection typing-extensions albumentations albucore stringzilla \
             simsimd pydicom pylibjpeg pylibjpeg-libjpeg jsonschema jsonschema-specifications referencing \
             rpds-py tensorboardX; do
   v=$("$PY" -m pip show "$name" 2>/dev/null | awk '/^Version:/{print $2}')
