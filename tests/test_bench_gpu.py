@@ -11,6 +11,7 @@ import pytest
 from fpc_ray.bench import archives
 from fpc_ray.bench.gpu import Figures, GpuBenchSizes, ratio_lines, run_and_report
 from fpc_ray.data.fetal_planes import read_fetal_planes
+from fpc_ray.errors import UserError
 from fpc_ray.label.decode import decode_object
 
 
@@ -88,3 +89,9 @@ def test_whole_bench_runs_on_cpu_at_small_sizes(ray_local, tmp_path):
     assert len(figures["train"]["per_epoch"]) == 2
     assert any(line.startswith("label PNG steady / PNG decode ceiling") for line in lines)
     assert figures["ratios"] == lines
+
+
+def test_a_workdir_holding_files_is_refused_before_any_work(tmp_path):
+    (tmp_path / "png").mkdir()  # an earlier run's archive: its hard links and bundle would clash
+    with pytest.raises(UserError, match="not empty"):
+        run_and_report(GpuBenchSizes.for_device(cuda=False), str(tmp_path), None, echo=lambda _: None)

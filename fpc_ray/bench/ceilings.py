@@ -65,7 +65,11 @@ def nvjpeg_per_s(paths: list[str], size: int, batch: int = 256) -> float | None:
         for image in images:
             torch.nn.functional.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True)
 
-    run(blobs[:batch])
+    try:
+        run(blobs[:batch])
+    except RuntimeError as e:  # torchvision built without nvJPEG, or nvJPEG refused this GPU
+        print(f"  nvJPEG unavailable: {str(e).splitlines()[0][:200]}", flush=True)
+        return None
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for i in range(0, len(blobs), batch):
