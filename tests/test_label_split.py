@@ -26,7 +26,7 @@ from fpc_ray.label.frames import ReadDecode, thumbnail
 from fpc_ray.label.pipeline import LabelOptions, run_labelling
 from fpc_ray.label.schema import LABEL_SCHEMA
 from fpc_ray.label.split import decode_codestreams
-from fpc_ray.label.torch_frames import letterbox_frames, thumbnail_frames
+from fpc_ray.label.torch_frames import decode_jpegs, letterbox_frames, thumbnail_frames
 from tests import fixtures_archive as fx
 
 INPUT, THUMB = 96, 64
@@ -91,6 +91,8 @@ def _decoded_like_the_cpu_path(tmp_path: Path, gray: np.ndarray, device: torch.d
     for name, data in _archive(gray).items():
         kept, cpu = _rows(name, data, tmp_path, True), _rows(name, data, tmp_path, False)
         assert [r["frame"] for r in kept] == [r["frame"] for r in cpu] and all(r["jpeg"] for r in kept), name
+        if device.type == "cuda":  # nvJPEG itself decoded them: no frame went to the CPU fallback
+            assert all(t is not None and t.is_cuda for t in decode_jpegs([r["jpeg"] for r in kept], device)), name
         done = decode_codestreams([r["jpeg"] for r in kept], [(r["height"], r["width"]) for r in kept], device,
                                   INPUT, THUMB)
         for (pixels, thumb), row in zip(done, cpu, strict=True):

@@ -77,10 +77,15 @@ def thumbnail_frames(frames: torch.Tensor, thumb_size: int) -> tuple[torch.Tenso
     return resize(frames, th, tw, area=True), th, tw
 
 
+@functools.lru_cache(maxsize=8)
+def _luma(device: torch.device) -> torch.Tensor:
+    # Made once per device: a new one per frame would be a blocking host-to-GPU copy per frame.
+    return torch.tensor(_LUMA, dtype=torch.float32, device=device)[:, None, None]
+
+
 def to_gray(rgb: torch.Tensor) -> torch.Tensor:
     """3 x h x w uint8 -> h x w float of integral values: ``to_gray_u8``'s luma, rounded."""
-    luma = torch.tensor(_LUMA, dtype=torch.float32, device=rgb.device)[:, None, None]
-    return (rgb.float() * luma).sum(0).round_().clamp_(0, 255)
+    return (rgb.float() * _luma(rgb.device)).sum(0).round_().clamp_(0, 255)
 
 
 def decode_jpegs(codestreams: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
@@ -93,8 +98,20 @@ def decode_jpegs(codestreams: list[bytes], device: torch.device) -> list[torch.T
         warnings.simplefilter("ignore")
         try:
             return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
-        except Exception:  # one refused codestream fails the batch: find it
+        except Exception as e:  # one refused codestream fails the batch: find it
+            _tell_fallback_once(device, e)
             return [_decode_one(t, device) for t in tensors]
+
+
+_told_fallback: set[str] = set()
+
+
+def _tell_fallback_once(device: torch.device, error: Exception) -> None:
+    """One line per process and device: a slow cine run says why, without a line per batch."""
+    if str(device) not in _told_fallback:
+        _told_fallback.add(str(device))
+        print(f"batched JPEG decoding on {device} refused a batch ({(str(error).splitlines() or [''])[0][:120]}): "
+              "its frames are decoded one at a time, those refused on the CPU", flush=True)
 
 
 def _decode_one(tensor: torch.Tensor, device: torch.device) -> torch.Tensor | None:
