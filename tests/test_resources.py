@@ -9,6 +9,7 @@ from fpc_ray.label.resources import (
     GPU_DECODE_THREADS_UNKNOWN,
     GPU_PREDICT_FRAMES,
     MAX_DECODE_THREADS,
+    OVERLAY_CPUS,
     PredictorResources,
     decode_threads,
     gpu_share,
@@ -83,8 +84,8 @@ def test_gpu_predictors_before_any_gpu_node_is_up():
 
 
 @pytest.mark.parametrize("cpus,gpus,workers,decoders,overlays", [
-    (16, 1, 1, 12, 3),  # the GPU node: 15 CPUs for the CPU stages, one overlay per six
-    (64, 4, 4, 52, 11),
+    (16, 1, 1, 13, 3),  # the GPU node: 15 CPUs for the CPU stages, one overlay (half a CPU) per six
+    (64, 4, 4, 57, 11),
     (4, 1, 2, 2, 1),
     (2, 1, 1, 1, 1),    # never fewer than one of each
 ])
@@ -92,7 +93,8 @@ def test_split_design_on_gpu_nodes_gives_the_cpus_to_decoding(cpus, gpus, worker
     nodes = [_node(cpus, gpus)]
     sized = size_split(nodes, _cluster(nodes), workers, use_gpu=True, batch_size=32)
     assert (sized.decoders, sized.overlays) == (decoders, overlays)
-    assert sized.decoders + sized.overlays <= max(2, cpus - 1)  # a CPU left to the writes and the driver
+    # A CPU left to the writes and the driver.
+    assert sized.decoders + sized.overlays * OVERLAY_CPUS <= max(2, cpus - 1)
     assert sized.predictor == PredictorResources(0, gpu_share(_cluster(nodes), workers), None, 0)
     assert sized.predict_frames == GPU_PREDICT_FRAMES
 

@@ -22,7 +22,7 @@ from fpc_ray.config import StorageConfig
 from fpc_ray.errors import RunFailed, UserError, failure_line, ray_failure
 from fpc_ray.label.listing import list_inputs
 from fpc_ray.label.progress import StagedRowsWatcher, configure_ray_data
-from fpc_ray.label.resources import WRITE_CPUS, size_predictors, size_split
+from fpc_ray.label.resources import OVERLAY_CPUS, WRITE_CPUS, size_predictors, size_split
 from fpc_ray.label.runs import (
     OBJECTS_SCHEMA,
     SUCCESS,
@@ -175,7 +175,7 @@ def _split_stages(objects: list[dict], model_uri: str, card: dict, run_id: str, 
         # Batches queued at each actor: the next is on its node while the GPU works on this one.
         compute=ActorPoolStrategy(size=opts.workers, max_tasks_in_flight_per_actor=PREDICTOR_QUEUE))
     return ds.map_batches(
-        overlay_stage, batch_size=OVERLAY_BATCH, batch_format="numpy", num_cpus=1,
+        overlay_stage, batch_size=OVERLAY_BATCH, batch_format="numpy", num_cpus=OVERLAY_CPUS,
         compute=TaskPoolStrategy(size=sized.overlays),
         fn_kwargs={"class_names": card["class_names"], "version": card["version"], "run_id": run_id,
                    "input_size": card["input"]["size"]})
