@@ -20,6 +20,8 @@ import platform
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
 from fpc_ray import __version__
 from fpc_ray.config import Config, StorageConfig
 from fpc_ray.errors import ConcurrentChange, UserError
@@ -261,14 +263,89 @@ def write_pointer(uri: str, record: dict, storage: StorageConfig | None = None,
         os.replace(tmp.path, loc.path)
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _card_problem(card: dict) -> str | None:
+    """What is wrong with the fields every reader of a card relies on, or None."""
+    names, contract = card.get("class_names"), card.get("input")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        return "class_names: not a list of class names"
+    if not isinstance(contract, dict):
+        return "input: not an object"
+    size = contract.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        return f"input.size {size!r}: not a positive integer"
+    for key in ("mean", "std"):
+        values = contract.get(key)
+        if not (isinstance(values, list) and len(values) == 3 and all(_is_number(v) for v in values)):
+            return f"input.{key}: not three numbers"
+    if not isinstance(card.get("version"), str):
+        return "version: not a string"
+    calibration = card.get("calibration") or {}
+    temperature = calibration.get("temperature", 1.0) if isinstance(calibration, dict) else None
+    if not _is_number(temperature) or not 0 < temperature < float("inf"):
+        return f"calibration.temperature {temperature!r}: not a positive number"
+    try:
+        Config.model_validate(card.get("config"))
+    except ValidationError as e:
+        first = e.errors()[0]
+        return f"config.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    return None
+
+
 def read_card(uri: str, storage: StorageConfig | None = None) -> dict:
-    """Just the card of a bundle (or of the bundle a pointer names)."""
+    """Just the card of a bundle (or of the bundle a pointer names), its fields checked: a damaged
+    card is one line here, not a KeyError in a labelling actor later."""
     uri = follow_pointer(uri, storage)
     loc = resolve(uri, storage)
     card_loc = loc.join(CARD_FILE)
     card = _read_json(card_loc, f"{uri}: not a model bundle (no {CARD_FILE})")
-    if card.get("format") != BUNDLE_FORMAT:
-        raise UserError(f"{card_loc.uri}: unknown bundle format {card.get('format')!r}")
+    if not isinstance(card, dict) or card.get("format") != BUNDLE_FORMAT:
+        found = card.get("format") if isinstance(card, dict) else type(card).__name__
+        raise UserError(f"{card_loc.uri}: unknown bundle format {found!r}")
+    problem = _card_problem(card)
+    if problem:
+        raise UserError(f"{card_loc.uri}: damaged model card ({problem}); copy or train the bundle again")
+    return card
+
+
+def _checked_weights(uri: str, loc: Location, card: dict) -> bytes:
+    """The bundle's weights file, which must hash to the card's ``weights_sha256`` (bundles from
+    before the field are read unchecked): a half-copied or overwritten file never runs under
+    another model's card."""
+    weights = loc.join(WEIGHTS_FILE)
+    if not weights.exists():
+        raise UserError(f"{uri}: not a complete model bundle (no {WEIGHTS_FILE})")
+    blob = weights.read_bytes()
+    expected = card.get("weights_sha256")
+    if expected is not None:
+        actual = hashlib.sha256(blob).hexdigest()
+        if actual != expected:
+            raise UserError(f"{uri}: {WEIGHTS_FILE} does not match its card (SHA-256 {actual[:12]}, the card says "
+                            f"{str(expected)[:12]}): a damaged or half-written bundle; copy or train it again")
+    return blob
+
+
+def _not_safetensors(uri: str, error: Exception) -> UserError:
+    return UserError(f"{uri}: {WEIGHTS_FILE} is not a safetensors file ({str(error).splitlines()[0][:200]})")
+
+
+def check_bundle(uri: str, storage: StorageConfig | None = None) -> dict:
+    """The bundle's card, once its card and weights file are checked as :func:`load_bundle` checks
+    them, without torch: what a driver runs before starting actors that would each fail to load
+    a damaged bundle (a traceback per actor, and a failed run that looks like an outage)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load as st_load_numpy
+
+    uri = follow_pointer(uri, storage)
+    card = read_card(uri, storage)
+    blob = _checked_weights(uri, resolve(uri, storage), card)
+    try:
+        st_load_numpy(blob)
+    except (SafetensorError, ValueError) as e:
+        raise _not_safetensors(uri, e) from None
     return card
 
 
@@ -289,21 +366,23 @@ def load_bundle(uri: str, storage: StorageConfig | None = None) -> Bundle:
     uri = follow_pointer(uri, storage)
     loc = resolve(uri, storage)
     card = read_card(uri, storage)
-    blob = loc.join(WEIGHTS_FILE).read_bytes()
-    expected = card.get("weights_sha256")
-    if expected is not None:
-        actual = hashlib.sha256(blob).hexdigest()
-        if actual != expected:
-            raise UserError(f"{uri}: {WEIGHTS_FILE} does not match its card (SHA-256 {actual[:12]}, the card says "
-                            f"{str(expected)[:12]}): a damaged or half-written bundle; copy or train it again")
+    blob = _checked_weights(uri, loc, card)
     cfg = Config.model_validate(card["config"])
     model = build_model(cfg.model, len(card["class_names"]), pretrained=False)
     try:
         state = st_load(blob)
     except SafetensorError as e:
-        raise UserError(f"{uri}: {WEIGHTS_FILE} is not a safetensors file ({str(e)[:200]})") from None
+        raise _not_safetensors(uri, e) from None
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"{uri}: weights do not fit the card's architecture ({str(e)[:200]})") from None
+        raise UserError(f"{uri}: weights do not fit the card's architecture ({_first_mismatch(e)})") from None
     return Bundle(model.eval(), card, cfg, loc)
+
+
+def _first_mismatch(error: RuntimeError) -> str:
+    """torch's load_state_dict error, many lines long, as its first mismatch."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))),
+                  lines[0] if lines else "")
+    return detail if len(detail) <= 300 else detail[:297] + "..."

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fpc_ray.bundle import CARD_FILE, HISTORY_FILE, WEIGHTS_FILE, load_bundle, read_card, save_bundle, weights_bytes
+from fpc_ray.bundle import (
+    CARD_FILE,
+    HISTORY_FILE,
+    WEIGHTS_FILE,
+    check_bundle,
+    load_bundle,
+    read_card,
+    save_bundle,
+    weights_bytes,
+)
 from fpc_ray.bundle import build_card as make_card
 from fpc_ray.cli import app
 from fpc_ray.config import load_config
@@ -116,3 +125,50 @@ def test_an_overwrite_replaces_the_pair(two_models, tmp_path):
     _save(folder, two_models[0])
     _save(folder, two_models[1])
     assert load_bundle(str(folder)).version == two_models[1][1]["version"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda card: [], "unknown bundle format 'list'"),
+    (lambda card: {**card, "input": {**card["input"], "size": "abc"}}, "input.size 'abc': not a positive integer"),
+    (lambda card: {**card, "class_names": "Fetal brain"}, "class_names: not a list"),
+    (lambda card: {**card, "input": {**card["input"], "mean": [0.5]}}, "input.mean: not three numbers"),
+    (lambda card: {**card, "calibration": {"temperature": 0}}, "calibration.temperature 0: not a positive"),
+    (lambda card: {**card, "config": {"train": {"epochs": "many"}}}, "config.train.epochs"),
+])
+def test_a_damaged_card_is_one_line_naming_the_field(two_models, tmp_path, edit, message):
+    folder = tmp_path / "b"
+    _save(folder, two_models[0])
+    card = json.loads((folder / CARD_FILE).read_text())
+    (folder / CARD_FILE).write_text(json.dumps(edit(card)))
+    for read in (read_card, check_bundle, load_bundle):
+        with pytest.raises(UserError) as err:
+            read(str(folder))
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_check_bundle_refuses_what_load_bundle_would_without_torch_models(two_models, tmp_path):
+    """What a labelling driver checks before its actors would each fail to load the bundle."""
+    folder = tmp_path / "b"
+    _save(folder, two_models[0])
+    assert check_bundle(str(folder))["version"] == two_models[0][1]["version"]
+    (folder / WEIGHTS_FILE).write_bytes(b"not safetensors at all")
+    with pytest.raises(UserError, match="does not match its card"):
+        check_bundle(str(folder))
+    card = json.loads((folder / CARD_FILE).read_text())
+    del card["weights_sha256"]  # an old bundle: the file itself must then parse
+    (folder / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(UserError, match="is not a safetensors file"):
+        check_bundle(str(folder))
+    (folder / WEIGHTS_FILE).unlink()
+    with pytest.raises(UserError, match=f"no {WEIGHTS_FILE}"):
+        check_bundle(str(folder))
+
+
+def test_weights_of_another_class_count_are_one_line_with_the_first_mismatch(two_models, tmp_path):
+    folder = tmp_path / "b"
+    blob, card = two_models[0]
+    _save(folder, (blob, {**card, "class_names": card["class_names"][:4]}))
+    with pytest.raises(UserError) as err:
+        load_bundle(str(folder))
+    text = str(err.value)
+    assert "weights do not fit the card's architecture (size mismatch for" in text and "\n" not in text, text
