@@ -93,6 +93,8 @@ def test_init_from_continues_a_bundle(trained_bundle, phantom_dir, tmp_path):
         (["train", "--data", "{data}", "--output", "{tmp}/o", "--set", "train.lr=-1"],
          "train.lr: Input should be greater than 0"),
         (["train", "--data", "{data}", "--output", "{tmp}/o", "--epochs", "0"], "train.epochs"),
+        (["train", "--data", "{data}", "--output", "{tmp}/o", "--batch-size", "512", "--num-workers", "0"],
+         "fewer than one batch of 512; lower --batch-size"),
         (["train", "--data", "{data}", "--output", "{tmp}/o", "--config", "{tmp}/nope.yaml"], "config file not found"),
         (["train", "--data", "gs://bucket/x", "--output", "{tmp}/o"], "only local paths and s3:// URIs"),
         (["evaluate", "--model", "{tmp}", "--data", "{data}"], "not a model bundle"),

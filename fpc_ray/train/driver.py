@@ -45,6 +45,8 @@ def prepare_data(cfg: Config, data_uri: str | Sequence[str]) -> PreparedData:
         if not any(part.splits[name] for part in parts):
             raise UserError(f"{joined_uri([p.uri for p in parts])}: the {name} split is empty "
                             f"(too few patients with Train=1?)")
+    _check_one_batch_each(sum(len(part.splits["train"]) for part in parts), cfg.train.num_workers,
+                          cfg.train.batch_size)  # before minutes of decoding
     for part in parts:
         print(_split_summary(part), flush=True)
     arrays = {name: decode_joined(parts, name, cfg.data.image_size, cfg.data.decode_threads) for name in SPLITS}
@@ -133,6 +135,8 @@ def run_training(cfg: Config, data_uri: str | Sequence[str], output_uri: str, ov
     if prepared is None or prepared.image_size != cfg.data.image_size:
         prepared = prepare_data(cfg, data_uri)
     tc = cfg.train
+    # Again for data prepared once for several runs (a search's trials differ in batch size).
+    _check_one_batch_each(len(prepared.arrays["train"]), tc.num_workers, tc.batch_size)
     if tc.num_workers:
         init_ray()
         check_workers_fit(tc.num_workers, tc.cpus_per_worker, tc.use_gpu, tc.gpus_per_worker)
@@ -150,6 +154,15 @@ def run_training(cfg: Config, data_uri: str | Sequence[str], output_uri: str, ov
                  ray_run=out.join(RAY_DIR, run_name).uri if tc.num_workers else None)
     save_bundle(out, blob, card, history)
     return TrainingOutcome(out.uri, card, history)
+
+
+def _check_one_batch_each(train_images: int, num_workers: int, batch_size: int) -> None:
+    """Epochs take whole batches only: a worker whose share of the train split is under one batch
+    would take no step at all, and a run of untrained weights would pass for a trained one."""
+    workers = max(1, num_workers)
+    if train_images // workers < batch_size:
+        raise UserError(f"the train split has {train_images} images: {train_images // workers} for each of {workers} "
+                        f"worker(s), fewer than one batch of {batch_size}; lower --batch-size (train.batch_size)")
 
 
 def _check_output(output_uri: str, cfg: Config, overwrite: bool) -> Location:
