@@ -212,11 +212,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def _set_path(tree: dict, path: list[str], value: Any) -> None:
-    node = tree
+    node, walked = tree, []
     for part in path[:-1]:
+        walked.append(part)
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise UserError(f"--set {'.'.join(path)}: '{part}' is not a section")
+        if not isinstance(child, dict):  # `train: 5` in a config file, or --set train=5 before
+            raise UserError(f"{'.'.join(walked)}: expected a section of settings, found {child!r} "
+                            f"(setting {'.'.join(path)})")
         node = child
     node[path[-1]] = value
 
@@ -228,15 +230,24 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's error, several lines with a caret drawing, as one: the problem and where."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or " ".join(str(error).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; ``base:`` names another file (relative to this one) to overlay."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
+        raise UserError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping at the top level")
     base = data.pop("base", None)

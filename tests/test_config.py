@@ -53,8 +53,17 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
-    with pytest.raises(UserError, match="not valid YAML"):
+    with pytest.raises(UserError, match=r"not valid YAML \(.* at line 2, column 1\)") as err:
         load_config(bad)
+    assert "\n" not in str(err.value)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("# réglages\ntrain: {epochs: 2}\n".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8 text"):
+        load_config(latin)
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("train: 5\n")  # a CLI flag (--epochs) then sets train.epochs inside it
+    with pytest.raises(UserError, match=r"^train: expected a section of settings, found 5 \(setting train.epochs\)$"):
+        load_config(flat, values={"train.epochs": 2})
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(UserError, match="expected a mapping"):

@@ -454,11 +454,13 @@ def _bad_json(batch: Path, truth: dict, case: str) -> tuple[str, str]:
             if t["data"]["frame_id"] == fid:
                 t["annotations"] = [_annotation("Fetal femur", "Trans-cerebellum")]
         return json.dumps(tasks), "contradicts the plane 'Fetal femur'"
+    if case == "nested":
+        return "[" * 100_000 + "]" * 100_000, "nested too deeply"
     return json.dumps(tasks)[:-20], "not valid JSON"
 
 
 @pytest.mark.parametrize("case", ["unknown class", "not in batch", "conflict", "reviewers disagree",
-                                  "brain contradiction", "malformed"])
+                                  "brain contradiction", "malformed", "nested"])
 def test_a_bad_label_studio_export_is_refused_with_one_line_and_nothing_written(archive, batch, tmp_path, case):
     text, needle = _bad_json(batch, archive["truth"], case)
     exported = tmp_path / "export.json"

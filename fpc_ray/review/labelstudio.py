@@ -146,6 +146,8 @@ def parse_export(text: str, name: str) -> list[Answer]:
         tasks = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{name}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+    except RecursionError:  # thousands of nested brackets: no export of Label Studio's
+        raise UserError(f"{name}: JSON nested too deeply to be Label Studio's export") from None
     if not isinstance(tasks, list):
         raise UserError(f"{name}: expected Label Studio's JSON export, a list of tasks")
     return [a for i, t in enumerate(tasks, start=1) for a in _task_answers(t, f"{name} entry {i}")]
