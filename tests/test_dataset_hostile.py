@@ -3,11 +3,13 @@
 Every case is hand-written into ``tmp_path``: no Ray, no S3 server, no training.
 """
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from fpc_ray.cli import app
-from fpc_ray.data.fetal_planes import CSV_NAME
+from fpc_ray.data.fetal_planes import CSV_NAME, parse_csv, read_fetal_planes
+from fpc_ray.errors import UserError
 
 HEADER = "Image_name;Patient_num;Plane;Brain_plane;Operator;US_Machine;Train \n"
 
@@ -42,3 +44,41 @@ def test_synth_writes_into_a_folder_holding_no_dataset(tmp_path):
     result = CliRunner().invoke(app, ["synth", str(tmp_path), "--per-class", "1", "--width", "64", "--height", "64"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / CSV_NAME).exists() and (tmp_path / "notes.txt").read_text() == "kept"
+
+
+def _row(name: str, patient: int, train: int, plane: str = "Other") -> str:
+    return f"{name};{patient};{plane};Not A Brain;Op. 1;Voluson E6;{train}"
+
+
+def test_an_exact_duplicate_row_counts_once():
+    rows = [_row("a", 1, 1), _row("b", 1, 1), _row("c", 2, 0), _row("a", 1, 1)]
+    records = parse_csv(HEADER + "\n".join(rows) + "\n")
+    assert [r.image_name for r in records] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(("again", "column"), [
+    (_row("a", 1, 0), "Train"),
+    (_row("a", 1, 1, plane="Fetal femur"), "Plane"),
+    (_row("a", 3, 1), "Patient_num"),
+])
+def test_an_image_listed_twice_differently_is_refused_naming_it(again, column):
+    rows = [_row("a", 1, 1), _row("b", 2, 0), again]
+    with pytest.raises(UserError, match=rf"line 4: image 'a' is listed again \(first on line 2\) "
+                                        rf"with a different {column}") as err:
+        parse_csv(HEADER + "\n".join(rows) + "\n")
+    assert "\n" not in str(err.value)
+
+
+def test_a_patient_in_both_official_splits_is_refused_naming_the_patient():
+    rows = [_row("a", 7, 1), _row("b", 7, 0), _row("c", 2, 0)]
+    with pytest.raises(UserError, match="patient 7 is in both the official train and test splits"):
+        parse_csv(HEADER + "\n".join(rows) + "\n")
+
+
+def test_synth_output_and_bench_copies_read_as_patient_disjoint(tmp_path):
+    from fpc_ray.bench.archives import expand_dataset
+    from fpc_ray.data.synth import synthesize
+
+    synthesize(str(tmp_path / "synth"), per_class=4, seed=3, width=64, height=64)
+    expanded = expand_dataset(str(tmp_path / "synth"), str(tmp_path / "expanded"), images=60)
+    assert len(read_fetal_planes(expanded).records) == 60

@@ -13,7 +13,7 @@ import hashlib
 import io
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from fpc_ray.config import StorageConfig
@@ -94,8 +94,62 @@ def _parse_bool01(value: str, where: str) -> bool:
     return value == "1"
 
 
+def _parse_row(row: list[str], col: dict[str, int], where: str) -> Record:
+    """One data row as a record, with one-line errors naming the row."""
+    plane = row[col["Plane"]].strip()
+    if plane not in CLASS_NAMES:
+        # Every dataset a model trains or is scored on shares these classes, in this order.
+        raise UserError(f"{where}: unknown Plane {plane!r} (expected one of {', '.join(CLASS_NAMES)})")
+    try:
+        patient = int(row[col["Patient_num"]].strip())
+    except ValueError:
+        raise UserError(f"{where}: Patient_num is not an integer") from None
+    return Record(
+        image_name=row[col["Image_name"]].strip(),
+        patient=patient,
+        plane=plane,
+        brain_plane=row[col["Brain_plane"]].strip(),
+        operator=row[col["Operator"]].strip(),
+        machine=row[col["US_Machine"]].strip(),
+        official_train=_parse_bool01(row[col["Train"]], where),
+    )
+
+
+# The CSV column each Record field comes from, for messages about a row.
+_COLUMN_OF = dict(zip((f.name for f in fields(Record)), (c.strip() for c in CSV_COLUMNS), strict=True))
+
+
+def _add_once(records: dict[str, tuple[int, Record]], record: Record, lineno: int, source: str) -> None:
+    """Keep ``record`` under its image name; an exact repeat is the same row given twice and counts
+    once, a repeat that differs is a contradiction (which label, which split?) and is refused."""
+    if record.image_name not in records:
+        records[record.image_name] = (lineno, record)
+        return
+    first_line, first = records[record.image_name]
+    differ = [_COLUMN_OF[f.name] for f in fields(Record) if getattr(first, f.name) != getattr(record, f.name)]
+    if differ:
+        raise UserError(f"{source} line {lineno}: image {record.image_name!r} is listed again (first on line "
+                        f"{first_line}) with a different {', '.join(differ)}; keep one row per image")
+
+
+def _refuse_split_leaks(records: list[Record], source: str) -> None:
+    """The official split is patient-disjoint: a patient on both sides would leak into the test."""
+    sides: dict[int, set[bool]] = {}
+    for r in records:
+        sides.setdefault(r.patient, set()).add(r.official_train)
+    both = sorted(p for p, s in sides.items() if len(s) == 2)
+    if both:
+        more = f" (and {len(both) - 1} more patient(s))" if len(both) > 1 else ""
+        raise UserError(f"{source}: patient {both[0]} is in both the official train and test splits{more}; "
+                        f"the split must be patient-disjoint (set one Train value per patient)")
+
+
 def parse_csv(text: str, source: str = CSV_NAME) -> list[Record]:
-    """Parse the dataset CSV text into records, with one-line errors naming the row."""
+    """Parse the dataset CSV text into records, with one-line errors naming the row.
+
+    A row given twice counts once; an image listed twice differently, or a patient in both
+    official splits, is refused.
+    """
     reader = csv.reader(io.StringIO(text), delimiter=";")
     try:
         header = next(reader)
@@ -107,34 +161,18 @@ def parse_csv(text: str, source: str = CSV_NAME) -> list[Record]:
     if missing:
         raise UserError(f"{source}: missing column(s) {', '.join(missing)} (is it ';'-separated?)")
     col = {name: names.index(name) for name in wanted}
-    records = []
+    by_name: dict[str, tuple[int, Record]] = {}
     for lineno, row in enumerate(reader, start=2):
         if not row or all(not c.strip() for c in row):
             continue
         where = f"{source} line {lineno}"
         if len(row) < len(names):
             raise UserError(f"{where}: expected {len(names)} fields, got {len(row)}")
-        plane = row[col["Plane"]].strip()
-        if plane not in CLASS_NAMES:
-            # Every dataset a model trains or is scored on shares these classes, in this order.
-            raise UserError(f"{where}: unknown Plane {plane!r} (expected one of {', '.join(CLASS_NAMES)})")
-        try:
-            patient = int(row[col["Patient_num"]].strip())
-        except ValueError:
-            raise UserError(f"{where}: Patient_num is not an integer") from None
-        records.append(
-            Record(
-                image_name=row[col["Image_name"]].strip(),
-                patient=patient,
-                plane=plane,
-                brain_plane=row[col["Brain_plane"]].strip(),
-                operator=row[col["Operator"]].strip(),
-                machine=row[col["US_Machine"]].strip(),
-                official_train=_parse_bool01(row[col["Train"]], where),
-            )
-        )
+        _add_once(by_name, _parse_row(row, col, where), lineno, source)
+    records = [record for _, record in by_name.values()]
     if not records:
         raise UserError(f"{source}: no rows")
+    _refuse_split_leaks(records, source)
     return records
 
 
