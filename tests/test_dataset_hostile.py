@@ -82,3 +82,20 @@ def test_synth_output_and_bench_copies_read_as_patient_disjoint(tmp_path):
     synthesize(str(tmp_path / "synth"), per_class=4, seed=3, width=64, height=64)
     expanded = expand_dataset(str(tmp_path / "synth"), str(tmp_path / "expanded"), images=60)
     assert len(read_fetal_planes(expanded).records) == 60
+
+
+@pytest.mark.parametrize("encoding", ["cp1252", "latin-1", "utf-16", "utf-8-sig"])
+def test_reads_the_encodings_spreadsheets_save(tmp_path, encoding):
+    text = HEADER + _row("a", 1, 1).replace("Op. 1", "Opérateur") + "\n" + _row("b", 2, 0) + "\n"
+    (tmp_path / CSV_NAME).write_bytes(text.encode(encoding))  # Python's utf-16 writes the byte-order mark
+    records = read_fetal_planes(str(tmp_path)).records
+    assert [r.operator for r in records] == ["Opérateur", "Op. 1"]
+
+
+def test_bytes_of_no_known_encoding_are_one_line(tmp_path):
+    # 0x81 starts no UTF-8 sequence and is undefined in Windows-1252.
+    (tmp_path / CSV_NAME).write_bytes(HEADER.encode() + b"a;1;Other;\x81\x8d;Op. 1;Aloka;1\n")
+    with pytest.raises(UserError, match=r"FETAL_PLANES_DB_data.csv: not text in UTF-8, UTF-16 \(with a "
+                                        r"byte-order mark\) or Windows-1252") as err:
+        read_fetal_planes(str(tmp_path))
+    assert "\n" not in str(err.value)

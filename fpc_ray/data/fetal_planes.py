@@ -8,6 +8,8 @@ Works on a local folder or an ``s3://`` prefix.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import csv
 import hashlib
 import io
@@ -176,6 +178,22 @@ def parse_csv(text: str, source: str = CSV_NAME) -> list[Record]:
     return records
 
 
+def decode_csv(raw: bytes, source: str = CSV_NAME) -> str:
+    """The CSV's text as spreadsheets save it: UTF-8 (a byte-order mark or none), UTF-16 with its
+    byte-order mark ("Unicode text"), else Windows-1252 (the ANSI code page of Excel on Windows,
+    a superset of Latin-1's letters).
+
+    Raises:
+        UserError: bytes that are none of these.
+    """
+    utf16 = raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    for encoding in ("utf-16",) if utf16 else ("utf-8-sig", "cp1252"):
+        with contextlib.suppress(UnicodeDecodeError):
+            return raw.decode(encoding)
+    raise UserError(f"{source}: not text in UTF-8, UTF-16 (with a byte-order mark) or Windows-1252; "
+                    f"save the CSV as UTF-8")
+
+
 def read_fetal_planes(uri: str, storage: StorageConfig | None = None) -> FetalPlanesDB:
     """Read the dataset at a local folder or ``s3://`` prefix.
 
@@ -187,7 +205,7 @@ def read_fetal_planes(uri: str, storage: StorageConfig | None = None) -> FetalPl
     if not csv_loc.exists():
         raise UserError(f"{uri}: no {CSV_NAME} here; expected the FETAL_PLANES_DB layout")
     raw = csv_loc.read_bytes()
-    records = parse_csv(raw.decode("utf-8-sig"), csv_loc.uri)
+    records = parse_csv(decode_csv(raw, csv_loc.uri), csv_loc.uri)
     return FetalPlanesDB(root=root, records=records, fingerprint=hashlib.sha256(raw).hexdigest())
 
 
