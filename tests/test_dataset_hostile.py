@@ -3,11 +3,13 @@
 Every case is hand-written into ``tmp_path``: no Ray, no S3 server, no training.
 """
 
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from fpc_ray.cli import app
+from fpc_ray.data.dataset import decode_split
 from fpc_ray.data.fetal_planes import CSV_NAME, parse_csv, read_fetal_planes
 from fpc_ray.errors import UserError
 
@@ -99,3 +101,58 @@ def test_bytes_of_no_known_encoding_are_one_line(tmp_path):
                                         r"byte-order mark\) or Windows-1252") as err:
         read_fetal_planes(str(tmp_path))
     assert "\n" not in str(err.value)
+
+
+def _gray(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (30, 40), dtype=np.uint8))
+
+
+def test_names_given_with_the_extension_and_uppercase_png_files_are_found(tmp_path):
+    root = _dataset(tmp_path, [_row("a.png", 1, 1), _row("b.PNG", 1, 1), _row("c", 2, 0)],
+                    {"a.png": _gray(0), "b.png": _gray(1), "c.PNG": _gray(2)})
+    db = read_fetal_planes(str(root))
+    assert [r.image_name for r in db.records] == ["a", "b", "c"]
+    arrays = decode_split(db, db.records, 32, threads=1)
+    assert [int(a.max()) > 0 for a in arrays.images] == [True, True, True]
+    assert db.read_image(db.records[2])[0].uri.endswith("c.PNG")
+
+
+def test_a_missing_image_names_the_file_and_the_csv_name(tmp_path):
+    root = _dataset(tmp_path, [_row("a", 1, 1)])
+    db = read_fetal_planes(str(root))
+    with pytest.raises(UserError, match=r"not found: .*Images/a\.png \(nor a\.PNG\), the image of the CSV's "
+                                        r"Image_name 'a'"):
+        decode_split(db, db.records, 32, threads=1)
+
+
+@pytest.mark.parametrize(("header", "hint"), [
+    (HEADER.lower(), "column names are case-sensitive: the header has image_name for Image_name"),
+    (HEADER.replace(";", ","), "is it ';'-separated? the header has no ';'"),
+    (HEADER.replace("Plane;", "View;", 1), "expected the header Image_name;Patient_num;Plane"),
+])
+def test_a_wrong_header_gets_a_hint_that_says_what_is_wrong(header, hint):
+    with pytest.raises(UserError, match="missing column") as err:
+        parse_csv(header + _row("a", 1, 1) + "\n")
+    assert hint in str(err.value)
+    assert "';'-separated" not in str(err.value) or "," in header
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n\x00\x00"])
+def test_an_undecodable_image_names_its_path_and_the_problem_without_object_reprs(tmp_path, content):
+    root = _dataset(tmp_path, [_row("a", 1, 1)])
+    (root / "Images" / "a.png").write_bytes(content)
+    db = read_fetal_planes(str(root))
+    with pytest.raises(UserError, match=r"Images/a\.png: cannot decode image \(") as err:
+        decode_split(db, db.records, 32, threads=1)
+    message = str(err.value)
+    assert " at 0x" not in message and "BytesIO" not in message
+    if not content:
+        assert "the file is empty (0 bytes)" in message
+
+
+@pytest.mark.parametrize("name", ["../../outside", "/etc/passwd", "sub/../../x", "..\\x"])
+def test_an_image_name_that_leaves_images_is_refused_naming_the_row(tmp_path, name):
+    root = _dataset(tmp_path / "a" / "b", [_row("ok", 1, 1), _row(name, 2, 0)])
+    _gray(0).save(tmp_path / "a" / "outside.png")  # where Images/../../outside.png points
+    with pytest.raises(UserError, match=r"line 3: Image_name .* leaves Images/"):
+        read_fetal_planes(str(root))

@@ -69,6 +69,26 @@ class FetalPlanesDB:
     def image_location(self, record: Record) -> Location:
         return self.root.join(IMAGES_DIR, record.image_name + IMAGE_EXT)
 
+    def read_image(self, record: Record) -> tuple[Location, bytes]:
+        """Where the record's image is, and its bytes: ``<name>.png``, else ``<name>.PNG`` (as
+        some exports name it; looked for only when ``<name>.png`` is absent, so found images
+        cost no extra request).
+
+        Raises:
+            UserError: neither exists (naming both), or the storage refused the read.
+        """
+        loc = self.image_location(record)
+        try:
+            return loc, loc.read_bytes()
+        except UserError:
+            upper = self.root.join(IMAGES_DIR, record.image_name + IMAGE_EXT.upper())
+            if loc.exists():
+                raise  # there but unreadable: the storage's own message says why
+            if not upper.exists():
+                raise UserError(f"not found: {loc.uri} (nor {record.image_name}{IMAGE_EXT.upper()}), the image "
+                                f"of the CSV's Image_name {record.image_name!r}") from None
+        return upper, upper.read_bytes()
+
     def split(self, name: Split, val_fraction: float, seed: int = 0) -> list[Record]:
         """The official test split, or the official train split cut by patient into train / val.
 
@@ -96,6 +116,20 @@ def _parse_bool01(value: str, where: str) -> bool:
     return value == "1"
 
 
+def _image_name(value: str, where: str) -> str:
+    """``Image_name`` as the published CSV gives it: without the extension (a trailing ``.png``,
+    any case, is dropped), and naming a file inside ``Images/``."""
+    name = value.strip()
+    if name.lower().endswith(IMAGE_EXT):
+        name = name[: -len(IMAGE_EXT)]
+    if not name:
+        raise UserError(f"{where}: Image_name is empty")
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or ".." in parts:
+        raise UserError(f"{where}: Image_name {value.strip()!r} leaves {IMAGES_DIR}/; expected a name inside it")
+    return name
+
+
 def _parse_row(row: list[str], col: dict[str, int], where: str) -> Record:
     """One data row as a record, with one-line errors naming the row."""
     plane = row[col["Plane"]].strip()
@@ -107,7 +141,7 @@ def _parse_row(row: list[str], col: dict[str, int], where: str) -> Record:
     except ValueError:
         raise UserError(f"{where}: Patient_num is not an integer") from None
     return Record(
-        image_name=row[col["Image_name"]].strip(),
+        image_name=_image_name(row[col["Image_name"]], where),
         patient=patient,
         plane=plane,
         brain_plane=row[col["Brain_plane"]].strip(),
@@ -146,6 +180,17 @@ def _refuse_split_leaks(records: list[Record], source: str) -> None:
                         f"the split must be patient-disjoint (set one Train value per patient)")
 
 
+def _header_hint(names: list[str], missing: list[str]) -> str:
+    """What is wrong with a header that lacks ``missing``, as far as can be told."""
+    if len(names) == 1 and any(sep in names[0] for sep in (",", "\t")):
+        return "is it ';'-separated? the header has no ';'"
+    given = {n.lower(): n for n in names}
+    recased = [f"{given[m.lower()]} for {m}" for m in missing if m.lower() in given]
+    if recased:
+        return f"column names are case-sensitive: the header has {', '.join(recased)}"
+    return f"expected the header {';'.join(CSV_COLUMNS)}"
+
+
 def parse_csv(text: str, source: str = CSV_NAME) -> list[Record]:
     """Parse the dataset CSV text into records, with one-line errors naming the row.
 
@@ -161,7 +206,7 @@ def parse_csv(text: str, source: str = CSV_NAME) -> list[Record]:
     wanted = [c.strip() for c in CSV_COLUMNS]
     missing = [c for c in wanted if c not in names]
     if missing:
-        raise UserError(f"{source}: missing column(s) {', '.join(missing)} (is it ';'-separated?)")
+        raise UserError(f"{source}: missing column(s) {', '.join(missing)} ({_header_hint(names, missing)})")
     col = {name: names.index(name) for name in wanted}
     by_name: dict[str, tuple[int, Record]] = {}
     for lineno, row in enumerate(reader, start=2):
