@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from fpc_ray.cli import app
 from fpc_ray.data.dataset import decode_split
 from fpc_ray.data.fetal_planes import CSV_NAME, parse_csv, read_fetal_planes
+from fpc_ray.data.transforms import decode_image_bytes, png_significant_bits
 from fpc_ray.errors import UserError
 
 HEADER = "Image_name;Patient_num;Plane;Brain_plane;Operator;US_Machine;Train \n"
@@ -156,3 +157,45 @@ def test_an_image_name_that_leaves_images_is_refused_naming_the_row(tmp_path, na
     _gray(0).save(tmp_path / "a" / "outside.png")  # where Images/../../outside.png points
     with pytest.raises(UserError, match=r"line 3: Image_name .* leaves Images/"):
         read_fetal_planes(str(root))
+
+
+def _png16(array: np.ndarray, sbit: bytes | None = None) -> bytes:
+    """``array`` (uint16; HxW gray or HxWx3 BGR) as a 16-bit PNG, with an ``sBIT`` chunk of
+    ``sbit`` inserted before the image data where given."""
+    import struct
+    import zlib
+
+    import cv2
+
+    png = cv2.imencode(".png", array)[1].tobytes()
+    if sbit is None:
+        return png
+    chunk = struct.pack(">I", len(sbit)) + b"sBIT" + sbit
+    chunk += struct.pack(">I", zlib.crc32(b"sBIT" + sbit))
+    ihdr_end = 8 + 8 + 13 + 4
+    return png[:ihdr_end] + chunk + png[ihdr_end:]
+
+
+def test_12_bit_data_in_a_16_bit_png_comes_out_full_range():
+    ramp = np.linspace(0, 4080, 64 * 48).reshape(48, 64).astype(np.uint16)  # a 12-bit scanner's range
+    gray = decode_image_bytes(_png16(ramp))
+    assert gray.max() == round(4080 * 255 / 4095) and gray.min() == 0
+    assert np.array_equal(gray, np.round(ramp * (255 / 4095)).astype(np.uint8))
+    color = decode_image_bytes(_png16(np.dstack([ramp] * 3)))  # PIL alone keeps the high byte: 0..15
+    assert np.abs(color.astype(int) - gray).max() <= 1
+
+
+def test_a_declared_bit_depth_wins_over_the_inferred_one():
+    ramp = np.linspace(0, 1000, 64 * 48).reshape(48, 64).astype(np.uint16)
+    assert decode_image_bytes(_png16(ramp)).max() == round(1000 * 255 / 1023)  # 10 bits hold 1000
+    declared = decode_image_bytes(_png16(ramp, sbit=b"\x0c"))  # sBIT: 12 significant bits
+    assert declared.max() == round(1000 * 255 / 4095)
+    assert png_significant_bits(_png16(np.dstack([ramp] * 3), sbit=b"\x0a\x0c\x0b")) == 12
+
+
+def test_deep_images_stay_black_where_black_and_8_bit_data_is_unchanged():
+    assert decode_image_bytes(_png16(np.zeros((8, 8), np.uint16))).max() == 0
+    small = np.arange(64, dtype=np.uint16).reshape(8, 8) * 4  # 8-bit values in a 16-bit container
+    assert np.array_equal(decode_image_bytes(_png16(small)), small.astype(np.uint8))
+    full = np.full((8, 8), 65535, np.uint16)
+    assert decode_image_bytes(_png16(full)).min() == 255
