@@ -199,3 +199,9 @@ def test_deep_images_stay_black_where_black_and_8_bit_data_is_unchanged():
     assert np.array_equal(decode_image_bytes(_png16(small)), small.astype(np.uint8))
     full = np.full((8, 8), 65535, np.uint16)
     assert decode_image_bytes(_png16(full)).min() == 255
+
+
+def test_a_quote_left_open_is_refused_not_swallowing_the_rows_after_it():
+    rows = [_row("a", 1, 1), _row("b", 1, 1).replace("Voluson E6", '"Voluson E6'), _row("c", 2, 0), _row("d", 3, 0)]
+    with pytest.raises(UserError, match="line 3: a field runs over several lines"):
+        parse_csv(HEADER + "\n".join(rows) + "\n")

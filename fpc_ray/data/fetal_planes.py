@@ -213,6 +213,8 @@ def parse_csv(text: str, source: str = CSV_NAME) -> list[Record]:
         if not row or all(not c.strip() for c in row):
             continue
         where = f"{source} line {lineno}"
+        if any("\n" in c or "\r" in c for c in row):  # the rows after it would vanish into one field
+            raise UserError(f"{where}: a field runs over several lines (a '\"' left open?)")
         if len(row) < len(names):
             raise UserError(f"{where}: expected {len(names)} fields, got {len(row)}")
         _add_once(by_name, _parse_row(row, col, where), lineno, source)
