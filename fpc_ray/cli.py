@@ -127,12 +127,13 @@ def synth(
         "(a faint trace of their own structure left; labels unchanged), e.g. 'Fetal thorax=Fetal abdomen'.")] = None,
     confuse_share: Annotated[float, typer.Option("--confuse-share", min=0.0, max=1.0,
                                                  help="Share of PLANE's images made look-alikes.")] = 0.5,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a dataset at OUT.")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Write a phantom dataset in the exact FETAL_PLANES_DB layout."""
     from fpc_ray.config import load_config
-    from fpc_ray.data.synth import synthesize
+    from fpc_ray.data.synth import refuse_existing_dataset, synthesize
 
     pair = None
     if confuse is not None:
@@ -140,6 +141,8 @@ def synth(
         if len(pair) != 2:
             raise fail(f"--confuse {confuse!r}: expected PLANE=LOOKALIKE, e.g. 'Fetal thorax=Fetal abdomen'")
     cfg = load_config(config, set_)
+    if not overwrite:
+        refuse_existing_dataset(out, cfg.storage)
     records = synthesize(out, per_class, seed=seed, width=width, height=height, storage=cfg.storage,
                          confuse=pair, confuse_share=confuse_share)
     n_train = sum(r.official_train for r in records)

@@ -9,6 +9,7 @@ batches of raw uint8 (:class:`IndexBatches`) that are augmented on the training 
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,11 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from fpc_ray.data.fetal_planes import FetalPlanesDB, Record
 from fpc_ray.data.transforms import decode_image_bytes, letterbox
-from fpc_ray.errors import UserError
+from fpc_ray.errors import UserError, exception_line
+
+# An object's repr, as Python prints one it has no better words for.
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 @dataclass
@@ -35,6 +40,16 @@ class SplitArrays:
         return len(self.labels)
 
 
+def decode_problem(data: bytes, err: Exception) -> str:
+    """What is wrong with image bytes a decoder refused, in words: PIL's messages name an
+    in-memory buffer (``<_io.BytesIO object at 0x...>``), which says nothing to anyone."""
+    if not data:
+        return "the file is empty (0 bytes)"
+    if isinstance(err, UnidentifiedImageError):
+        return f"not a PNG or JPEG image ({len(data)} bytes)"
+    return _OBJECT_REPR.sub("the image", exception_line(err))
+
+
 def decode_split(db: FetalPlanesDB, records: list[Record], size: int, threads: int = 4) -> SplitArrays:
     """Read, decode and letterbox every image of ``records``.
 
@@ -43,12 +58,11 @@ def decode_split(db: FetalPlanesDB, records: list[Record], size: int, threads: i
     """
 
     def load(record: Record) -> np.ndarray:
-        loc = db.image_location(record)
-        data = loc.read_bytes()
+        loc, data = db.read_image(record)
         try:
             return letterbox(decode_image_bytes(data), size)
         except Exception as e:
-            raise UserError(f"{loc.uri}: cannot decode image ({type(e).__name__}: {e})") from None
+            raise UserError(f"{loc.uri}: cannot decode image ({decode_problem(data, e)})") from None
 
     images = np.zeros((len(records), size, size), dtype=np.uint8)
     with ThreadPoolExecutor(max_workers=threads) as pool:

@@ -8,12 +8,14 @@ Works on a local folder or an ``s3://`` prefix.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import csv
 import hashlib
 import io
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from fpc_ray.config import StorageConfig
@@ -67,6 +69,26 @@ class FetalPlanesDB:
     def image_location(self, record: Record) -> Location:
         return self.root.join(IMAGES_DIR, record.image_name + IMAGE_EXT)
 
+    def read_image(self, record: Record) -> tuple[Location, bytes]:
+        """Where the record's image is, and its bytes: ``<name>.png``, else ``<name>.PNG`` (as
+        some exports name it; looked for only when ``<name>.png`` is absent, so found images
+        cost no extra request).
+
+        Raises:
+            UserError: neither exists (naming both), or the storage refused the read.
+        """
+        loc = self.image_location(record)
+        try:
+            return loc, loc.read_bytes()
+        except UserError:
+            upper = self.root.join(IMAGES_DIR, record.image_name + IMAGE_EXT.upper())
+            if loc.exists():
+                raise  # there but unreadable: the storage's own message says why
+            if not upper.exists():
+                raise UserError(f"not found: {loc.uri} (nor {record.image_name}{IMAGE_EXT.upper()}), the image "
+                                f"of the CSV's Image_name {record.image_name!r}") from None
+        return upper, upper.read_bytes()
+
     def split(self, name: Split, val_fraction: float, seed: int = 0) -> list[Record]:
         """The official test split, or the official train split cut by patient into train / val.
 
@@ -94,8 +116,87 @@ def _parse_bool01(value: str, where: str) -> bool:
     return value == "1"
 
 
+def _image_name(value: str, where: str) -> str:
+    """``Image_name`` as the published CSV gives it: without the extension (a trailing ``.png``,
+    any case, is dropped), and naming a file inside ``Images/``."""
+    name = value.strip()
+    if name.lower().endswith(IMAGE_EXT):
+        name = name[: -len(IMAGE_EXT)]
+    if not name:
+        raise UserError(f"{where}: Image_name is empty")
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or ".." in parts:
+        raise UserError(f"{where}: Image_name {value.strip()!r} leaves {IMAGES_DIR}/; expected a name inside it")
+    return name
+
+
+def _parse_row(row: list[str], col: dict[str, int], where: str) -> Record:
+    """One data row as a record, with one-line errors naming the row."""
+    plane = row[col["Plane"]].strip()
+    if plane not in CLASS_NAMES:
+        # Every dataset a model trains or is scored on shares these classes, in this order.
+        raise UserError(f"{where}: unknown Plane {plane!r} (expected one of {', '.join(CLASS_NAMES)})")
+    try:
+        patient = int(row[col["Patient_num"]].strip())
+    except ValueError:
+        raise UserError(f"{where}: Patient_num is not an integer") from None
+    return Record(
+        image_name=_image_name(row[col["Image_name"]], where),
+        patient=patient,
+        plane=plane,
+        brain_plane=row[col["Brain_plane"]].strip(),
+        operator=row[col["Operator"]].strip(),
+        machine=row[col["US_Machine"]].strip(),
+        official_train=_parse_bool01(row[col["Train"]], where),
+    )
+
+
+# The CSV column each Record field comes from, for messages about a row.
+_COLUMN_OF = dict(zip((f.name for f in fields(Record)), (c.strip() for c in CSV_COLUMNS), strict=True))
+
+
+def _add_once(records: dict[str, tuple[int, Record]], record: Record, lineno: int, source: str) -> None:
+    """Keep ``record`` under its image name; an exact repeat is the same row given twice and counts
+    once, a repeat that differs is a contradiction (which label, which split?) and is refused."""
+    if record.image_name not in records:
+        records[record.image_name] = (lineno, record)
+        return
+    first_line, first = records[record.image_name]
+    differ = [_COLUMN_OF[f.name] for f in fields(Record) if getattr(first, f.name) != getattr(record, f.name)]
+    if differ:
+        raise UserError(f"{source} line {lineno}: image {record.image_name!r} is listed again (first on line "
+                        f"{first_line}) with a different {', '.join(differ)}; keep one row per image")
+
+
+def _refuse_split_leaks(records: list[Record], source: str) -> None:
+    """The official split is patient-disjoint: a patient on both sides would leak into the test."""
+    sides: dict[int, set[bool]] = {}
+    for r in records:
+        sides.setdefault(r.patient, set()).add(r.official_train)
+    both = sorted(p for p, s in sides.items() if len(s) == 2)
+    if both:
+        more = f" (and {len(both) - 1} more patient(s))" if len(both) > 1 else ""
+        raise UserError(f"{source}: patient {both[0]} is in both the official train and test splits{more}; "
+                        f"the split must be patient-disjoint (set one Train value per patient)")
+
+
+def _header_hint(names: list[str], missing: list[str]) -> str:
+    """What is wrong with a header that lacks ``missing``, as far as can be told."""
+    if len(names) == 1 and any(sep in names[0] for sep in (",", "\t")):
+        return "is it ';'-separated? the header has no ';'"
+    given = {n.lower(): n for n in names}
+    recased = [f"{given[m.lower()]} for {m}" for m in missing if m.lower() in given]
+    if recased:
+        return f"column names are case-sensitive: the header has {', '.join(recased)}"
+    return f"expected the header {';'.join(CSV_COLUMNS)}"
+
+
 def parse_csv(text: str, source: str = CSV_NAME) -> list[Record]:
-    """Parse the dataset CSV text into records, with one-line errors naming the row."""
+    """Parse the dataset CSV text into records, with one-line errors naming the row.
+
+    A row given twice counts once; an image listed twice differently, or a patient in both
+    official splits, is refused.
+    """
     reader = csv.reader(io.StringIO(text), delimiter=";")
     try:
         header = next(reader)
@@ -105,37 +206,39 @@ def parse_csv(text: str, source: str = CSV_NAME) -> list[Record]:
     wanted = [c.strip() for c in CSV_COLUMNS]
     missing = [c for c in wanted if c not in names]
     if missing:
-        raise UserError(f"{source}: missing column(s) {', '.join(missing)} (is it ';'-separated?)")
+        raise UserError(f"{source}: missing column(s) {', '.join(missing)} ({_header_hint(names, missing)})")
     col = {name: names.index(name) for name in wanted}
-    records = []
+    by_name: dict[str, tuple[int, Record]] = {}
     for lineno, row in enumerate(reader, start=2):
         if not row or all(not c.strip() for c in row):
             continue
         where = f"{source} line {lineno}"
+        if any("\n" in c or "\r" in c for c in row):  # the rows after it would vanish into one field
+            raise UserError(f"{where}: a field runs over several lines (a '\"' left open?)")
         if len(row) < len(names):
             raise UserError(f"{where}: expected {len(names)} fields, got {len(row)}")
-        plane = row[col["Plane"]].strip()
-        if plane not in CLASS_NAMES:
-            # Every dataset a model trains or is scored on shares these classes, in this order.
-            raise UserError(f"{where}: unknown Plane {plane!r} (expected one of {', '.join(CLASS_NAMES)})")
-        try:
-            patient = int(row[col["Patient_num"]].strip())
-        except ValueError:
-            raise UserError(f"{where}: Patient_num is not an integer") from None
-        records.append(
-            Record(
-                image_name=row[col["Image_name"]].strip(),
-                patient=patient,
-                plane=plane,
-                brain_plane=row[col["Brain_plane"]].strip(),
-                operator=row[col["Operator"]].strip(),
-                machine=row[col["US_Machine"]].strip(),
-                official_train=_parse_bool01(row[col["Train"]], where),
-            )
-        )
+        _add_once(by_name, _parse_row(row, col, where), lineno, source)
+    records = [record for _, record in by_name.values()]
     if not records:
         raise UserError(f"{source}: no rows")
+    _refuse_split_leaks(records, source)
     return records
+
+
+def decode_csv(raw: bytes, source: str = CSV_NAME) -> str:
+    """The CSV's text as spreadsheets save it: UTF-8 (a byte-order mark or none), UTF-16 with its
+    byte-order mark ("Unicode text"), else Windows-1252 (the ANSI code page of Excel on Windows,
+    a superset of Latin-1's letters).
+
+    Raises:
+        UserError: bytes that are none of these.
+    """
+    utf16 = raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    for encoding in ("utf-16",) if utf16 else ("utf-8-sig", "cp1252"):
+        with contextlib.suppress(UnicodeDecodeError):
+            return raw.decode(encoding)
+    raise UserError(f"{source}: not text in UTF-8, UTF-16 (with a byte-order mark) or Windows-1252; "
+                    f"save the CSV as UTF-8")
 
 
 def read_fetal_planes(uri: str, storage: StorageConfig | None = None) -> FetalPlanesDB:
@@ -149,7 +252,7 @@ def read_fetal_planes(uri: str, storage: StorageConfig | None = None) -> FetalPl
     if not csv_loc.exists():
         raise UserError(f"{uri}: no {CSV_NAME} here; expected the FETAL_PLANES_DB layout")
     raw = csv_loc.read_bytes()
-    records = parse_csv(raw.decode("utf-8-sig"), csv_loc.uri)
+    records = parse_csv(decode_csv(raw, csv_loc.uri), csv_loc.uri)
     return FetalPlanesDB(root=root, records=records, fingerprint=hashlib.sha256(raw).hexdigest())
 
 

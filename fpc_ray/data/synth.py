@@ -14,6 +14,7 @@ import random
 
 import cv2
 import numpy as np
+import pyarrow.fs as pafs
 from PIL import Image, ImageDraw, ImageFont
 
 from fpc_ray.config import StorageConfig
@@ -212,6 +213,16 @@ def _check_confuse(confuse: tuple[str, str] | None, share: float) -> None:
                         f"{', '.join(CLASS_NAMES)}")
     if not 0 <= share <= 1:
         raise UserError(f"confuse share {share}: expected a share between 0 and 1")
+
+
+def refuse_existing_dataset(out: str, storage: StorageConfig | None = None) -> None:
+    """Refuse a destination that already holds a dataset's CSV or images: :func:`synthesize`
+    would replace them (a real dataset's labels among them), so replacing takes ``--overwrite``."""
+    root = resolve(out, storage)
+    has_images = any(e.type == pafs.FileType.File for e in root.join(IMAGES_DIR).entries(recursive=True))
+    if root.join(CSV_NAME).exists() or has_images:
+        raise UserError(f"{root.uri} already holds a dataset ({CSV_NAME} or {IMAGES_DIR}/); choose another "
+                        f"folder or pass --overwrite")
 
 
 def synthesize(out: str, per_class: int, seed: int = 0, width: int = 512, height: int = 384,

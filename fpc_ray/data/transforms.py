@@ -46,8 +46,12 @@ def check_pixels(width: int, height: int, frames: int = 1, what: str = "") -> No
         raise TooManyPixels(f"{what}{count}{width}x{height} pixels exceeds the limit of {MAX_PIXELS}")
 
 
-def to_gray_u8(image: np.ndarray) -> np.ndarray:
-    """Any HxW / HxWxC array (8- or 16-bit, gray, RGB, RGBA) as an HxW uint8 image."""
+def to_gray_u8(image: np.ndarray, significant_bits: int | None = None) -> np.ndarray:
+    """Any HxW / HxWxC array (8- or 16-bit, gray, RGB, RGBA) as an HxW uint8 image.
+
+    ``significant_bits``: how many bits of a deeper-than-8-bit sample carry data, where the
+    file declares it (see :func:`_to_u8_range`).
+    """
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[2] == 4:
         arr = arr[..., :3]
@@ -55,23 +59,52 @@ def to_gray_u8(image: np.ndarray) -> np.ndarray:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
         raise ValueError(f"unsupported image shape {arr.shape}")
-    arr = _to_u8_range(arr)
+    arr = _to_u8_range(arr, significant_bits)
     if arr.ndim == 3:
         luma = arr.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
         arr = np.clip(luma, 0, 255).round().astype(np.uint8)
     return arr
 
 
-def _to_u8_range(arr: np.ndarray) -> np.ndarray:
-    """Scale to 0..255 by the type's range (16-bit and wider), not the image's, keeping brightness."""
+def _to_u8_range(arr: np.ndarray, significant_bits: int | None = None) -> np.ndarray:
+    """Scale integers wider than 8 bits to 0..255 by their bit depth, not the image's range,
+    keeping brightness: the ``significant_bits`` the file declares, else the fewest bits (at
+    least 8) that hold the image's maximum, so 10-, 12- and 14-bit data in a 16-bit container
+    comes out full range (a 12-bit maximum of 4080 is 4080/4095, not 4080/65535: near black)."""
     if arr.dtype == np.uint8:
         return arr
     if np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize == 1:
         return arr.astype(np.uint8)
     if np.issubdtype(arr.dtype, np.integer):
-        top = float(np.iinfo(arr.dtype).max) if arr.max() > 255 else 255.0
-        return np.clip(arr.astype(np.float32) * (255.0 / top), 0, 255).round().astype(np.uint8)
+        needed = max(int(arr.max()), 0).bit_length() if arr.size else 0
+        bits = max(significant_bits, needed) if significant_bits else max(8, needed)
+        return np.clip(arr.astype(np.float32) * (255.0 / (2**bits - 1)), 0, 255).round().astype(np.uint8)
     return np.clip(arr, 0, 255).round().astype(np.uint8)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Offsets in a PNG of IHDR's bit depth and colour type (IHDR is the first chunk).
+_PNG_BIT_DEPTH, _PNG_COLOR_TYPE = 24, 25
+
+
+def png_significant_bits(data: bytes) -> int | None:
+    """The bits per sample a PNG's ``sBIT`` chunk declares carry data (a 12-bit scanner's image
+    saved as 16-bit PNG may say 12), the most over its colour channels; None where it has no
+    such chunk. Read from the chunks before the pixel data (PIL does not parse ``sBIT``)."""
+    if not data.startswith(_PNG_SIGNATURE) or len(data) <= _PNG_COLOR_TYPE:
+        return None
+    pos = len(_PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        if kind == b"sBIT":
+            body = data[pos + 8:pos + 8 + length]
+            if data[_PNG_COLOR_TYPE] in (4, 6):  # gray + alpha, RGBA: the alpha's bits say nothing of the image
+                body = body[:-1]
+            return max(body, default=0) or None
+        if kind in (b"IDAT", b"IEND"):  # sBIT comes before the image data or not at all
+            return None
+        pos += 12 + length
+    return None
 
 
 # The raster formats we decode. Pillow would otherwise try every plugin it has (TIFF, PSD, EPS,
@@ -107,18 +140,30 @@ def decode_image_bytes(data: bytes) -> np.ndarray:
     """
     with open_image(data) as im:
         check_pixels(*im.size)
+        if im.format == "PNG" and data[_PNG_BIT_DEPTH] == 16 and im.mode in ("RGB", "RGBA", "LA"):
+            return to_gray_u8(_decode_png16_color(data), png_significant_bits(data))
         if im.mode == "P":
             im = im.convert("RGBA" if "transparency" in im.info else "RGB")
         elif im.mode in ("I;16", "I;16B", "I;16L"):
-            return to_gray_u8(np.asarray(im).astype(np.uint16))
+            return to_gray_u8(np.asarray(im).astype(np.uint16), png_significant_bits(data))
         elif im.mode == "I":
-            return to_gray_u8(np.asarray(im))
+            return to_gray_u8(np.asarray(im), png_significant_bits(data))
         elif im.mode not in ("L", "RGB", "RGBA", "LA"):
             im = im.convert("RGB")
         arr = np.asarray(im)
         if im.mode == "LA":
             arr = arr[..., 0]
     return to_gray_u8(arr)
+
+
+def _decode_png16_color(data: bytes) -> np.ndarray:
+    """A 16-bit colour (or gray + alpha) PNG as HxWx3 uint16 RGB, alpha dropped: PIL keeps only
+    the high byte of such samples, which leaves 12-bit data at 0..15. The caller has checked
+    the size from the header."""
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError("PNG image data is incomplete or corrupt")
+    return bgr[..., ::-1]
 
 
 def letterbox_box(h: int, w: int, size: int) -> tuple[int, int, int, int]:
