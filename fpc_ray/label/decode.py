@@ -12,7 +12,11 @@ frames are decoded one at a time, keeping only those the frame stride selects.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
+import threading
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +42,47 @@ MAX_INFLATED_BYTES = MAX_DECODED_BYTES + 64 * 1024**2
 _VOI_BAND_PIXELS = 1 << 20  # pixels windowed at once (see _apply_voi)
 _UID_KEYWORDS = {"study_uid": "StudyInstanceUID", "series_uid": "SeriesInstanceUID",
                  "sop_uid": "SOPInstanceUID"}
+
+
+_quiet_lock = threading.Lock()
+_quiet_state: dict = {"depth": 0}
+
+
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+_DROP_ALL = _DropAll()
+
+
+@contextlib.contextmanager
+def _pydicom_quiet():
+    """pydicom's warnings and log records quote header values (a UID element holding a patient's
+    name, an odd Number of Frames): none of them may reach a log. Its value validation is off,
+    its warnings ignored and its logger muted while any thread of the process decodes; these are
+    process-wide settings, so the first thread in sets them and the last one out restores them."""
+    import pydicom.config
+
+    with _quiet_lock:
+        if _quiet_state["depth"] == 0:
+            settings = pydicom.config.settings
+            caught = warnings.catch_warnings()
+            caught.__enter__()
+            warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+            _quiet_state.update(mode=settings.reading_validation_mode, caught=caught)
+            settings.reading_validation_mode = pydicom.config.IGNORE
+            logging.getLogger("pydicom").addFilter(_DROP_ALL)
+        _quiet_state["depth"] += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_state["depth"] -= 1
+            if _quiet_state["depth"] == 0:
+                logging.getLogger("pydicom").removeFilter(_DROP_ALL)
+                pydicom.config.settings.reading_validation_mode = _quiet_state.pop("mode")
+                _quiet_state.pop("caught").__exit__(None, None, None)
 
 
 class DecodeError(Exception):
@@ -380,7 +425,8 @@ def decode_object(uri: str, data: bytes, frame_stride: int = 1, uid_key: str | N
         raise DecodeError("empty", "zero-byte object")
     try:
         if is_dicom(uri, data):
-            decoded = _dicom_frames(data, frame_stride, uid_key, keep_jpeg)
+            with _pydicom_quiet():
+                decoded = _dicom_frames(data, frame_stride, uid_key, keep_jpeg)
         else:
             decoded = _raster(data, keep_jpeg)
     except DecodeError:
