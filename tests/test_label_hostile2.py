@@ -53,3 +53,66 @@ def test_pydicom_settings_are_restored_after_decoding():
     decode_object("study.dcm", fx.dicom_uid_holding(GRAY, "StudyInstanceUID", FREE_TEXT_UID))
     assert (pydicom.config.settings.reading_validation_mode, list(warnings.filters),
             list(logging.getLogger("pydicom").filters)) == before
+
+
+@pytest.mark.parametrize("inputs, output, overlap", [
+    (["arch"], "arch/labels", True),
+    (["arch/"], "arch", True),
+    (["arch/sub"], "arch", True),  # an input inside the output
+    (["other", "arch"], "./arch/../arch/labels/", True),
+    (["link"], "arch/labels", True),  # the same folder through a symlink
+    (["arch"], "archive-labels", False),  # a shared name prefix is not nesting
+    (["arch"], "labels", False),
+])
+def test_an_output_overlapping_an_input_is_refused_locally(tmp_path, monkeypatch, inputs, output, overlap):
+    from fpc_ray.errors import UserError
+    from fpc_ray.label.pipeline import _refuse_overlap
+    from fpc_ray.storage import resolve
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "arch" / "sub").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "arch")
+    sources = [resolve(u) for u in inputs]
+    if overlap:
+        with pytest.raises(UserError, match="overlap") as e:
+            _refuse_overlap(sources, resolve(output))
+        assert "\n" not in str(e.value)
+    else:
+        _refuse_overlap(sources, resolve(output))
+
+
+@pytest.mark.parametrize("inputs, output, overlap", [
+    (["s3://bucket"], "s3://bucket/labels", True),
+    (["s3://bucket/arch/"], "s3://bucket/arch//labels", True),
+    (["s3://bucket/arch/labels"], "s3://bucket/arch/", True),
+    (["s3://bucket/arch"], "s3://bucket/archive", False),
+    (["s3://bucket/arch"], "s3://other/arch/labels", False),
+    (["s3://bucket/arch"], "/bucket/arch/labels", False),  # local and remote never nest
+])
+def test_an_output_overlapping_an_input_is_refused_on_s3(inputs, output, overlap):
+    import pyarrow.fs as pafs
+
+    from fpc_ray.errors import UserError
+    from fpc_ray.label.pipeline import _refuse_overlap
+    from fpc_ray.storage import resolve
+
+    fs = pafs.LocalFileSystem()  # only the paths matter: nothing is read
+    sources = [resolve(u, filesystem=fs) for u in inputs]
+    if overlap:
+        with pytest.raises(UserError, match="overlap"):
+            _refuse_overlap(sources, resolve(output, filesystem=fs))
+    else:
+        _refuse_overlap(sources, resolve(output, filesystem=fs))
+
+
+def test_label_refuses_an_output_inside_its_input_before_writing(trained_bundle, tmp_path):
+    from fpc_ray.errors import UserError
+    from fpc_ray.label.pipeline import LabelOptions, run_labelling
+
+    (tmp_path / "arch").mkdir()
+    (tmp_path / "arch" / "a.png").write_bytes(fx.png(GRAY))
+    with pytest.raises(UserError, match="overlap"):
+        run_labelling(trained_bundle["bundle"], str(tmp_path / "arch"), str(tmp_path / "arch" / "labels"),
+                      LabelOptions(), echo=lambda _: None)
+    assert not (tmp_path / "arch" / "labels").exists()

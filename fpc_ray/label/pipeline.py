@@ -36,7 +36,7 @@ from fpc_ray.label.runs import (
     summarise_rows,
 )
 from fpc_ray.label.schema import schema_with_metadata
-from fpc_ray.storage import Location, resolve
+from fpc_ray.storage import Location, is_remote, resolve
 
 BATCHES_PER_BLOCK = 4  # batches per Ray Data block (see _object_blocks)
 PREDICTOR_QUEUE = 4  # batches queued at each split-design predictor (Ray Data's default: 2)
@@ -202,6 +202,22 @@ def _label(todo: list[dict], staged: Location, model_uri: str, card: dict, run_i
         raise ray_failure(e, f"labelling run {run_id} failed, nothing committed") from e
 
 
+def _normalised(loc: Location) -> str:
+    """A location as compared for nesting: a local path resolved (links, ``..``), an S3 bucket/key."""
+    return os.path.realpath(loc.path) if not is_remote(loc.uri) else f"s3://{loc.path.strip('/')}"
+
+
+def _refuse_overlap(sources: list[Location], output: Location) -> None:
+    """Refuse an output inside (or equal to) an input prefix, or an input inside the output: later
+    runs would list the output's own parts, index and lock as archive objects."""
+    out = _normalised(output)
+    for source in sources:
+        src = _normalised(source)
+        if out == src or out.startswith(src.rstrip("/") + "/") or src.startswith(out.rstrip("/") + "/"):
+            raise UserError(f"--output {output.uri} and --input {source.uri} overlap: a run would read its "
+                            "own output as archive objects; choose an output outside every input prefix")
+
+
 def _open_run(model_uri: str, inputs: list[str], output_uri: str, opts: LabelOptions, storage: StorageConfig,
               echo) -> tuple[str, dict, list[Location], Attempt]:
     """The model (pointer followed), its card, the input prefixes and this run's attempt, checked
@@ -214,6 +230,7 @@ def _open_run(model_uri: str, inputs: list[str], output_uri: str, opts: LabelOpt
     if "/" in run_id or not run_id:
         raise UserError(f"--run-id {run_id!r}: must be non-empty and contain no '/'")
     sources, output = [resolve(u, storage) for u in inputs], resolve(output_uri, storage)
+    _refuse_overlap(sources, output)
     attempt = Attempt(output, run_id)
     if attempt.run_dir.join(SUCCESS).exists():
         raise UserError(f"run {run_id} is already committed under {output.uri}; choose another --run-id")
