@@ -116,3 +116,67 @@ def test_label_refuses_an_output_inside_its_input_before_writing(trained_bundle,
         run_labelling(trained_bundle["bundle"], str(tmp_path / "arch"), str(tmp_path / "arch" / "labels"),
                       LabelOptions(), echo=lambda _: None)
     assert not (tmp_path / "arch" / "labels").exists()
+
+
+def _commit_run(output, run_id: str, names: list[str]):
+    """Commit a run of two-part LABEL_SCHEMA rows for ``names`` (as the pipeline would stage them)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fpc_ray.label import runs
+    from fpc_ray.label.schema import LABEL_SCHEMA
+
+    objects = [{"uri": f"s3://archive/{n}", "size": 1, "mtime_ns": 1} for n in names]
+    attempt = runs.Attempt(output, run_id, baseline=runs.committed_objects(output)[1])
+    attempt.staged.makedirs()
+    for i, o in enumerate(objects):
+        row = {"source_uri": o["uri"], "frame": 0, "label": "Fetal brain", "run_id": run_id, "error": None}
+        pq.write_table(pa.Table.from_pylist([row], schema=LABEL_SCHEMA), attempt.staged.join(f"{i}.parquet").path)
+    summary = {"objects": {"listed": len(objects), "skipped": 0, "labelled": len(objects)}, "timings": {}}
+    runs.commit(attempt, objects, summary, echo=lambda _: None)
+    return attempt.run_dir
+
+
+def test_a_damaged_index_is_said_once_read_as_absent_and_rewritten(tmp_path):
+    from fpc_ray.label import runs
+    from fpc_ray.storage import resolve
+
+    output = resolve(str(tmp_path / "out"))
+    _commit_run(output, "r1", ["a.png", "b.png"])
+    (tmp_path / "out" / runs.INDEX).write_bytes(b"garbage\n")
+    said = []
+    table, committed = runs.committed_objects(output, echo=said.append)
+    assert committed == {"r1"} and sorted(table["uri"].to_pylist()) == ["s3://archive/a.png", "s3://archive/b.png"]
+    assert len(said) == 1 and output.join(runs.INDEX).uri in said[0] and "\n" not in said[0]
+    _commit_run(output, "r2", ["c.png"])  # the next commit rewrites the index whole
+    index, covered = runs.read_index(output, echo=lambda s: pytest.fail(s))
+    assert covered == {"r1", "r2"} and index.num_rows == 3
+
+
+def test_a_damaged_run_object_list_is_one_line_naming_it(tmp_path):
+    from fpc_ray.errors import UserError
+    from fpc_ray.label import runs
+    from fpc_ray.storage import resolve
+
+    output = resolve(str(tmp_path / "out"))
+    run_dir = _commit_run(output, "r1", ["a.png"])
+    (tmp_path / "out" / runs.INDEX).unlink()  # the run's own object list is what is read
+    (tmp_path / "out" / "run=r1" / runs.OBJECTS).write_bytes(b"garbage\n")
+    with pytest.raises(UserError) as e:
+        runs.already_labelled(output)
+    assert run_dir.join(runs.OBJECTS).uri in str(e.value) and "\n" not in str(e.value)
+
+
+def test_review_export_names_a_damaged_run_part_in_one_line(tmp_path):
+    from fpc_ray.errors import UserError
+    from fpc_ray.label import runs
+    from fpc_ray.review.export import ExportOptions, export_batch
+    from fpc_ray.storage import resolve
+
+    run_dir = _commit_run(resolve(str(tmp_path / "out")), "r1", ["a.png", "b.png"])
+    damaged = runs.run_parts(run_dir)[1]
+    with open(damaged, "wb") as f:
+        f.write(b"garbage\n")
+    with pytest.raises(UserError) as e:
+        export_batch([str(tmp_path / "out")], str(tmp_path / "batch"), ExportOptions(n=2))
+    assert damaged in str(e.value) and "\n" not in str(e.value)

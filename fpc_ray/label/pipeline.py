@@ -239,12 +239,12 @@ def _open_run(model_uri: str, inputs: list[str], output_uri: str, opts: LabelOpt
     return model_uri, card, sources, attempt
 
 
-def _objects_to_label(sources: list[Location], attempt: Attempt, opts: LabelOptions) -> tuple[list, list]:
+def _objects_to_label(sources: list[Location], attempt: Attempt, opts: LabelOptions, echo) -> tuple[list, list]:
     """(every object listed, those to label): what no committed run holds, or all with ``full``.
 
     Notes the committed runs seen as the attempt's baseline (see :func:`runs.commit`)."""
     listed = list_inputs(sources)
-    committed, attempt.baseline = committed_objects(attempt.output)
+    committed, attempt.baseline = committed_objects(attempt.output, echo)
     todo = listed if opts.full else objects_not_in(listed, object_keys(committed))
     return listed, todo if opts.limit is None else todo[: opts.limit]
 
@@ -289,7 +289,7 @@ def run_labelling(model_uri: str, input_uri: str | list[str], output_uri: str, o
     storage = storage or StorageConfig()
     inputs = [input_uri] if isinstance(input_uri, str | os.PathLike) else list(input_uri)
     model_uri, card, sources, attempt = _open_run(model_uri, inputs, output_uri, opts, storage, echo)
-    listed, todo = _objects_to_label(sources, attempt, opts)
+    listed, todo = _objects_to_label(sources, attempt, opts, echo)
     where = sources[0].uri if len(sources) == 1 else f"{len(sources)} prefixes"
     echo(f"run {attempt.run_id}: {len(listed)} objects under {where}, {len(listed) - len(todo)} already "
          f"labelled, {len(todo)} to label with model {card['version']} (attempt {attempt.attempt_id})")
