@@ -180,3 +180,30 @@ def test_review_export_names_a_damaged_run_part_in_one_line(tmp_path):
     with pytest.raises(UserError) as e:
         export_batch([str(tmp_path / "out")], str(tmp_path / "batch"), ExportOptions(n=2))
     assert damaged in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_free_run_id_skips_committed_cut_short_and_staged_ids_in_order(tmp_path):
+    from fpc_ray.label import runs
+    from fpc_ray.storage import resolve
+
+    output = resolve(str(tmp_path / "out"))
+    base = "20261126T150001Z"
+    assert runs.free_run_id(output, base) == base  # nothing there yet, not even the folder
+    (tmp_path / "out" / f"run={base}").mkdir(parents=True)  # committed or cut short: taken either way
+    (tmp_path / "out" / runs.STAGING / f"run={base}-02").mkdir(parents=True)  # a run labelling now
+    taken = [base, f"{base}-02", runs.free_run_id(output, base)]
+    assert taken[2] == f"{base}-03"
+    assert sorted([*taken, "20261126T150002Z"]) == [*taken, "20261126T150002Z"]  # ids sort as taken
+
+
+def test_a_second_run_in_the_same_second_takes_the_next_default_id(trained_bundle, tmp_path, monkeypatch):
+    from fpc_ray.label import pipeline
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(pipeline, "default_run_id", lambda: "20261126T150001Z")
+    ids = [pipeline.run_labelling(trained_bundle["bundle"], str(tmp_path / "empty"), str(tmp_path / "out"),
+                                  pipeline.LabelOptions(), echo=lambda _: None)["run_id"] for _ in range(3)]
+    assert ids == ["20261126T150001Z", "20261126T150001Z-02", "20261126T150001Z-03"]
+    with pytest.raises(pipeline.UserError, match="already committed"):  # a given id stays the user's
+        pipeline.run_labelling(trained_bundle["bundle"], str(tmp_path / "empty"), str(tmp_path / "out"),
+                               pipeline.LabelOptions(run_id="20261126T150001Z"), echo=lambda _: None)

@@ -30,6 +30,7 @@ from fpc_ray.label.runs import (
     clean_stale_staging,
     commit,
     committed_objects,
+    free_run_id,
     object_keys,
     objects_not_in,
     parquet_parts,
@@ -226,11 +227,12 @@ def _open_run(model_uri: str, inputs: list[str], output_uri: str, opts: LabelOpt
         raise UserError("no input prefix given")
     model_uri = follow_pointer(model_uri, storage)  # once: every actor loads the same bundle
     card = read_card(model_uri, storage)
-    run_id = opts.run_id or default_run_id()
-    if "/" in run_id or not run_id:
-        raise UserError(f"--run-id {run_id!r}: must be non-empty and contain no '/'")
     sources, output = [resolve(u, storage) for u in inputs], resolve(output_uri, storage)
     _refuse_overlap(sources, output)
+    # A defaulted id (this second) moves on to a free one; a given id is the user's to change.
+    run_id = opts.run_id or free_run_id(output, default_run_id())
+    if "/" in run_id or not run_id:
+        raise UserError(f"--run-id {run_id!r}: must be non-empty and contain no '/'")
     attempt = Attempt(output, run_id)
     if attempt.run_dir.join(SUCCESS).exists():
         raise UserError(f"run {run_id} is already committed under {output.uri}; choose another --run-id")

@@ -94,6 +94,23 @@ def run_folders(output: Location) -> dict[str, Location]:
             if e.type == pafs.FileType.Directory and _name(e.path).startswith("run=")}
 
 
+def free_run_id(output: Location, base: str, most: int = 99) -> str:
+    """``base``, else ``base-02``, ``base-03``, ...: the first id no run folder (committed or cut
+    short) nor staging under OUTPUT uses. Default ids are UTC seconds, and a run with nothing to
+    do finishes within one; two digits keep the ids in the order they were taken.
+
+    Raises:
+        UserError: all ``most`` ids of that second are taken.
+    """
+    staged = {_name(e.path)[4:] for e in output.join(STAGING).entries() if _name(e.path).startswith("run=")}
+    taken = set(run_folders(output)) | staged
+    for n in range(1, most + 1):
+        run_id = base if n == 1 else f"{base}-{n:02d}"
+        if run_id not in taken:
+            return run_id
+    raise UserError(f"run ids {base} to {base}-{most:02d} are all taken under {output.uri}; give --run-id")
+
+
 def committed_runs(output: Location) -> list[Location]:
     """Run folders under OUTPUT that hold a ``_SUCCESS.json`` (one request per folder: for
     whole-history questions use :func:`committed_objects`, which reads the index)."""
