@@ -207,3 +207,31 @@ def test_a_second_run_in_the_same_second_takes_the_next_default_id(trained_bundl
     with pytest.raises(pipeline.UserError, match="already committed"):  # a given id stays the user's
         pipeline.run_labelling(trained_bundle["bundle"], str(tmp_path / "empty"), str(tmp_path / "out"),
                                pipeline.LabelOptions(run_id="20261126T150001Z"), echo=lambda _: None)
+
+
+@pytest.mark.parametrize("name, make, kind", [
+    ("x.dcm", lambda: fx.png(GRAY), "png"),
+    ("scan.DICOM", lambda: fx.jpeg(GRAY), "jpeg"),
+    ("no_extension", lambda: fx.dicom_mono(GRAY), "dicom"),
+    ("x.png", lambda: fx.jpeg(GRAY), "jpeg"),
+])
+def test_the_content_not_the_name_says_what_an_object_is(name, make, kind):
+    decoded = decode_object(name, make())
+    assert decoded.kind == kind and len(decoded.frames) == 1 and decoded.frames[0][1].shape == GRAY.shape
+
+
+@pytest.mark.parametrize("name, make, kind", [
+    ("trunc.jpg", lambda: fx.jpeg(GRAY)[:300], "truncated"),
+    ("header_only.jpg", lambda: fx.jpeg(GRAY)[:100], "truncated"),
+    ("soi_only.jpg", lambda: fx.jpeg(GRAY)[:3], "truncated"),
+    ("sig_only.png", lambda: fx.png(GRAY)[:8], "truncated"),
+    ("cut_ihdr.png", lambda: fx.png(GRAY)[:20], "truncated"),
+    ("named.dcm", lambda: fx.png(GRAY)[:20], "truncated"),  # a cut PNG is a cut PNG whatever its name
+    ("text.png", lambda: b"hello, not an image\n", "not_an_image"),
+])
+def test_a_png_or_jpeg_cut_inside_its_header_is_truncated_not_another_format(name, make, kind):
+    from fpc_ray.label.decode import DecodeError
+
+    with pytest.raises(DecodeError) as e:
+        decode_object(name, make())
+    assert e.value.kind == kind, str(e.value)
