@@ -51,3 +51,38 @@ def test_a_missing_prefix_is_a_user_error(tmp_path):
 
 def test_the_bad_name_listing_error_is_a_declared_kind():
     assert error_kind(BAD_NAME) == "bad_name"
+
+
+def _scandir_refusing(monkeypatch, refused: str) -> None:
+    """os.scandir raising PermissionError for one folder (chmod does not stop root, who runs tests)."""
+    real = os.scandir
+
+    def scandir(path):
+        if os.fsdecode(path) == refused:
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_an_unreadable_subfolder_is_one_error_row_and_the_rest_is_listed(tmp_path, monkeypatch):
+    root = tmp_path / "in"
+    (root / "locked").mkdir(parents=True)
+    (root / "open").mkdir()
+    (root / "locked" / "hidden.png").write_bytes(b"x")
+    (root / "open" / "a.png").write_bytes(b"x")
+    (root / "b.png").write_bytes(b"x")
+    _scandir_refusing(monkeypatch, str(root / "locked"))
+    listed = {o["uri"][len(str(root)) + 1:]: o for o in list_objects(resolve(str(root)))}
+    assert sorted(listed) == ["b.png", "locked", "open/a.png"]
+    error = listed["locked"]["listing_error"]
+    assert error_kind(error) == "unreadable" and str(root) not in error
+    assert listed["locked"]["mtime_ns"] == (root / "locked").stat().st_mtime_ns  # the same key next run
+    assert listed["b.png"]["listing_error"] is None and listed["open/a.png"]["listing_error"] is None
+
+
+def test_an_unreadable_input_prefix_is_still_a_user_error(tmp_path, monkeypatch):
+    (tmp_path / "in").mkdir()
+    _scandir_refusing(monkeypatch, str(tmp_path / "in"))
+    with pytest.raises(UserError, match="permission denied"):
+        list_objects(resolve(str(tmp_path / "in")))

@@ -12,7 +12,11 @@ frames are decoded one at a time, keeping only those the frame stride selects.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
+import threading
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,12 +36,55 @@ MAX_FRAMES = 2_000
 # what the pixel count alone lets through (64-bit float samples, say).
 MAX_DECODED_BYTES = 4 * MAX_PIXELS
 DICM_OFFSET = 128
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SOI = b"\xff\xd8\xff"  # start of image, then the first segment's marker
 # A deflated DICOM dataset may inflate to its pixel data plus headers, no more: past this, pydicom's
 # own whole-file zlib.decompress would be the bomb.
 MAX_INFLATED_BYTES = MAX_DECODED_BYTES + 64 * 1024**2
 _VOI_BAND_PIXELS = 1 << 20  # pixels windowed at once (see _apply_voi)
 _UID_KEYWORDS = {"study_uid": "StudyInstanceUID", "series_uid": "SeriesInstanceUID",
                  "sop_uid": "SOPInstanceUID"}
+
+
+_quiet_lock = threading.Lock()
+_quiet_state: dict = {"depth": 0}
+
+
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+_DROP_ALL = _DropAll()
+
+
+@contextlib.contextmanager
+def _pydicom_quiet():
+    """pydicom's warnings and log records quote header values (a UID element holding a patient's
+    name, an odd Number of Frames): none of them may reach a log. Its value validation is off,
+    its warnings ignored and its logger muted while any thread of the process decodes; these are
+    process-wide settings, so the first thread in sets them and the last one out restores them."""
+    import pydicom.config
+
+    with _quiet_lock:
+        if _quiet_state["depth"] == 0:
+            settings = pydicom.config.settings
+            caught = warnings.catch_warnings()
+            caught.__enter__()
+            warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+            _quiet_state.update(mode=settings.reading_validation_mode, caught=caught)
+            settings.reading_validation_mode = pydicom.config.IGNORE
+            logging.getLogger("pydicom").addFilter(_DROP_ALL)
+        _quiet_state["depth"] += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_state["depth"] -= 1
+            if _quiet_state["depth"] == 0:
+                logging.getLogger("pydicom").removeFilter(_DROP_ALL)
+                pydicom.config.settings.reading_validation_mode = _quiet_state.pop("mode")
+                _quiet_state.pop("caught").__exit__(None, None, None)
 
 
 class DecodeError(Exception):
@@ -68,20 +115,32 @@ class Decoded:
     kind: str | None = None  # "png", "jpeg", "dicom" (one frame) or "dicom_cine" (several)
 
 
-def is_dicom(uri: str, data: bytes) -> bool:
-    """A ``.dcm`` name or the ``DICM`` magic at byte 128 (PACS exports often have no extension)."""
-    return uri.lower().endswith((".dcm", ".dicom")) or data[DICM_OFFSET:DICM_OFFSET + 4] == b"DICM"
+def sniff(uri: str, data: bytes) -> str | None:
+    """What the content says it is: ``"png"``, ``"jpeg"`` or ``"dicom"`` by its magic bytes (PNG
+    signature, JPEG start of image, ``DICM`` at byte 128), else ``"dicom"`` for a ``.dcm`` name (a
+    dataset written without its preamble), else None. The content wins over the name: a PNG named
+    ``x.dcm`` is a PNG, a DICOM without an extension is a DICOM (PACS exports often have none)."""
+    if data.startswith(PNG_SIGNATURE):
+        return "png"
+    if data.startswith(JPEG_SOI):
+        return "jpeg"
+    if data[DICM_OFFSET:DICM_OFFSET + 4] == b"DICM" or uri.lower().endswith((".dcm", ".dicom")):
+        return "dicom"
+    return None
 
 
-def _raster(data: bytes, keep_jpeg: bool) -> Decoded:
+def _raster(data: bytes, keep_jpeg: bool, magic: str | None = None) -> Decoded:
     """A PNG or JPEG file's one frame; with ``keep_jpeg``, a JPEG a batched decoder takes stays
-    encoded (its size is checked here, as the decoder would allocate it)."""
+    encoded (its size is checked here, as the decoder would allocate it). ``magic``: what
+    :func:`sniff` said; a PNG or JPEG by its magic whose header cannot be read is cut short."""
     try:
         with open_image(data) as im:  # the format, from the header alone
             fmt, mode, (width, height) = im.format, im.mode, im.size
     except TooManyPixels as e:
         raise DecodeError("too_large", str(e)) from None
     except Exception:
+        if magic in ("png", "jpeg"):
+            raise DecodeError("truncated", f"{magic.upper()} data stops or breaks inside its header") from None
         raise DecodeError("not_an_image", "not a PNG, JPEG or DICOM file") from None
     kind = fmt.lower()
     if (keep_jpeg and fmt == "JPEG" and mode in ("L", "RGB") and width * height <= MAX_PIXELS
@@ -363,7 +422,8 @@ def decode_object(uri: str, data: bytes, frame_stride: int = 1, uid_key: str | N
     """Decode an archive object into grayscale frames.
 
     Args:
-        uri: the object's name; a ``.dcm`` / ``.dicom`` name is read as DICOM.
+        uri: the object's name; a ``.dcm`` / ``.dicom`` name is read as DICOM unless its bytes
+            are a PNG's or a JPEG's (see :func:`sniff`).
         data: the object's bytes.
         frame_stride: keep every n-th frame of a multi-frame DICOM.
         uid_key: when set, DICOM UIDs are replaced by their keyed hash (see ``uids.pseudonymize_uid``).
@@ -378,11 +438,13 @@ def decode_object(uri: str, data: bytes, frame_stride: int = 1, uid_key: str | N
     """
     if not data:
         raise DecodeError("empty", "zero-byte object")
+    magic = sniff(uri, data)
     try:
-        if is_dicom(uri, data):
-            decoded = _dicom_frames(data, frame_stride, uid_key, keep_jpeg)
+        if magic == "dicom":
+            with _pydicom_quiet():
+                decoded = _dicom_frames(data, frame_stride, uid_key, keep_jpeg)
         else:
-            decoded = _raster(data, keep_jpeg)
+            decoded = _raster(data, keep_jpeg, magic)
     except DecodeError:
         raise
     except MemoryError:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
-from fpc_ray.errors import UserError
+from fpc_ray.errors import UserError, private_reason
 from fpc_ray.label.schema import error_text
 from fpc_ray.storage import Location, guard, is_remote, storage_error
 
@@ -25,11 +25,13 @@ def _walk_local(root: str) -> Iterator[tuple[str, os.stat_result, str | None]]:
     Symlinks (to files or folders) are followed only where they resolve inside the prefix, and
     no folder is entered twice (symlink loops), so a hostile tree neither leaks outside the
     prefix nor repeats objects. Names are read as bytes: one that is not UTF-8 gets a printable
-    URI (its bytes backslash-escaped) and a listing error instead of failing the listing.
+    URI (its bytes backslash-escaped) and a listing error instead of failing the listing; so does
+    a subfolder that cannot be listed (``unreadable``: one row for the folder, its stat as listed).
     """
     real_root = os.path.realpath(os.fsencode(root))
     seen: set[tuple[int, int]] = set()
-    stack = [(os.fsencode(root), root, False)]  # (path as bytes, printable path, bad name)
+    stack_root = os.fsencode(root)
+    stack = [(stack_root, root, False)]  # (path as bytes, printable path, bad name)
     linked = []  # folders reached through a symlink: walked after the real tree, so a link to a
     while stack or linked:  # folder inside it is the duplicate that is skipped, not the folder
         path, shown, bad = stack.pop() if stack else linked.pop()
@@ -41,6 +43,12 @@ def _walk_local(root: str) -> Iterator[tuple[str, os.stat_result, str | None]]:
             with os.scandir(path) as it:
                 entries = list(it)
         except FileNotFoundError:  # removed while we listed: nothing there to label
+            continue
+        except OSError as e:
+            if path == stack_root:  # the input prefix itself: the user's error, said in one line
+                raise
+            # One unreadable subfolder (permissions, an I/O error) is one error row; the rest is labelled.
+            yield shown, st, error_text("unreadable", f"folder cannot be listed ({private_reason(e)})")
             continue
         for entry in entries:
             try:

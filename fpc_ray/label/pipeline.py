@@ -30,13 +30,14 @@ from fpc_ray.label.runs import (
     clean_stale_staging,
     commit,
     committed_objects,
+    free_run_id,
     object_keys,
     objects_not_in,
     parquet_parts,
     summarise_rows,
 )
 from fpc_ray.label.schema import schema_with_metadata
-from fpc_ray.storage import Location, resolve
+from fpc_ray.storage import Location, is_remote, resolve
 
 BATCHES_PER_BLOCK = 4  # batches per Ray Data block (see _object_blocks)
 PREDICTOR_QUEUE = 4  # batches queued at each split-design predictor (Ray Data's default: 2)
@@ -202,6 +203,22 @@ def _label(todo: list[dict], staged: Location, model_uri: str, card: dict, run_i
         raise ray_failure(e, f"labelling run {run_id} failed, nothing committed") from e
 
 
+def _normalised(loc: Location) -> str:
+    """A location as compared for nesting: a local path resolved (links, ``..``), an S3 bucket/key."""
+    return os.path.realpath(loc.path) if not is_remote(loc.uri) else f"s3://{loc.path.strip('/')}"
+
+
+def _refuse_overlap(sources: list[Location], output: Location) -> None:
+    """Refuse an output inside (or equal to) an input prefix, or an input inside the output: later
+    runs would list the output's own parts, index and lock as archive objects."""
+    out = _normalised(output)
+    for source in sources:
+        src = _normalised(source)
+        if out == src or out.startswith(src.rstrip("/") + "/") or src.startswith(out.rstrip("/") + "/"):
+            raise UserError(f"--output {output.uri} and --input {source.uri} overlap: a run would read its "
+                            "own output as archive objects; choose an output outside every input prefix")
+
+
 def _open_run(model_uri: str, inputs: list[str], output_uri: str, opts: LabelOptions, storage: StorageConfig,
               echo) -> tuple[str, dict, list[Location], Attempt]:
     """The model (pointer followed), its card, the input prefixes and this run's attempt, checked
@@ -210,10 +227,12 @@ def _open_run(model_uri: str, inputs: list[str], output_uri: str, opts: LabelOpt
         raise UserError("no input prefix given")
     model_uri = follow_pointer(model_uri, storage)  # once: every actor loads the same bundle
     card = read_card(model_uri, storage)
-    run_id = opts.run_id or default_run_id()
+    sources, output = [resolve(u, storage) for u in inputs], resolve(output_uri, storage)
+    _refuse_overlap(sources, output)
+    # A defaulted id (this second) moves on to a free one; a given id is the user's to change.
+    run_id = opts.run_id or free_run_id(output, default_run_id())
     if "/" in run_id or not run_id:
         raise UserError(f"--run-id {run_id!r}: must be non-empty and contain no '/'")
-    sources, output = [resolve(u, storage) for u in inputs], resolve(output_uri, storage)
     attempt = Attempt(output, run_id)
     if attempt.run_dir.join(SUCCESS).exists():
         raise UserError(f"run {run_id} is already committed under {output.uri}; choose another --run-id")
@@ -222,12 +241,12 @@ def _open_run(model_uri: str, inputs: list[str], output_uri: str, opts: LabelOpt
     return model_uri, card, sources, attempt
 
 
-def _objects_to_label(sources: list[Location], attempt: Attempt, opts: LabelOptions) -> tuple[list, list]:
+def _objects_to_label(sources: list[Location], attempt: Attempt, opts: LabelOptions, echo) -> tuple[list, list]:
     """(every object listed, those to label): what no committed run holds, or all with ``full``.
 
     Notes the committed runs seen as the attempt's baseline (see :func:`runs.commit`)."""
     listed = list_inputs(sources)
-    committed, attempt.baseline = committed_objects(attempt.output)
+    committed, attempt.baseline = committed_objects(attempt.output, echo)
     todo = listed if opts.full else objects_not_in(listed, object_keys(committed))
     return listed, todo if opts.limit is None else todo[: opts.limit]
 
@@ -272,7 +291,7 @@ def run_labelling(model_uri: str, input_uri: str | list[str], output_uri: str, o
     storage = storage or StorageConfig()
     inputs = [input_uri] if isinstance(input_uri, str | os.PathLike) else list(input_uri)
     model_uri, card, sources, attempt = _open_run(model_uri, inputs, output_uri, opts, storage, echo)
-    listed, todo = _objects_to_label(sources, attempt, opts)
+    listed, todo = _objects_to_label(sources, attempt, opts, echo)
     where = sources[0].uri if len(sources) == 1 else f"{len(sources)} prefixes"
     echo(f"run {attempt.run_id}: {len(listed)} objects under {where}, {len(listed) - len(todo)} already "
          f"labelled, {len(todo)} to label with model {card['version']} (attempt {attempt.attempt_id})")

@@ -38,7 +38,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fpc_ray.config import DriftConfig, StorageConfig
-from fpc_ray.errors import ConcurrentChange, UserError
+from fpc_ray.errors import ConcurrentChange, UserError, exception_line
 from fpc_ray.label.lock import CommitLock
 from fpc_ray.label.run_stats import read_stats_table, run_stats
 from fpc_ray.label.schema import error_kind
@@ -94,29 +94,82 @@ def run_folders(output: Location) -> dict[str, Location]:
             if e.type == pafs.FileType.Directory and _name(e.path).startswith("run=")}
 
 
+def free_run_id(output: Location, base: str, most: int = 99) -> str:
+    """``base``, else ``base-02``, ``base-03``, ...: the first id no run folder (committed or cut
+    short) nor staging under OUTPUT uses. Default ids are UTC seconds, and a run with nothing to
+    do finishes within one; two digits keep the ids in the order they were taken.
+
+    Raises:
+        UserError: all ``most`` ids of that second are taken.
+    """
+    staged = {_name(e.path)[4:] for e in output.join(STAGING).entries() if _name(e.path).startswith("run=")}
+    taken = set(run_folders(output)) | staged
+    for n in range(1, most + 1):
+        run_id = base if n == 1 else f"{base}-{n:02d}"
+        if run_id not in taken:
+            return run_id
+    raise UserError(f"run ids {base} to {base}-{most:02d} are all taken under {output.uri}; give --run-id")
+
+
 def committed_runs(output: Location) -> list[Location]:
     """Run folders under OUTPUT that hold a ``_SUCCESS.json`` (one request per folder: for
     whole-history questions use :func:`committed_objects`, which reads the index)."""
     return [run for run in run_folders(output).values() if run.join(SUCCESS).exists()]
 
 
-def read_index(output: Location) -> tuple[pa.Table, set[str]]:
-    """The index's rows and the run ids it covers (empty for an output without one)."""
+def read_index(output: Location, echo: Callable[[str], None] = print) -> tuple[pa.Table, set[str]]:
+    """The index's rows and the run ids it covers (empty for an output without one).
+
+    The index is a cache over the committed runs' object lists: one it cannot read (damaged,
+    cut short, not Parquet) is said in one line and read as absent, so the runs themselves are
+    read and the next commit rewrites it; one damaged file never stops labelling.
+    """
     loc = output.join(INDEX)
     if not loc.exists():
         return INDEX_SCHEMA.empty_table(), set()
-    table = guard(loc.uri, lambda: pq.read_table(loc.path, filesystem=loc.fs))
-    runs = json.loads((table.schema.metadata or {}).get(INDEX_RUNS_KEY, b"[]"))
-    return table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA), set(runs)
+    try:
+        table = guard(loc.uri, lambda: pq.read_table(loc.path, filesystem=loc.fs))
+        runs = set(json.loads((table.schema.metadata or {}).get(INDEX_RUNS_KEY, b"[]")))
+        return table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA), runs
+    except (pa.ArrowException, ValueError, KeyError, TypeError) as e:  # not storage: guard made those one line
+        echo(f"warning: {loc.uri} is not a readable index ({type(e).__name__}); reading the committed runs "
+             "instead, and the next commit rewrites it")
+        return INDEX_SCHEMA.empty_table(), set()
+
+
+def _first_damaged(runs: list[Location]) -> str | None:
+    """The URI of the first Parquet file of ``runs`` whose footer cannot be read, if any."""
+    for run in runs:
+        for path in parquet_parts(run):
+            try:
+                pq.read_metadata(path, filesystem=run.fs)
+            except pa.ArrowInvalid:
+                return run.join(path[len(run.path):].lstrip("/")).uri
+    return None
+
+
+@contextlib.contextmanager
+def reading_runs(runs: list[Location]):
+    """Reads of committed runs' Parquet files (parts, ``_objects.parquet``): a damaged one (cut
+    short, overwritten, not Parquet) is one line naming it, not Arrow's traceback."""
+    try:
+        yield
+    except pa.ArrowInvalid as e:
+        damaged = _first_damaged(runs)
+        if damaged is None:
+            raise UserError(f"cannot read the rows of {', '.join(r.uri for r in runs)}: {exception_line(e)}") from None
+        raise UserError(f"{damaged}: damaged, not a readable Parquet file; restore it, or delete its run folder "
+                        "to label those objects again") from None
 
 
 def _run_objects(run_id: str, run: Location) -> pa.Table:
     loc = run.join(OBJECTS)
-    table = guard(loc.uri, lambda: pq.read_table(loc.path, filesystem=loc.fs, columns=OBJECTS_SCHEMA.names))
+    with reading_runs([run]):
+        table = guard(loc.uri, lambda: pq.read_table(loc.path, filesystem=loc.fs, columns=OBJECTS_SCHEMA.names))
     return table.cast(OBJECTS_SCHEMA).append_column("run", pa.array([run_id] * table.num_rows, pa.string()))
 
 
-def committed_objects(output: Location) -> tuple[pa.Table, set[str]]:
+def committed_objects(output: Location, echo: Callable[[str], None] = print) -> tuple[pa.Table, set[str]]:
     """(uri, size, mtime_ns, run) of every committed run, and the committed run ids.
 
     Reads the index, plus the object lists of committed runs it does not cover (outputs written
@@ -125,7 +178,7 @@ def committed_objects(output: Location) -> tuple[pa.Table, set[str]]:
     user deleted it to relabel) no longer count.
     """
     folders = run_folders(output)
-    index, covered = read_index(output)
+    index, covered = read_index(output, echo)
     covered &= set(folders)
     if index.num_rows:
         index = index.filter(pc.is_in(index["run"], pa.array(sorted(covered), pa.string())))
@@ -358,7 +411,7 @@ def _forget_relabelled_run(output: Location, run_id: str, index: pa.Table,
                            runs: set[str]) -> tuple[pa.Table, set[str]]:
     """The index without ``run_id`` where it still names it (its folder was deleted to relabel
     it), rewritten before the folder fills again: else a commit cut short would count."""
-    if run_id not in read_index(output)[1]:
+    if run_id not in read_index(output, echo=lambda _: None)[1]:  # a damaged index was said already
         return index, runs
     index, runs = index.filter(pc.not_equal(index["run"], run_id)), runs - {run_id}
     write_index(output, index, runs)
@@ -407,7 +460,8 @@ def commit(attempt: Attempt, objects: list[dict], summary: dict, storage: Storag
             attempt.discard()
             raise ConcurrentChange(f"run {attempt.run_id} was committed under {output.uri} by attempt {other} "
                                    f"while attempt {attempt.attempt_id} worked; this attempt's rows are discarded")
-        index, runs = committed_objects(output)
+        # A damaged index was said when the run listed; read as absent here too, rewritten below.
+        index, runs = committed_objects(output, echo=lambda _: None)
         keep = _drop_late(attempt, objects, index, echo)
 
         # Only objects whose rows are staged, and not `vanished`, count as labelled: an object

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from fpc_ray.config import StorageConfig
 from fpc_ray.errors import UserError
 from fpc_ray.label.decode import DecodeError, decode_object
+from fpc_ray.label.runs import reading_runs
 from fpc_ray.review import Format, Strategy, labelstudio
 from fpc_ray.review.select import input_runs, ranked, read_candidates
 from fpc_ray.storage import Location, guard, is_remote, resolve
@@ -223,7 +224,8 @@ def export_batch(inputs: list[str], output: str, opts: ExportOptions, storage: S
     if out.join(MANIFEST).exists():
         raise UserError(f"{out.uri}: already holds a review batch; give a new --output")
     runs = {r.uri: r for uri in inputs for r in input_runs(uri, storage)}
-    candidates = read_candidates(list(runs.values())).to_pylist()
+    with reading_runs(list(runs.values())):  # a damaged run part: one line naming it
+        candidates = read_candidates(list(runs.values())).to_pylist()
     done = exported_frames(out)
     rows = [r for r in candidates if r["frame_id"] not in done]
     order, cap = ranked(rows, opts.strategy, opts.n, opts.per_class, opts.seed)
@@ -232,7 +234,8 @@ def export_batch(inputs: list[str], output: str, opts: ExportOptions, storage: S
         raise UserError(f"no frame left to export from {len(runs)} run(s): {len(candidates)} labelled frame(s), "
                         f"{len(candidates) - len(rows)} exported in earlier batches, {sum(skipped.values())} "
                         f"whose source vanished or changed")
-    cams = write_cams(chosen, out, storage)
+    with reading_runs(list(runs.values())):
+        cams = write_cams(chosen, out, storage)
     _write_outputs(chosen, out, opts, sorted(runs))
     if skipped:
         echo(f"warning: skipped {sum(skipped.values())} frame(s) whose source is no longer what the run "
