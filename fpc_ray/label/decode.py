@@ -399,12 +399,20 @@ def _apply_voi(frame: np.ndarray, ds) -> np.ndarray:
 
 
 def _scale_to_stored_bits(frame: np.ndarray, ds) -> np.ndarray:
-    """Scale deep monochrome frames to their stored bit depth, not the container type's."""
+    """Scale deep monochrome frames to their stored bit depth, not the container type's.
+
+    Where that depth would leave the brightest pixel under a sixteenth of white (a frame said to
+    be 32 bits deep holding 18 bits of data; signed data in a narrow band about zero), the depth
+    the data itself needs is used, as for a deep PNG that declares none: such a frame would
+    otherwise be classified as a black one."""
     if frame.ndim == 2 and frame.dtype != np.uint8:
         bits = min(max(int(ds.get("BitsStored", 16) or 16), 1), 32)
         frame = frame.astype(np.float32)
-        if frame.min() < 0:
+        if frame.size and frame.min() < 0:
             frame -= frame.min()
+        top = float(frame.max()) if frame.size else 0.0
+        if top * 16 < 2**bits - 1:
+            bits = max(8, int(top).bit_length())
         return np.clip(frame * (255.0 / (2**bits - 1)), 0, 255).astype(np.uint8)
     return frame
 
