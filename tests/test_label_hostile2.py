@@ -4,6 +4,7 @@ input, damaged run files, unreadable folders, default run ids of one second, sni
 from __future__ import annotations
 
 import io
+import json
 import logging
 import warnings
 
@@ -235,3 +236,48 @@ def test_a_png_or_jpeg_cut_inside_its_header_is_truncated_not_another_format(nam
     with pytest.raises(DecodeError) as e:
         decode_object(name, make())
     assert e.value.kind == kind, str(e.value)
+
+
+def test_drift_and_the_run_page_name_a_damaged_run_part_in_one_line(tmp_path):
+    from fpc_ray.config import StorageConfig
+    from fpc_ray.drift.history import _stats
+    from fpc_ray.errors import UserError
+    from fpc_ray.label import runs
+    from fpc_ray.report.run_report import run_report
+    from fpc_ray.storage import resolve
+
+    run_dir = _commit_run(resolve(str(tmp_path / "out")), "r1", ["a.png", "b.png"])
+    success = tmp_path / "out" / "run=r1" / runs.SUCCESS
+    success.write_text(json.dumps({**json.loads(success.read_text()), "inputs": ["s3://archive"]}))
+    damaged = runs.run_parts(run_dir)[0]
+    with open(damaged, "wb") as f:
+        f.write(b"garbage\n")
+    for read in (lambda: _stats({}, run_dir, 0.5), lambda: run_report(run_dir, StorageConfig())):
+        with pytest.raises(UserError) as e:
+            read()
+        assert damaged in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["garbage weights", "no weights"])
+def test_label_with_a_damaged_bundle_is_one_line_and_exit_2_before_any_actor(trained_bundle, tmp_path, damage):
+    """Not an actor's traceback and exit 1 (an outage to a scheduler, retried forever)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from fpc_ray.bundle import WEIGHTS_FILE
+    from fpc_ray.cli import app
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(trained_bundle["bundle"], bundle)
+    if damage == "no weights":
+        (bundle / WEIGHTS_FILE).unlink()
+    else:
+        (bundle / WEIGHTS_FILE).write_bytes(b"\x00" * 64)
+    (tmp_path / "arch").mkdir()
+    (tmp_path / "arch" / "a.png").write_bytes(fx.png(GRAY))
+    done = CliRunner().invoke(app, ["label", "--model", str(bundle), "--input", str(tmp_path / "arch"),
+                                    "--output", str(tmp_path / "out")])
+    lines = [ln for ln in done.output.splitlines() if ln.strip()]
+    assert done.exit_code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {bundle}"), done.output
+    assert not (tmp_path / "out").exists()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from fpc_ray.bundle import follow_pointer, read_card
+from fpc_ray.bundle import check_bundle, follow_pointer
 from fpc_ray.config import StorageConfig
 from fpc_ray.errors import RunFailed, UserError, failure_line, ray_failure
 from fpc_ray.label.listing import list_inputs
@@ -226,7 +226,9 @@ def _open_run(model_uri: str, inputs: list[str], output_uri: str, opts: LabelOpt
     if not inputs:
         raise UserError("no input prefix given")
     model_uri = follow_pointer(model_uri, storage)  # once: every actor loads the same bundle
-    card = read_card(model_uri, storage)
+    # Card and weights checked here, once: a damaged bundle would fail every actor with a traceback
+    # and the run would look like an outage (exit 1) to a scheduler that then retries it forever.
+    card = check_bundle(model_uri, storage)
     sources, output = [resolve(u, storage) for u in inputs], resolve(output_uri, storage)
     _refuse_overlap(sources, output)
     # A defaulted id (this second) moves on to a free one; a given id is the user's to change.
