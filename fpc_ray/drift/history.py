@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from fpc_ray.errors import UserError
 from fpc_ray.label.run_stats import STATS_VERSION, low_confidence_share, read_stats_table, run_stats
-from fpc_ray.label.runs import SUCCESS, run_folders, run_parts
+from fpc_ray.label.runs import SUCCESS, reading_runs, run_folders, run_parts
 from fpc_ray.storage import Location, guard
 
 
@@ -32,10 +32,12 @@ class RunRecord:
 def _stats(summary: dict, run: Location, low_confidence: float) -> tuple[dict, str]:
     recorded = summary.get("stats")
     if not recorded or recorded.get("version") != STATS_VERSION:
-        table = guard(run.uri, lambda: read_stats_table(run_parts(run), run.fs))
+        with reading_runs([run]):
+            table = guard(run.uri, lambda: read_stats_table(run_parts(run), run.fs))
         return run_stats(table, low_confidence), "computed"
     if recorded["low_confidence"]["threshold"] != low_confidence:
-        table = guard(run.uri, lambda: read_stats_table(run_parts(run), run.fs, columns=("confidence",)))
+        with reading_runs([run]):
+            table = guard(run.uri, lambda: read_stats_table(run_parts(run), run.fs, columns=("confidence",)))
         recorded = recorded | {"low_confidence": low_confidence_share(table["confidence"], low_confidence)}
     return recorded, "recorded"
 

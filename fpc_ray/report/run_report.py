@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from fpc_ray import plots
 from fpc_ray.config import StorageConfig
-from fpc_ray.label.runs import SUCCESS, run_parts
+from fpc_ray.label.runs import SUCCESS, reading_runs, run_parts
 from fpc_ray.label.schema import error_kind
 from fpc_ray.report.page import esc, page, section, table
 from fpc_ray.report.page import img as img_tag
@@ -84,7 +84,8 @@ def run_report(run: Location, storage: StorageConfig, hide_sources: bool = False
     given = summary.get("inputs") or summary["input"]  # every prefix (runs before `inputs`: one)
     sources = SourceNames(hide_sources, [given] if isinstance(given, str) else list(given))
     parts = run_parts(run)
-    tables = [pq.read_table(p, columns=SUMMARY_COLUMNS, filesystem=run.fs) for p in parts]
+    with reading_runs([run]):
+        tables = [pq.read_table(p, columns=SUMMARY_COLUMNS, filesystem=run.fs) for p in parts]
     rows = [(pi, ri, r) for pi, t in enumerate(tables) for ri, r in enumerate(t.to_pylist())]
     labelled = [x for x in rows if x[2]["label"] is not None]
 
@@ -167,7 +168,8 @@ def _thumbnails(parts: list[str], run: Location, chosen: list) -> dict:
         wanted.setdefault(p, []).append(i)
     out = {}
     for p, indices in wanted.items():
-        column = pq.read_table(parts[p], columns=["gradcam_png"], filesystem=run.fs).column(0)
+        with reading_runs([run]):
+            column = pq.read_table(parts[p], columns=["gradcam_png"], filesystem=run.fs).column(0)
         for i in set(indices):
             out[(p, i)] = column[i].as_py()
     return out
