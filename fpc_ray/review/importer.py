@@ -133,7 +133,9 @@ def is_test_study(study: str, test_fraction: float, seed: int) -> bool:
     """Whether a study is in the test split: a function of the study (and seed) alone, so a study
     answered in several batches is on the same side in each, and a retrain never scores on a
     study it trained on. About ``test_fraction`` of many studies are."""
-    draw = int.from_bytes(hashlib.sha256(f"{seed}:{study}".encode()).digest()[:8], "big") / 2**64
+    # Drawn from the study's Patient_num, not its key: two studies whose numbers collide are one
+    # patient to the dataset reader, which refuses a patient on both sides.
+    draw = int.from_bytes(hashlib.sha256(f"{seed}:{patient_num(study)}".encode()).digest()[:8], "big") / 2**64
     return draw < test_fraction
 
 
