@@ -277,22 +277,32 @@ def _card_problem(card: dict) -> str | None:
     size = contract.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         return f"input.size {size!r}: not a positive integer"
-    for key in ("mean", "std"):
-        values = contract.get(key)
-        if not (isinstance(values, list) and len(values) == 3 and all(_is_number(v) for v in values)):
-            return f"input.{key}: not three numbers"
     if not isinstance(card.get("version"), str):
         return "version: not a string"
     calibration = card.get("calibration") or {}
     temperature = calibration.get("temperature", 1.0) if isinstance(calibration, dict) else None
     if not _is_number(temperature) or not 0 < temperature < float("inf"):
         return f"calibration.temperature {temperature!r}: not a positive number"
+    return None
+
+
+def _model_problem(card: dict) -> str | None:
+    """What is wrong with the fields that running the model needs besides those (its input's
+    normalisation, the config it was built from), or None."""
+    for key in ("mean", "std"):
+        values = card["input"].get(key)
+        if not (isinstance(values, list) and len(values) == 3 and all(_is_number(v) for v in values)):
+            return f"input.{key}: not three numbers"
     try:
         Config.model_validate(card.get("config"))
     except ValidationError as e:
         first = e.errors()[0]
         return f"config.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
     return None
+
+
+def _damaged_card(uri: str, problem: str) -> UserError:
+    return UserError(f"{uri}: damaged model card ({problem}); copy or train the bundle again")
 
 
 def read_card(uri: str, storage: StorageConfig | None = None) -> dict:
@@ -307,7 +317,16 @@ def read_card(uri: str, storage: StorageConfig | None = None) -> dict:
         raise UserError(f"{card_loc.uri}: unknown bundle format {found!r}")
     problem = _card_problem(card)
     if problem:
-        raise UserError(f"{card_loc.uri}: damaged model card ({problem}); copy or train the bundle again")
+        raise _damaged_card(card_loc.uri, problem)
+    return card
+
+
+def _read_model_card(uri: str, storage: StorageConfig | None) -> dict:
+    """:func:`read_card`, and the fields that running the model needs checked too."""
+    card = read_card(uri, storage)
+    problem = _model_problem(card)
+    if problem:
+        raise _damaged_card(resolve(uri, storage).join(CARD_FILE).uri, problem)
     return card
 
 
@@ -340,7 +359,7 @@ def check_bundle(uri: str, storage: StorageConfig | None = None) -> dict:
     from safetensors.numpy import load as st_load_numpy
 
     uri = follow_pointer(uri, storage)
-    card = read_card(uri, storage)
+    card = _read_model_card(uri, storage)
     blob = _checked_weights(uri, resolve(uri, storage), card)
     try:
         st_load_numpy(blob)
@@ -365,7 +384,7 @@ def load_bundle(uri: str, storage: StorageConfig | None = None) -> Bundle:
 
     uri = follow_pointer(uri, storage)
     loc = resolve(uri, storage)
-    card = read_card(uri, storage)
+    card = _read_model_card(uri, storage)
     blob = _checked_weights(uri, loc, card)
     cfg = Config.model_validate(card["config"])
     model = build_model(cfg.model, len(card["class_names"]), pretrained=False)

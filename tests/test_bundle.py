@@ -140,7 +140,10 @@ def test_a_damaged_card_is_one_line_naming_the_field(two_models, tmp_path, edit,
     _save(folder, two_models[0])
     card = json.loads((folder / CARD_FILE).read_text())
     (folder / CARD_FILE).write_text(json.dumps(edit(card)))
-    for read in (read_card, check_bundle, load_bundle):
+    # read_card checks what every reader needs (a report renders without the model's config).
+    readers = (check_bundle, load_bundle) if message.startswith(("input.mean", "config.")) else \
+        (read_card, check_bundle, load_bundle)
+    for read in readers:
         with pytest.raises(UserError) as err:
             read(str(folder))
         assert message in str(err.value) and "\n" not in str(err.value), str(err.value)

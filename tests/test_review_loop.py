@@ -27,7 +27,7 @@ ROOT = "s3://review-loop/night"
 def loop(s3_server, ray_local):
     s3_server.create_bucket("review-loop")
     lines: list[str] = []
-    result = run_loop_demo(ROOT, TINY, overrides=["train.batch_size=16", "train.frozen_epochs=0"],
+    result = run_loop_demo(ROOT, TINY, overrides=["train.batch_size=8", "train.frozen_epochs=0"],
                            echo=lines.append)
     return result, lines
 
