@@ -187,10 +187,21 @@ def test_12_bit_data_in_a_16_bit_png_comes_out_full_range():
 
 def test_a_declared_bit_depth_wins_over_the_inferred_one():
     ramp = np.linspace(0, 1000, 64 * 48).reshape(48, 64).astype(np.uint16)
-    assert decode_image_bytes(_png16(ramp)).max() == round(1000 * 255 / 1023)  # 10 bits hold 1000
-    declared = decode_image_bytes(_png16(ramp, sbit=b"\x0c"))  # sBIT: 12 significant bits
-    assert declared.max() == round(1000 * 255 / 4095)
+    assert decode_image_bytes(_png16(ramp)).max() == round(1000 * 255 / 4095)  # taken for 12-bit data
+    declared = decode_image_bytes(_png16(ramp, sbit=b"\x0a"))  # sBIT: 10 significant bits
+    assert declared.max() == round(1000 * 255 / 1023)
     assert png_significant_bits(_png16(np.dstack([ramp] * 3), sbit=b"\x0a\x0c\x0b")) == 12
+    hostile = decode_image_bytes(_png16(ramp, sbit=b"\xc8"))  # 200 bits: no more than the container's 16
+    assert hostile.max() == round(1000 * 255 / 65535)
+
+
+def test_a_pixel_s_brightness_does_not_follow_the_brightest_pixel():
+    """A 16-bit export of an 8-bit image (x257): the same pixels whatever its brightest one."""
+    dim = (np.arange(64, dtype=np.uint16).reshape(8, 8) + 60) * 257  # 60..123, x257
+    bright = dim.copy()
+    bright[0, 0] = 65535
+    a, b = decode_image_bytes(_png16(dim)), decode_image_bytes(_png16(bright))
+    assert np.array_equal(a.ravel()[1:], b.ravel()[1:]) and a[0, 1] == 61
 
 
 def test_deep_images_stay_black_where_black_and_8_bit_data_is_unchanged():

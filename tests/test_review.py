@@ -588,3 +588,16 @@ def test_a_look_alike_looks_like_its_decoy_more_than_like_its_own_class():
     thorax, abdomen = render("Fetal thorax"), render("Fetal abdomen")
     assert np.abs(look_alike - abdomen).mean() < np.abs(look_alike - thorax).mean()
     assert not np.array_equal(look_alike, abdomen)  # a trace of the thorax stays
+
+
+def test_studies_whose_patient_numbers_collide_land_on_one_side(monkeypatch):
+    """The reader refuses a patient on both sides; two study keys sharing a Patient_num (32 bits of
+    a hash) must not be split. A study alone keeps the side of its own key."""
+    from fpc_ray.review import importer
+
+    studies = {f"1.2.{i}" for i in range(40)}
+    monkeypatch.setattr(importer, "patient_num", lambda study: 7 if study in ("1.2.3", "1.2.30") else hash(study))
+    for seed in range(20):
+        test = pick_test_studies(studies, 0.5, seed, echo=lambda _: None)
+        assert ("1.2.3" in test) == ("1.2.30" in test)
+        assert all((s in test) == is_test_study(s, 0.5, seed) for s in studies - {"1.2.3", "1.2.30"})

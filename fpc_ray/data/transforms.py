@@ -67,17 +67,23 @@ def to_gray_u8(image: np.ndarray, significant_bits: int | None = None) -> np.nda
 
 
 def _to_u8_range(arr: np.ndarray, significant_bits: int | None = None) -> np.ndarray:
-    """Scale integers wider than 8 bits to 0..255 by their bit depth, not the image's range,
-    keeping brightness: the ``significant_bits`` the file declares, else the fewest bits (at
-    least 8) that hold the image's maximum, so 10-, 12- and 14-bit data in a 16-bit container
-    comes out full range (a 12-bit maximum of 4080 is 4080/4095, not 4080/65535: near black)."""
+    """Scale integers wider than 8 bits to 0..255 by a bit depth, never by the image's own range
+    (which would change a pixel's brightness with the brightest one): the ``significant_bits``
+    the file declares (at most the container's); else the first of 8, 12 and the container's
+    depth that holds the maximum. So 12-bit data in a 16-bit container comes out full range
+    (4080 is 4080/4095, not 4080/65535: near black), an 8-bit image stored as 16 bits (x257) as
+    it was, and a 16-bit image darker than 1/16 of white is taken for 12-bit data."""
     if arr.dtype == np.uint8:
         return arr
     if np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize == 1:
         return arr.astype(np.uint8)
     if np.issubdtype(arr.dtype, np.integer):
-        needed = max(int(arr.max()), 0).bit_length() if arr.size else 0
-        bits = max(significant_bits, needed) if significant_bits else max(8, needed)
+        top = max(int(arr.max()), 0) if arr.size else 0
+        container = int(np.iinfo(arr.dtype).max).bit_length()
+        if significant_bits:
+            bits = min(max(significant_bits, top.bit_length()), container)
+        else:
+            bits = next(b for b in (8, 12, container) if top < 2**b or b == container)
         return np.clip(arr.astype(np.float32) * (255.0 / (2**bits - 1)), 0, 255).round().astype(np.uint8)
     return np.clip(arr, 0, 255).round().astype(np.uint8)
 

@@ -12,10 +12,8 @@ frames are decoded one at a time, keeping only those the frame stride selects.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
-import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -46,45 +44,20 @@ _UID_KEYWORDS = {"study_uid": "StudyInstanceUID", "series_uid": "SeriesInstanceU
                  "sop_uid": "SOPInstanceUID"}
 
 
-_quiet_lock = threading.Lock()
-_quiet_state: dict = {"depth": 0}
+def quiet_pydicom() -> None:
+    """Keep pydicom from quoting header values (a UID element holding a patient's name, an odd
+    Number of Frames) in a warning or a log record, for the rest of this process: its value
+    validation off, its warnings ignored, its loggers (children included) silent.
 
-
-class _DropAll(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return False
-
-
-_DROP_ALL = _DropAll()
-
-
-@contextlib.contextmanager
-def _pydicom_quiet():
-    """pydicom's warnings and log records quote header values (a UID element holding a patient's
-    name, an odd Number of Frames): none of them may reach a log. Its value validation is off,
-    its warnings ignored and its logger muted while any thread of the process decodes; these are
-    process-wide settings, so the first thread in sets them and the last one out restores them."""
+    Called before each DICOM decode, never at import. Set for good, not saved and restored around
+    each decode: ``warnings.catch_warnings`` swaps one process-wide list, which decode threads
+    interleaving with other users of it would leave changed or drop early. Called each time
+    because such a user elsewhere may have restored a list without the filter."""
     import pydicom.config
 
-    with _quiet_lock:
-        if _quiet_state["depth"] == 0:
-            settings = pydicom.config.settings
-            caught = warnings.catch_warnings()
-            caught.__enter__()
-            warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
-            _quiet_state.update(mode=settings.reading_validation_mode, caught=caught)
-            settings.reading_validation_mode = pydicom.config.IGNORE
-            logging.getLogger("pydicom").addFilter(_DROP_ALL)
-        _quiet_state["depth"] += 1
-    try:
-        yield
-    finally:
-        with _quiet_lock:
-            _quiet_state["depth"] -= 1
-            if _quiet_state["depth"] == 0:
-                logging.getLogger("pydicom").removeFilter(_DROP_ALL)
-                pydicom.config.settings.reading_validation_mode = _quiet_state.pop("mode")
-                _quiet_state.pop("caught").__exit__(None, None, None)
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")  # no duplicate: it replaces its equal
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
 
 
 class DecodeError(Exception):
@@ -399,20 +372,12 @@ def _apply_voi(frame: np.ndarray, ds) -> np.ndarray:
 
 
 def _scale_to_stored_bits(frame: np.ndarray, ds) -> np.ndarray:
-    """Scale deep monochrome frames to their stored bit depth, not the container type's.
-
-    Where that depth would leave the brightest pixel under a sixteenth of white (a frame said to
-    be 32 bits deep holding 18 bits of data; signed data in a narrow band about zero), the depth
-    the data itself needs is used, as for a deep PNG that declares none: such a frame would
-    otherwise be classified as a black one."""
+    """Scale deep monochrome frames to their stored bit depth, not the container type's."""
     if frame.ndim == 2 and frame.dtype != np.uint8:
         bits = min(max(int(ds.get("BitsStored", 16) or 16), 1), 32)
         frame = frame.astype(np.float32)
-        if frame.size and frame.min() < 0:
+        if frame.min() < 0:
             frame -= frame.min()
-        top = float(frame.max()) if frame.size else 0.0
-        if top * 16 < 2**bits - 1:
-            bits = max(8, int(top).bit_length())
         return np.clip(frame * (255.0 / (2**bits - 1)), 0, 255).astype(np.uint8)
     return frame
 
@@ -449,8 +414,8 @@ def decode_object(uri: str, data: bytes, frame_stride: int = 1, uid_key: str | N
     magic = sniff(uri, data)
     try:
         if magic == "dicom":
-            with _pydicom_quiet():
-                decoded = _dicom_frames(data, frame_stride, uid_key, keep_jpeg)
+            quiet_pydicom()
+            decoded = _dicom_frames(data, frame_stride, uid_key, keep_jpeg)
         else:
             decoded = _raster(data, keep_jpeg, magic)
     except DecodeError:

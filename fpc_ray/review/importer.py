@@ -133,9 +133,7 @@ def is_test_study(study: str, test_fraction: float, seed: int) -> bool:
     """Whether a study is in the test split: a function of the study (and seed) alone, so a study
     answered in several batches is on the same side in each, and a retrain never scores on a
     study it trained on. About ``test_fraction`` of many studies are."""
-    # Drawn from the study's Patient_num, not its key: two studies whose numbers collide are one
-    # patient to the dataset reader, which refuses a patient on both sides.
-    draw = int.from_bytes(hashlib.sha256(f"{seed}:{patient_num(study)}".encode()).digest()[:8], "big") / 2**64
+    draw = int.from_bytes(hashlib.sha256(f"{seed}:{study}".encode()).digest()[:8], "big") / 2**64
     return draw < test_fraction
 
 
@@ -143,7 +141,12 @@ def pick_test_studies(studies: set[str], test_fraction: float, seed: int,
                       echo: Callable[[str], None] = print) -> set[str]:
     """The studies in the test split (see :func:`is_test_study`); warns when a side the fraction
     asks for is empty, or when there are too few studies for the fraction to mean much."""
-    test = {s for s in studies if is_test_study(s, test_fraction, seed)}
+    # Studies whose Patient_num collide (32 bits of a hash) are one patient to the dataset reader,
+    # which refuses a patient on both sides: each such group takes its first study's side.
+    first_of = {}
+    for s in sorted(studies):
+        first_of.setdefault(patient_num(s), s)
+    test = {s for s in studies if is_test_study(first_of[patient_num(s)], test_fraction, seed)}
     empty = [side for side, n, wanted in (("test", len(test), test_fraction > 0),
                                           ("train", len(studies) - len(test), test_fraction < 1)) if wanted and not n]
     if empty or len(studies) < MIN_STUDIES:
