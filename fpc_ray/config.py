@@ -248,6 +248,8 @@ def read_yaml(path: str | Path) -> dict:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
+    except RecursionError:  # thousands of nested brackets: no config of ours
+        raise UserError(f"{path}: YAML nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping at the top level")
     base = data.pop("base", None)

@@ -73,3 +73,10 @@ def test_bad_yaml_and_missing_file(tmp_path):
 def test_parse_override_types():
     assert parse_override("train.use_gpu=true") == (["train", "use_gpu"], True)
     assert parse_override("storage.endpoint_url=http://h:9000") == (["storage", "endpoint_url"], "http://h:9000")
+
+
+def test_yaml_nested_past_python_s_recursion_limit_is_one_line(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    with pytest.raises(UserError, match="nested too deeply"):
+        load_config(deep)

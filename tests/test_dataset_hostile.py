@@ -216,3 +216,8 @@ def test_a_quote_left_open_is_refused_not_swallowing_the_rows_after_it():
     rows = [_row("a", 1, 1), _row("b", 1, 1).replace("Voluson E6", '"Voluson E6'), _row("c", 2, 0), _row("d", 3, 0)]
     with pytest.raises(UserError, match="line 3: a field runs over several lines"):
         parse_csv(HEADER + "\n".join(rows) + "\n")
+
+
+def test_a_csv_with_old_mac_line_ends_reads_like_any_other(tmp_path):
+    text = (HEADER + _row("a", 1, 1) + "\n" + _row("b", 2, 0) + "\n").replace("\r\n", "\n").replace("\n", "\r")
+    assert [r.image_name for r in parse_csv(text)] == ["a", "b"]

@@ -193,3 +193,12 @@ def test_search_killed_then_resumed_records_its_trials_and_best_yaml_trains(sear
 def test_resume_without_a_search_is_one_line(tmp_path):
     done = runner.invoke(app, ["tune", "--data", str(tmp_path), "--output", str(tmp_path / "none"), "--resume"])
     assert done.exit_code == 2 and done.output.startswith("error: --resume: no search to resume"), done.output
+
+
+def test_a_search_is_checked_against_its_smallest_batch_size():
+    from fpc_ray.tune.search import _smallest_batch
+
+    assert _smallest_batch(load_tune_spec(None, {"train.batch_size": 64})) == 16  # the built-in space: 16 or 32
+    spec = load_tune_spec(None, {"train.batch_size": 64})
+    spec.space.pop("train.batch_size")
+    assert _smallest_batch(spec) == 64

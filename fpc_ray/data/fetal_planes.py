@@ -191,13 +191,22 @@ def _header_hint(names: list[str], missing: list[str]) -> str:
     return f"expected the header {';'.join(CSV_COLUMNS)}"
 
 
+def _csv_rows(text: str, source: str):
+    """The CSV's rows; line ends of any convention (CR alone: old Mac spreadsheets) are read as one."""
+    reader = csv.reader(io.StringIO(text, newline=None), delimiter=";")
+    try:
+        yield from reader
+    except csv.Error as e:
+        raise UserError(f"{source} line {reader.line_num}: not readable as CSV ({e})") from None
+
+
 def parse_csv(text: str, source: str = CSV_NAME) -> list[Record]:
     """Parse the dataset CSV text into records, with one-line errors naming the row.
 
     A row given twice counts once; an image listed twice differently, or a patient in both
     official splits, is refused.
     """
-    reader = csv.reader(io.StringIO(text), delimiter=";")
+    reader = _csv_rows(text, source)
     try:
         header = next(reader)
     except StopIteration:

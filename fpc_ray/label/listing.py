@@ -19,7 +19,7 @@ from fpc_ray.storage import Location, guard, is_remote, storage_error
 BAD_NAME = error_text("bad_name", "file name is not valid UTF-8")
 
 
-def _walk_local(root: str) -> Iterator[tuple[str, os.stat_result, str | None]]:
+def _walk_local(root: str) -> Iterator[tuple[str, os.stat_result | None, str | None]]:
     """(uri, stat, listing error) of every file under a local folder.
 
     Symlinks (to files or folders) are followed only where they resolve inside the prefix, and
@@ -35,6 +35,7 @@ def _walk_local(root: str) -> Iterator[tuple[str, os.stat_result, str | None]]:
     linked = []  # folders reached through a symlink: walked after the real tree, so a link to a
     while stack or linked:  # folder inside it is the duplicate that is skipped, not the folder
         path, shown, bad = stack.pop() if stack else linked.pop()
+        st = None  # an error row of a folder os.stat refused says size and time 0, not another's
         try:
             st = os.stat(path)
             if (st.st_dev, st.st_ino) in seen:
@@ -84,8 +85,8 @@ def list_objects(prefix: Location) -> list[dict]:
                  "listing_error": None}]
     if not is_remote(prefix.uri):
         try:
-            out = [{"uri": uri, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "listing_error": err}
-                   for uri, st, err in _walk_local(prefix.path)]
+            out = [{"uri": uri, "size": st.st_size if st else 0, "mtime_ns": st.st_mtime_ns if st else 0,
+                    "listing_error": err} for uri, st, err in _walk_local(prefix.path)]
         except OSError as e:
             raise storage_error(prefix.uri, e) from None
         return sorted(out, key=lambda o: o["uri"])

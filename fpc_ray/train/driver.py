@@ -36,9 +36,10 @@ class PreparedData:
         return [part.uri for part in self.parts]
 
 
-def prepare_data(cfg: Config, data_uri: str | Sequence[str]) -> PreparedData:
+def prepare_data(cfg: Config, data_uri: str | Sequence[str], batch_size: int | None = None) -> PreparedData:
     """Read each FETAL_PLANES_DB CSV, split it train/val/test by its patients, join the datasets'
-    splits and decode every image once."""
+    splits and decode every image once. ``batch_size``: the smallest batch the runs on it take
+    (default the config's; a search's space may hold smaller ones than its base config)."""
     started = time.perf_counter()
     parts = read_datasets(data_uri, cfg.data.val_fraction, cfg.data.split_seed, cfg.storage)
     for name in ("train", "val"):
@@ -46,7 +47,7 @@ def prepare_data(cfg: Config, data_uri: str | Sequence[str]) -> PreparedData:
             raise UserError(f"{joined_uri([p.uri for p in parts])}: the {name} split is empty "
                             f"(too few patients with Train=1?)")
     _check_one_batch_each(sum(len(part.splits["train"]) for part in parts), cfg.train.num_workers,
-                          cfg.train.batch_size)  # before minutes of decoding
+                          batch_size or cfg.train.batch_size)  # before minutes of decoding
     for part in parts:
         print(_split_summary(part), flush=True)
     arrays = {name: decode_joined(parts, name, cfg.data.image_size, cfg.data.decode_threads) for name in SPLITS}

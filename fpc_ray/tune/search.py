@@ -170,6 +170,16 @@ def _short_value(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value).replace(" ", "")
 
 
+def _smallest_batch(spec: TuneSpec) -> int:
+    """The smallest batch size a trial of the search may take."""
+    dim = spec.space.get("train.batch_size")
+    if dim is None:
+        return spec.base.train.batch_size
+    if dim.choice is not None:
+        return int(min(dim.choice))
+    return int((dim.integer or dim.uniform or dim.loguniform)[0])
+
+
 def _tuner(spec: TuneSpec, data_uri: str | list[str], out: Location, resume: bool, echo: Callable[[str], None]):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -178,7 +188,8 @@ def _tuner(spec: TuneSpec, data_uri: str | list[str], out: Location, resume: boo
 
     from fpc_ray.train.driver import prepare_data
 
-    prepared = prepare_data(spec.base, data_uri)  # every dataset read, split and decoded once for all trials
+    # Every dataset read, split and decoded once for all trials (each trial checks its own batch size).
+    prepared = prepare_data(spec.base, data_uri, batch_size=_smallest_batch(spec))
     trainable = tune.with_parameters(_trial, spec_json=spec.model_dump_json(), output_uri=out.uri,
                                      data_uri=data_uri, prepared=prepared)
     # The trial's own process only waits on its TorchTrainer, whose workers hold the CPUs and
