@@ -11,6 +11,7 @@ so a worker group that fails resumes from it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -271,11 +272,28 @@ def train_loop_per_worker(config: dict) -> None:
     ``init_weights`` (optional state dict to start from, for retraining), ``progress_within_epoch``.
     """
     quiet_report_logs()
-    w = set_up_worker(config)
-    for epoch in range(w.progress.epochs_done, w.cfg.train.epochs):
-        started = time.perf_counter()
-        metrics = run_epoch(w, epoch)
-        metrics.update(validate(w))
-        metrics["elapsed_s"] = w.progress.elapsed_s() + time.perf_counter() - started
-        w.progress.record(metrics, w.model, keep_weights=w.rank == 0)
-        report(w, metrics)
+    with denormals_flushed():
+        w = set_up_worker(config)
+        for epoch in range(w.progress.epochs_done, w.cfg.train.epochs):
+            started = time.perf_counter()
+            metrics = run_epoch(w, epoch)
+            metrics.update(validate(w))
+            metrics["elapsed_s"] = w.progress.elapsed_s() + time.perf_counter() - started
+            w.progress.record(metrics, w.model, keep_weights=w.rank == 0)
+            report(w, metrics)
+
+
+@contextlib.contextmanager
+def denormals_flushed():
+    """Denormal floats flushed to zero on this thread's CPU while training, then as they were.
+
+    Ray Train runs the training function on a thread of its worker, where CPU training measured
+    ~18 % slower than the same loop on a process's main thread (50.5 vs 62.4 images/s, 2 cores)
+    and as fast with denormals flushed (61.7): slow denormal arithmetic, which GPUs flush anyway.
+    """
+    was = float(np.float32(1e-39) * np.float32(1.0)) == 0.0  # x86 keeps no readable flag in torch
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was)
