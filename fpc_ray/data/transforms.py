@@ -88,7 +88,7 @@ def _to_u8_range(arr: np.ndarray, significant_bits: int | None = None) -> np.nda
     return np.clip(arr, 0, 255).round().astype(np.uint8)
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Offsets in a PNG of IHDR's bit depth and colour type (IHDR is the first chunk).
 _PNG_BIT_DEPTH, _PNG_COLOR_TYPE = 24, 25
 
@@ -97,9 +97,9 @@ def png_significant_bits(data: bytes) -> int | None:
     """The bits per sample a PNG's ``sBIT`` chunk declares carry data (a 12-bit scanner's image
     saved as 16-bit PNG may say 12), the most over its colour channels; None where it has no
     such chunk. Read from the chunks before the pixel data (PIL does not parse ``sBIT``)."""
-    if not data.startswith(_PNG_SIGNATURE) or len(data) <= _PNG_COLOR_TYPE:
+    if not data.startswith(PNG_SIGNATURE) or len(data) <= _PNG_COLOR_TYPE:
         return None
-    pos = len(_PNG_SIGNATURE)
+    pos = len(PNG_SIGNATURE)
     while pos + 8 <= len(data):
         length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
         if kind == b"sBIT":

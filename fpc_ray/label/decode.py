@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fpc_ray.data.transforms import MAX_PIXELS, TooManyPixels, decode_image_bytes, open_image, to_gray_u8
+from fpc_ray.data.transforms import (
+    MAX_PIXELS,
+    PNG_SIGNATURE,
+    TooManyPixels,
+    decode_image_bytes,
+    open_image,
+    to_gray_u8,
+)
 from fpc_ray.errors import private_reason
 from fpc_ray.label.codestream import deflated_dataset_size, j2k_size, jpeg_ends, jpeg_header, jpeg_size
 from fpc_ray.label.schema import error_text
@@ -34,7 +41,6 @@ MAX_FRAMES = 2_000
 # what the pixel count alone lets through (64-bit float samples, say).
 MAX_DECODED_BYTES = 4 * MAX_PIXELS
 DICM_OFFSET = 128
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SOI = b"\xff\xd8\xff"  # start of image, then the first segment's marker
 # A deflated DICOM dataset may inflate to its pixel data plus headers, no more: past this, pydicom's
 # own whole-file zlib.decompress would be the bomb.
