@@ -102,8 +102,7 @@ def free_run_id(output: Location, base: str, most: int = 99) -> str:
     Raises:
         UserError: all ``most`` ids of that second are taken.
     """
-    staged = {_name(e.path)[4:] for e in output.join(STAGING).entries() if _name(e.path).startswith("run=")}
-    taken = set(run_folders(output)) | staged
+    taken = set(run_folders(output)) | set(run_folders(output.join(STAGING)))
     for n in range(1, most + 1):
         run_id = base if n == 1 else f"{base}-{n:02d}"
         if run_id not in taken:
