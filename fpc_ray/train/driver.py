@@ -133,11 +133,11 @@ def run_training(cfg: Config, data_uri: str | Sequence[str], output_uri: str, ov
     out = _check_output(output_uri, cfg, overwrite)
     cfg, parent = _with_parent(cfg)
     started = time.perf_counter()
-    if prepared is None or prepared.image_size != cfg.data.image_size:
-        prepared = prepare_data(cfg, data_uri)
     tc = cfg.train
-    # Again for data prepared once for several runs (a search's trials differ in batch size).
-    _check_one_batch_each(len(prepared.arrays["train"]), tc.num_workers, tc.batch_size)
+    if prepared is None or prepared.image_size != cfg.data.image_size:
+        prepared = prepare_data(cfg, data_uri)  # checks the batch size itself, before decoding
+    else:  # data prepared once for several runs: a search's trials differ in batch size
+        _check_one_batch_each(len(prepared.arrays["train"]), tc.num_workers, tc.batch_size)
     if tc.num_workers:
         init_ray()
         check_workers_fit(tc.num_workers, tc.cpus_per_worker, tc.use_gpu, tc.gpus_per_worker)
