@@ -167,9 +167,9 @@ def _thumbnails(parts: list[str], run: Location, chosen: list) -> dict:
     for p, i, _ in chosen:
         wanted.setdefault(p, []).append(i)
     out = {}
-    for p, indices in wanted.items():
-        with reading_runs([run]):
+    with reading_runs([run]):
+        for p, indices in wanted.items():
             column = pq.read_table(parts[p], columns=["gradcam_png"], filesystem=run.fs).column(0)
-        for i in set(indices):
-            out[(p, i)] = column[i].as_py()
+            for i in set(indices):
+                out[(p, i)] = column[i].as_py()
     return out
