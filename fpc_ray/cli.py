@@ -25,7 +25,7 @@ from typer.exceptions import TyperException
 
 from fpc_ray.cluster import skip_update_checks
 from fpc_ray.config import CamMethod
-from fpc_ray.errors import RunFailed, UserError
+from fpc_ray.errors import RunFailed, UserError, printable
 from fpc_ray.review import Format as ReviewFormat
 from fpc_ray.review import Strategy as ReviewStrategy
 
@@ -70,7 +70,7 @@ EXIT_USER_ERROR = 2
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> typer.Exit:
     """Print one error line to stderr and return the Exit to raise."""
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {printable(message)}", err=True)
     return typer.Exit(code)
 
 
@@ -625,7 +625,7 @@ def main() -> None:
         sys.exit(130)
     except TyperException as e:  # bad flags and arguments (typer's own click)
         message = e.format_message() if hasattr(e, "format_message") else str(e)
-        typer.echo(f"error: {message}", err=True)
+        typer.echo(f"error: {printable(message)}", err=True)
         sys.exit(getattr(e, "exit_code", 2))
     sys.exit(rc if isinstance(rc, int) else 0)
 

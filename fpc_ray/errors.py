@@ -13,6 +13,17 @@ _AWS_REASON = re.compile(r"AWS Error \w+(?: \(HTTP status \d+\))?")
 _ERRNO = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)
 
 
+# C0 and C1 control characters (newline, ESC of an ANSI sequence, ...) and the Unicode line and
+# bidirectional-override characters: printed raw, they could forge a second ``error:`` line or
+# recolour a terminal.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``): safe to print on one line."""
+    return _CONTROL.sub(lambda m: repr(m.group(0))[1:-1], text)
+
+
 class UserError(Exception):
     """A problem the user can fix: bad config, missing file, unreadable data, bad credentials."""
 
@@ -45,10 +56,10 @@ def run_job(run, args) -> int:
     try:
         return run(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(str(e))}", file=sys.stderr)
         return 2
     except RunFailed as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(str(e))}", file=sys.stderr)
         return 1
 
 
