@@ -53,17 +53,30 @@ def phantom_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def trained_bundle(tmp_path_factory) -> dict:
+def trained_bundle(tmp_path_factory, worker_id) -> dict:
     """One bundle trained in-process on phantom data, shared by every test that only needs *a*
     trained model (labelling, reports, CAMs, the CLI's evaluate): ``{"bundle", "data"}`` paths.
+    Tests must not change it (copy it first).
+
+    Under xdist the test processes share one: the first to ask trains it under a file lock in the
+    run's common temporary folder, the others wait for it and read it (a training run is the most
+    expensive fixture of the suite).
 
     Tests of training itself (Ray Train workers, resuming, retraining, the CLI's ``train``) still
     train their own. 64 px and four epochs: accurate on phantoms (the labelling tests check it).
     """
+    from filelock import FileLock
+
     from tests.phantom import phantom_bundle
 
-    root = tmp_path_factory.mktemp("trained")
-    phantom_bundle(root, seed=5, epochs=4, per_class=20)
+    if worker_id == "master":  # one test process: its own temporary folder
+        root = tmp_path_factory.mktemp("trained")
+        phantom_bundle(root, seed=5, epochs=4, per_class=20)
+    else:  # the run's folder, above each process's own (unique to this run)
+        root = tmp_path_factory.getbasetemp().parent / "trained"
+        with FileLock(f"{root}.lock"):
+            if not (root / "bundle" / "model.json").exists():
+                phantom_bundle(root, seed=5, epochs=4, per_class=20)
     return {"bundle": str(root / "bundle"), "data": str(root / "data")}
 
 

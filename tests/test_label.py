@@ -17,7 +17,10 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
+from fpc_ray.bundle import load_bundle
 from fpc_ray.data.fetal_planes import CLASS_NAMES, read_fetal_planes
+from fpc_ray.data.transforms import decode_image_bytes, letterbox
+from fpc_ray.inference import predict_probs
 from fpc_ray.label.pipeline import LabelOptions, run_labelling
 from fpc_ray.label.schema import LABEL_SCHEMA, error_kind
 from fpc_ray.storage import resolve
@@ -108,9 +111,20 @@ def test_archive_with_every_kind_of_input(env, tmp_path):
     for key, (_, kind) in broken.items():
         (row,) = by_uri[f"s3://test/{prefix}{key}"]
         assert error_kind(row["error"]) == kind and row["label"] is None and row["gradcam_png"] is None
-    # Phantoms labelled right; thumbnails decode; probabilities are a distribution.
-    right = sum(by_uri[uri][0]["label"] == plane for uri, plane in truth.items())
-    assert right >= 0.8 * len(truth), (right, len(truth))
+    # Each phantom's probabilities are the bundle's own, run in this process on the same image
+    # (decoded and letterboxed as training does): what the labelling path guarantees, whatever a
+    # short training run on this CPU happened to learn.
+    bundle = load_bundle(env["model"])
+    size = bundle.card["input"]["size"]
+    uris = sorted(truth)
+    images = np.stack([letterbox(decode_image_bytes(resolve(uri).read_bytes()), size) for uri in uris])
+    want = predict_probs(bundle.model, images, bundle.card["input"]["mean"], bundle.card["input"]["std"],
+                         temperature=bundle.temperature)
+    for uri, p in zip(uris, want, strict=True):
+        (row,) = by_uri[uri]
+        np.testing.assert_allclose(row["probabilities"], p, atol=2e-3, err_msg=uri)
+        if np.sort(p)[-1] - np.sort(p)[-2] > 5e-3:  # not a near-tie, where rounding may pick either
+            assert row["label"] == CLASS_NAMES[int(np.argmax(p))], uri
     labelled = [row for row in rows if row["error"] is None]
     assert len(labelled) == expected_rows - len(broken)
     for row in labelled:

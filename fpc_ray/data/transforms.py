@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image
 
 from fpc_ray.config import AugmentConfig
 
 if TYPE_CHECKING:
     import albumentations as A
+    import torch
 
 # The most pixels one object may decode to, all its frames together: the decompression bomb
 # guard of training and labelling alike, checked from the header before any decoder allocates
@@ -210,6 +210,8 @@ class ModelInput:
         self.augment = augment
 
     def __call__(self, image: np.ndarray) -> dict[str, torch.Tensor]:
+        import torch  # here, not at the top: decoding (labelling's CPU tasks) never needs torch
+
         if self.augment is not None:
             image = self.augment(image=image)["image"]
         gray = np.asarray(image, np.float32)[None]  # 1xHxW: the three channels are equal
