@@ -9,7 +9,7 @@ from fpc_ray.plots import _png, plt  # plots picks the headless backend before p
 
 # Run ids are folder names and model versions and class names come from cards: text from outside.
 # matplotlib reads "$...$" in text as math and fails the whole figure on one it cannot parse
-# (a run folder "run=night$\\frac$" committed by hand), so every such text is drawn literally.
+# (a run folder "run=night$\frac$" committed by hand), so every such text is drawn literally.
 LITERAL = {"parse_math": False}
 
 
