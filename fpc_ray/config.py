@@ -195,20 +195,122 @@ def format_validation_error(err: ValidationError) -> str:
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "config"
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{where}: {msg}")
+        lines.append(f"{where}: {_cut(msg)}")
     return "; ".join(lines)
+
+
+# Limits on what a config's YAML may hold (the idea of fpc_ray.files' JSON limits). Python's own
+# limits give tracebacks instead: a RecursionError from nested brackets, a ValueError from an
+# integer past 4,300 digits; aliases can expand a few lines into billions of values.
+MAX_CONFIG_BYTES = 2**20  # the configs we ship are a few hundred bytes
+MAX_YAML_DEPTH = 32       # the config tree nests 4 levels, a search space 5
+MAX_INT_DIGITS = 64       # a seed or a size fits in 20
+MAX_YAML_VALUES = 100_000  # values after aliases are expanded; a config holds about a hundred
+MAX_BASE_CHAIN = 16       # files overlaid through ``base:``
+
+
+class _Limit(yaml.MarkedYAMLError):
+    """A YAML document past one of the limits above."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with a nesting limit (checked while composing, before Python's
+    recursion limit is reached) and an integer-digit limit."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def fetch_flow_collection_start(self, TokenClass):  # noqa: N803 - PyYAML's name
+        # Brackets are refused as the scanner meets them: it would otherwise look a thousand
+        # brackets ahead (a second of work) before the composer saw the first one too many.
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise _Limit(problem=f"nested deeper than {MAX_YAML_DEPTH} levels", problem_mark=self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _Limit(problem=f"nested deeper than {MAX_YAML_DEPTH} levels",
+                             problem_mark=self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_yaml_int(self, node):
+        digits = len(str(node.value).lstrip("+-").replace("_", ""))
+        if digits > MAX_INT_DIGITS:
+            raise _Limit(problem=f"an integer of {digits} digits (at most {MAX_INT_DIGITS})",
+                         problem_mark=node.start_mark)
+        return super().construct_yaml_int(node)
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
+
+
+def _cut(text: str, most: int = 200) -> str:
+    """``text`` cut to ``most`` characters: a line quotes what it refuses, not all of it."""
+    return text if len(text) <= most else f"{text[:most]}... ({len(text)} characters)"
+
+
+def _shown(value: Any) -> str:
+    return _cut(repr(value), 80)
+
+
+def _check_tree(value: Any, where: str) -> None:
+    """Refuse keys that are not strings and documents that aliases expand past MAX_YAML_VALUES.
+
+    Iterative and stopping at the limit: an alias shares its target, so walking the expansion of a
+    "billion laughs" document would never end.
+    """
+    stack, seen = [(value, "")], 0
+    while stack:
+        node, path = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_VALUES:
+            raise UserError(f"{where}: more than {MAX_YAML_VALUES} values once its aliases are expanded; "
+                            "not a config")
+        if isinstance(node, dict):
+            for key, child in node.items():
+                if not isinstance(key, str):
+                    under = f" under {path}" if path else ""
+                    raise UserError(f"{where}: key {_shown(key)}{under} is not text; quote it")
+                stack.append((child, f"{path}.{key}" if path else key))
+        elif isinstance(node, list):
+            stack.extend((child, path) for child in node)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """The YAML document in ``text``, parsed with the limits above.
+
+    Raises:
+        UserError: ``where: ...`` in one line for text that is not YAML, nests too deeply, holds
+            a too long integer, a key that is not a string, or expands past the value limit.
+    """
+    try:
+        value = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader with limits
+    except _Limit as e:
+        raise UserError(f"{where}: {_yaml_problem(e)}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{where}: not valid YAML ({_cut(_yaml_problem(e))})") from None
+    except (RecursionError, MemoryError):  # a merge-key (<<) chain thousands long
+        raise UserError(f"{where}: YAML nested too deeply to be a config") from None
+    _check_tree(value, where)
+    return value
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """Split ``a.b.c=value``; the value is parsed as YAML so ``1e-3``, ``true``, ``[1,2]`` work."""
     key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise UserError(f"--set {item!r}: expected key.path=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise UserError(f"--set {item!r}: value is not valid YAML ({e.problem})") from None
-    return key.strip().split("."), value
+    where = f"--set {_shown(item)}"
+    keys = key.strip().split(".")
+    if not sep or not all(k.strip() for k in keys):
+        raise UserError(f"{where}: expected key.path=value")
+    if len(keys) > MAX_YAML_DEPTH:
+        raise UserError(f"{where}: a key path of {len(keys)} parts (at most {MAX_YAML_DEPTH})")
+    value = parse_yaml(raw, where) if raw.strip() else None
+    return [k.strip() for k in keys], value
 
 
 def _set_path(tree: dict, path: list[str], value: Any) -> None:
@@ -217,7 +319,7 @@ def _set_path(tree: dict, path: list[str], value: Any) -> None:
         walked.append(part)
         child = node.setdefault(part, {})
         if not isinstance(child, dict):  # `train: 5` in a config file, or --set train=5 before
-            raise UserError(f"{'.'.join(walked)}: expected a section of settings, found {child!r} "
+            raise UserError(f"{'.'.join(walked)}: expected a section of settings, found {_shown(child)} "
                             f"(setting {'.'.join(path)})")
         node = child
     node[path[-1]] = value
@@ -234,28 +336,57 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     """PyYAML's error, several lines with a caret drawing, as one: the problem and where."""
     mark = getattr(error, "problem_mark", None)
     problem = getattr(error, "problem", None) or " ".join(str(error).split())
+    context = getattr(error, "context", None)  # "expected a single document in the stream"
+    problem = f"{context}: {problem}" if context and not isinstance(error, _Limit) else problem
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; ``base:`` names another file (relative to this one) to overlay."""
-    path = Path(path)
+def _read_text(path: Path) -> str:
+    """The config file's text: a file, at most MAX_CONFIG_BYTES, UTF-8."""
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a config file")
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the config file ({e.strerror or type(e).__name__})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise UserError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a config")
+    try:
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
-    except RecursionError:  # thousands of nested brackets: no config of ours
-        raise UserError(f"{path}: YAML nested too deeply to be a config") from None
+
+
+def read_yaml(path: str | Path, _overlaid: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML mapping; ``base:`` names another file (relative to this one) to overlay.
+
+    Raises:
+        UserError: one line naming the file: missing, unreadable, too large, not YAML, past a
+            limit of :func:`parse_yaml`, not a mapping, or a ``base:`` that is not a file name,
+            loops back or chains more than MAX_BASE_CHAIN files.
+    """
+    path = Path(path)
+    data = parse_yaml(_read_text(path), str(path)) or {}
     if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping at the top level")
+        raise UserError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
     base = data.pop("base", None)
-    if base is not None:
-        data = _deep_merge(read_yaml(path.parent / base), data)
-    return data
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base.strip():
+        raise UserError(f"{path}: base: expected the name of another config file, found {_shown(base)}")
+    target = path.parent / base
+    if not target.is_file():  # also a name holding a NUL byte, which no file has
+        what = "a directory, not a config file" if target.is_dir() else "no such config file"
+        raise UserError(f"{path}: base: {_shown(str(target))}: {what}")
+    chain = (*_overlaid, path.resolve())
+    if target.resolve() in chain:
+        raise UserError(f"{path}: base: {base} loops back to {target} (a file cannot overlay itself)")
+    if len(chain) >= MAX_BASE_CHAIN:
+        raise UserError(f"{path}: base: more than {MAX_BASE_CHAIN} files overlaid on one another")
+    return _deep_merge(read_yaml(target, chain), data)
 
 
 def load_config(

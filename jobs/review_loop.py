@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, echo=print) -> int:
     from fpc_ray.config import StorageConfig, load_config
     from fpc_ray.errors import UserError
+    from fpc_ray.label.runs import check_run_id
     from fpc_ray.review.export import ExportOptions
     from fpc_ray.review.loop import export_night, ingest_answers
 
@@ -62,6 +63,8 @@ def run(args: argparse.Namespace, echo=print) -> int:
         opts = ExportOptions(n=args.n, strategy=Strategy(args.strategy), per_class=args.per_class, seed=args.seed)
         export_night(args.labels, args.batches, opts, StorageConfig(), echo)
         return 0
+    # The batch's folder name names the reviewed dataset (DATASETS/<batch name>/): a safe name, as a run id.
+    check_run_id(args.batch.rstrip("/").rsplit("/", 1)[-1], "--batch name")
     cfg = load_config(args.config, args.overrides)
     ingest_answers(args.annotations, args.batch, args.datasets, args.base_data, args.pointer, args.candidates,
                    cfg, args.margin, args.test_fraction, echo)

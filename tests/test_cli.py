@@ -258,3 +258,63 @@ def test_the_cli_entry_point_turns_albumentations_update_check_off(monkeypatch):
     with pytest.raises(SystemExit):
         main()
     assert os.environ["NO_ALBUMENTATIONS_UPDATE"] == "1"
+
+
+# ---------------------------------------------------------------- run ids and hostile configs
+@pytest.mark.parametrize("run_id", ["night$\\frac$", "a/b", "..", ".hidden", "", "x" * 129, "r\x1b[31m", "é"])
+def test_label_refuses_an_unsafe_run_id_before_anything_is_read_or_written(run_id, tmp_path):
+    result = runner.invoke(app, ["label", "--model", str(tmp_path / "no-model"), "--input", str(tmp_path),
+                                 "--output", str(tmp_path / "o"), "--run-id", run_id])
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result)
+    assert line.startswith("error: --run-id ") and "letters, digits, '.', '_' or '-'" in line
+    assert "\x1b" not in line and not (tmp_path / "o").exists()
+
+
+def test_every_run_id_and_batch_name_fpc_ray_makes_is_safe(tmp_path):
+    import datetime as dt
+
+    from fpc_ray.label.pipeline import default_run_id
+    from fpc_ray.label.runs import RUN_ID, check_run_id, free_run_id
+    from fpc_ray.review.loop import batch_name
+    from fpc_ray.storage import resolve
+
+    output = tmp_path / "labels"
+    for taken in ("20261126T031500Z", "20261126T031500Z-02"):
+        (output / f"run={taken}").mkdir(parents=True)
+    made = [default_run_id(), free_run_id(resolve(str(output)), "20261126T031500Z"), batch_name(),
+            f"nightly-{dt.date(2026, 11, 24).isoformat()}", "bench"]
+    assert made[1] == "20261126T031500Z-03"
+    assert all(RUN_ID.fullmatch(r) and check_run_id(r) == r for r in made), made
+
+
+def test_review_loop_job_refuses_an_unsafe_batch_name(tmp_path, capsys):
+    from jobs.review_loop import main
+
+    assert main(["ingest", "--annotations", str(tmp_path / "a.json"), "--batch", str(tmp_path / "b$x"),
+                 "--datasets", str(tmp_path / "d"), "--base-data", str(tmp_path), "--pointer",
+                 str(tmp_path / "p.json"), "--candidates", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err.startswith("error: --batch name 'b$x': use 1 to 128")
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("base: 5\n", "c.yaml: base: expected the name of another config file, found 5"),
+    ("base: [a, b]\n", "c.yaml: base: expected the name of another config file"),
+    ("train: {seed: " + "9" * 5000 + "}\n", "c.yaml: an integer of 5000 digits (at most 64)"),
+])
+def test_hostile_config_file_is_one_line_and_writes_nothing(text, needle, tmp_path):
+    (tmp_path / "c.yaml").write_text(text)
+    result = invoke("synth", tmp_path / "s", "--per-class", 2, "--config", tmp_path / "c.yaml")
+    assert result.exit_code == 2, result.output
+    assert needle in one_error_line(result) and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(("value", "needle"), [
+    ("9" * 5000, "an integer of 5000 digits"), ("[" * 30_000, "nested deeper than 32 levels")])
+def test_hostile_set_is_one_short_line_and_writes_nothing(value, needle, tmp_path):
+    result = invoke("synth", tmp_path / "s", "--per-class", 2, "--set", f"train.seed={value}")
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result)
+    assert line.startswith("error: --set 'train.seed=") and needle in line and len(line) < 300
+    assert not (tmp_path / "s").exists()

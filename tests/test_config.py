@@ -78,5 +78,79 @@ def test_parse_override_types():
 def test_yaml_nested_past_python_s_recursion_limit_is_one_line(tmp_path):
     deep = tmp_path / "deep.yaml"
     deep.write_text("train: " + "[" * 20_000 + "]" * 20_000 + "\n")
-    with pytest.raises(UserError, match="nested too deeply"):
+    with pytest.raises(UserError, match=r"deep.yaml: nested deeper than 32 levels at line 1, column \d+$"):
         load_config(deep)
+
+
+def _laughs(levels: int = 9) -> str:
+    """A "billion laughs" document: 9 ** 10 values from ten short lines of aliases."""
+    lines = ["l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + f"\ntrain: {{epochs: *l{levels}}}\n"
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("base: 5\n", "c.yaml: base: expected the name of another config file, found 5"),
+    ("base: [a, b]\n", "c.yaml: base: expected the name of another config file, found ['a', 'b']"),
+    ("base: ''\n", "c.yaml: base: expected the name of another config file, found ''"),
+    ("base: missing.yaml\n", "c.yaml: base: '{dir}/missing.yaml': no such config file"),
+    ("base: sub\n", "c.yaml: base: '{dir}/sub': a directory, not a config file"),
+    ('base: "a\\0b"\n', "c.yaml: base: '{dir}/a\\x00b': no such config file"),
+    ("base: c.yaml\n", "c.yaml: base: c.yaml loops back to {dir}/c.yaml"),
+    ("train:\n  seed: " + "9" * 5000 + "\n", "c.yaml: an integer of 5000 digits (at most 64) at line 2, column 9"),
+    ("train: {seed: -1_000" + "0" * 70 + "}\n", "c.yaml: an integer of 74 digits (at most 64)"),
+    (_laughs(), "c.yaml: more than 100000 values once its aliases are expanded"),
+    ("".join(f"{'  ' * i}k:\n" for i in range(40)), "c.yaml: nested deeper than 32 levels at line 32"),
+    ("- 1\n- 2\n", "c.yaml: expected a mapping at the top level, found list"),
+    ("1: 2\n", "c.yaml: key 1 is not text; quote it"),
+    ("train: {yes: 3}\n", "c.yaml: key True under train is not text; quote it"),
+    ("--- {}\n--- {}\n", "c.yaml: not valid YAML (expected a single document"),
+    ("train: !!python/object:os.system {}\n", "c.yaml: not valid YAML (could not determine a constructor"),
+])
+def test_hostile_config_files_are_one_line_naming_the_file(tmp_path, text, needle):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(UserError) as err:
+        load_config(f)
+    assert needle.format(dir=tmp_path) in str(err.value)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
+def test_base_chains_loop_and_length_are_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain: {epochs: 3}\n")
+    with pytest.raises(UserError, match=r"b.yaml: base: a.yaml loops back to .*a.yaml"):
+        load_config(tmp_path / "a.yaml")
+    for i in range(20):
+        (tmp_path / f"n{i}.yaml").write_text(f"base: n{i + 1}.yaml\n")
+    (tmp_path / "n20.yaml").write_text("train: {epochs: 3}\n")
+    with pytest.raises(UserError, match="more than 16 files overlaid"):
+        load_config(tmp_path / "n0.yaml")
+    assert load_config(tmp_path / "n5.yaml").train.epochs == 3  # 16 files overlay fine
+
+
+def test_huge_and_unreadable_config_files(tmp_path):
+    huge = tmp_path / "huge.yaml"
+    huge.write_bytes(b"# " + b"x" * 2**20 + b"\n")
+    with pytest.raises(UserError, match=r"huge.yaml: larger than 1048576 bytes"):
+        load_config(huge)
+    with pytest.raises(UserError, match=r": is a directory, not a config file$"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize(("item", "needle"), [
+    ("train.seed=" + "9" * 5000, "an integer of 5000 digits (at most 64) at line 1, column 1"),
+    ("train.seed=" + "[" * 30_000, "nested deeper than 32 levels"),
+    ("train.seed=" + _laughs().replace("\n", ", ").replace("train: {epochs: *l9}, ", "")
+     .join("{}"), "more than 100000 values"),
+    ("train={1: 2}", "key 1 is not text"),
+    ("train..epochs=3", "expected key.path=value"),
+    ("a." * 40 + "b=1", "a key path of 41 parts (at most 32)"),
+])
+def test_hostile_set_values_are_one_short_line_naming_the_set(item, needle):
+    with pytest.raises(UserError) as err:
+        load_config(None, [item])
+    line = str(err.value)
+    assert line.startswith("--set '") and needle in line
+    assert "\n" not in line and len(line) < 300  # quotes the --set cut short, not 30,000 brackets

@@ -78,3 +78,21 @@ def test_a_prefix_without_committed_runs_is_not_a_trends_target(tmp_path):
     bad = CliRunner().invoke(app, ["report", str(tmp_path), "--output", str(tmp_path / "t.html"),
                                    "--set", "drift.psi_warn=0.5", "--set", "drift.psi_alert=0.3"])
     assert bad.exit_code == 2 and "psi_warn (0.5) must not exceed psi_alert (0.3)" in bad.output
+
+
+def test_run_folders_with_odd_names_still_render(tmp_path):
+    """Run ids are checked now (tests/test_cli.py), but folders committed by older versions or by
+    hand keep theirs: matplotlib must not read ``$...$`` in them as math, links must be quoted,
+    and the drift table must not pass a terminal escape through."""
+    out = tmp_path / "labels"
+    write_old_run(out, "r0", ["Fetal brain"] * 250 + ["Other"] * 250, committed_at="2026-11-01T03:00:00+00:00")
+    odd, escape = "night$\\frac$", "r2\x1b[31m"
+    _new_run(out, odd, "m$\\frac$", 260, 240)  # a promotion: its model version is drawn as well
+    _new_run(out, escape, "m$\\frac$", 450, 50)
+    (out / f"run={odd}" / "report.html").write_text("<html>night</html>")
+    kind, page = build_report(str(out), StorageConfig(), output=out / "trends.html")
+    assert kind == "trends" and page.count("data:image/png;base64,") == 4
+    assert '<a href="run=night%24%5Cfrac%24/report.html">night$\\frac$</a>' in page
+    done = CliRunner().invoke(app, ["drift", str(out), "--fail-on-drift"])
+    assert done.exit_code == 3, done.output
+    assert "\x1b" not in done.output and "r2\\x1b[31m" in done.output

@@ -27,7 +27,7 @@ import numpy as np
 from fpc_ray.config import DriftConfig
 from fpc_ray.drift.history import RunRecord
 from fpc_ray.drift.scores import chi_square, psi
-from fpc_ray.errors import UserError
+from fpc_ray.errors import UserError, printable
 
 FIRST, REFERENCE, NO_FRAMES, TOO_FEW = "first run", "reference", "no frames", "too few frames"
 UNSCORED = (FIRST, REFERENCE, NO_FRAMES, TOO_FEW)
@@ -191,11 +191,14 @@ def assess(history: list[RunRecord], cfg: DriftConfig, reference_run: str | None
 
 
 def alert_line(a: Assessment) -> str:
-    """One line: the run, its level and what moved (the nightly job's alert)."""
+    """One line: the run, its level and what moved (the nightly job's alert).
+
+    Control characters are escaped: a run folder named by hand holds what its maker typed.
+    """
     note = f"; {a.model_note}" if a.model_note else ""
     if a.level in UNSCORED:
         why = f" ({'; '.join(a.reasons)})" if a.reasons else ""
-        return f"drift: run {a.run.run_id}: {a.level}{why}, nothing to compare{note}"
+        return printable(f"drift: run {a.run.run_id}: {a.level}{why}, nothing to compare{note}")
     what = "; ".join(a.reasons) or (f"class-mix PSI {a.scores['class_psi']:.3f}, "
                                     f"confidence PSI {a.scores['confidence_psi']:.3f}")
-    return f"drift: run {a.run.run_id} {a.level}: {what}{note}"
+    return printable(f"drift: run {a.run.run_id} {a.level}: {what}{note}")

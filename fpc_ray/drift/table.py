@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fpc_ray.drift.assess import Assessment, class_names
+from fpc_ray.errors import printable
 
 
 def _share(counts: dict, total: int) -> dict[str, float]:
@@ -36,6 +37,7 @@ def _fmt(value, spec: str) -> str:
 
 
 def _columns(rows: list[list[str]]) -> list[str]:
+    rows = [[printable(c) for c in r] for r in rows]  # run ids are folder names: escape what a terminal obeys
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
@@ -55,8 +57,8 @@ def text_table(records: list[dict], assessments: list[Assessment]) -> list[str]:
     mix = [["run", *names, *(f"[{k}]" for k in kinds)]] + [
         [r["run_id"], *(_fmt(r["class_mix"].get(n), ".0%") for n in names),
          *(_fmt(r["input_kind_mix"].get(k), ".0%") for k in kinds)] for r in records]
-    notes = [f"{r['run_id']}: {'; '.join(r['reasons'])}" for r in records if r["reasons"]]
-    notes += [f"{r['run_id']}: {r['model_note']}" for r in records if r["model_note"]]
+    notes = [printable(f"{r['run_id']}: {'; '.join(r['reasons'])}") for r in records if r["reasons"]]
+    notes += [printable(f"{r['run_id']}: {r['model_note']}") for r in records if r["model_note"]]
     return [*_columns(rows), "(* the model changed at this run; stats 'computed': the run predates "
             "recorded stats, they were computed from its Parquet)", "", "class mix [input kinds]:",
             *_columns(mix), *([""] + notes if notes else [])]

@@ -27,6 +27,7 @@ from fpc_ray.label.runs import (
     OBJECTS_SCHEMA,
     SUCCESS,
     Attempt,
+    check_run_id,
     clean_stale_staging,
     commit,
     committed_objects,
@@ -223,6 +224,8 @@ def _open_run(model_uri: str, inputs: list[str], output_uri: str, opts: LabelOpt
               echo) -> tuple[str, dict, list[Location], Attempt]:
     """The model (pointer followed), its card, the input prefixes and this run's attempt, checked
     before anything is listed: a committed run id, an output that cannot be written."""
+    if opts.run_id is not None:  # before anything is read or written
+        check_run_id(opts.run_id)
     if not inputs:
         raise UserError("no input prefix given")
     model_uri = follow_pointer(model_uri, storage)  # once: every actor loads the same bundle
@@ -233,8 +236,6 @@ def _open_run(model_uri: str, inputs: list[str], output_uri: str, opts: LabelOpt
     _refuse_overlap(sources, output)
     # A defaulted id (this second) moves on to a free one; a given id is the user's to change.
     run_id = opts.run_id or free_run_id(output, default_run_id())
-    if "/" in run_id or not run_id:
-        raise UserError(f"--run-id {run_id!r}: must be non-empty and contain no '/'")
     attempt = Attempt(output, run_id)
     if attempt.run_dir.join(SUCCESS).exists():
         raise UserError(f"run {run_id} is already committed under {output.uri}; choose another --run-id")

@@ -26,6 +26,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import secrets
 import time
 from collections import Counter
@@ -108,6 +109,25 @@ def free_run_id(output: Location, base: str, most: int = 99) -> str:
         if run_id not in taken:
             return run_id
     raise UserError(f"run ids {base} to {base}-{most:02d} are all taken under {output.uri}; give --run-id")
+
+
+# Run ids name folders (``run=<id>/``) and S3 keys, and are drawn as text in the trends page's
+# plots: letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit (never ``.``
+# or ``..``). Default ids (UTC seconds, ``-02`` suffixes), nightly ids and review batch names fit.
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_id(run_id: str, what: str = "--run-id") -> str:
+    """``run_id``, refused in one line naming ``what`` unless it matches :data:`RUN_ID`.
+
+    Raises:
+        UserError: an empty id, one over 128 characters, or one with another character.
+    """
+    if not RUN_ID.fullmatch(run_id):
+        shown = run_id if len(run_id) <= 80 else f"{run_id[:80]}..."
+        raise UserError(f"{what} {shown!r}: use 1 to 128 letters, digits, '.', '_' or '-', starting with a "
+                        "letter or digit (it names a folder and S3 keys)")
+    return run_id
 
 
 def committed_runs(output: Location) -> list[Location]:

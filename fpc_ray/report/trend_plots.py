@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import numpy as np
 
+from fpc_ray.errors import printable
 from fpc_ray.plots import _png, plt  # plots picks the headless backend before pyplot loads
+
+# Run ids are folder names and model versions and class names come from cards: text from outside.
+# matplotlib reads "$...$" in text as math and fails the whole figure on one it cannot parse
+# (a run folder "run=night$\frac$" committed by hand), so every such text is drawn literally.
+LITERAL = {"parse_math": False}
 
 
 def _runs_axis(ax, run_ids: list[str], promotions: dict[int, str]) -> None:
     """Run ids as ticks; a dashed line and the new model's version where the model changed."""
-    ax.set_xticks(range(len(run_ids)), run_ids, rotation=35, ha="right", fontsize=8)
+    ax.set_xticks(range(len(run_ids)), [printable(r) for r in run_ids], rotation=35, ha="right", fontsize=8, **LITERAL)
     ax.set_xlim(-0.6, len(run_ids) - 0.4)
     for i, version in promotions.items():
         ax.axvline(i - 0.5, color="#7b3fa0", linestyle="--", linewidth=1.2)
         ax.text(i - 0.45, 0.98, f"model {version}", transform=ax.get_xaxis_transform(), color="#7b3fa0",
-                fontsize=8, va="top")
+                fontsize=8, va="top", **LITERAL)
     ax.grid(axis="y", alpha=0.3)
+
+
+def _legend(ax, **kwargs) -> None:
+    """The legend, its entries (class names from the model card) drawn literally."""
+    for text in ax.legend(**kwargs).get_texts():
+        text.set_parse_math(False)
 
 
 def class_mix_png(run_ids: list[str], names: list[str], shares: np.ndarray, promotions: dict[int, str]) -> bytes:
@@ -30,7 +42,7 @@ def class_mix_png(run_ids: list[str], names: list[str], shares: np.ndarray, prom
     ax.set_ylim(0, 1.0)
     ax.set_ylabel("share of labelled frames")
     ax.set_title("class mix per run")
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    _legend(ax, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     _runs_axis(ax, run_ids, promotions)
     return _png(fig)
 
@@ -55,6 +67,6 @@ def series_png(run_ids: list[str], series: dict[str, list[float | None]], title:
     else:
         ax.set_ylim(bottom=0)
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left")
+    _legend(ax, fontsize=8, loc="upper left")
     _runs_axis(ax, run_ids, promotions)
     return _png(fig)

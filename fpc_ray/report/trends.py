@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import posixpath
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 
@@ -35,8 +36,10 @@ def _report_link(a: Assessment, output: Path | None) -> str | None:
     if not run_dir.join(RUN_REPORT).exists():
         return None
     if output is not None and not is_remote(run_dir.uri):
-        return Path(os.path.relpath(Path(run_dir.path) / RUN_REPORT, output.resolve().parent)).as_posix()
-    return posixpath.join(posixpath.basename(run_dir.path.rstrip("/")), RUN_REPORT)
+        link = Path(os.path.relpath(Path(run_dir.path) / RUN_REPORT, output.resolve().parent)).as_posix()
+    else:
+        link = posixpath.join(posixpath.basename(run_dir.path.rstrip("/")), RUN_REPORT)
+    return quote(link, safe="/=")  # a folder named by hand may hold '#', '?', '%' or '\\'
 
 
 def _verdict(newest: Assessment, line: str) -> str:
