@@ -180,7 +180,8 @@ def parquet_damage(err: BaseException) -> str | None:
 
     if isinstance(err, OSError):
         text = str(err)
-        if err.errno is not None or is_outage(err) or "AWS Error" in text or "curlCode" in text:
+        if (isinstance(err, FileNotFoundError | PermissionError) or err.errno is not None or is_outage(err)
+                or any(m in text for m in ("AWS Error", "curlCode", "errno"))):
             return None
     elif not isinstance(err, pa.ArrowException):
         return None
