@@ -12,19 +12,21 @@ loop later adds its promotion record to the card); :func:`load_bundle` is the on
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
 import platform
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fpc_ray import __version__
 from fpc_ray.config import Config, StorageConfig
 from fpc_ray.errors import ConcurrentChange, UserError
+from fpc_ray.files import parse_json, read_bounded, read_json, temporary_name, validated, write_atomic
 from fpc_ray.storage import Location, is_remote, resolve
 
 # torch is imported where weights are read or written: a `label` driver, which only reads cards
@@ -121,8 +123,8 @@ def save_bundle(out: Location, weights: bytes, card: dict, history: list[dict]) 
     if old_card.exists():
         old_card.delete()
     out.join(WEIGHTS_FILE).write_bytes(weights)
-    out.join(HISTORY_FILE).write_text(json.dumps(history, indent=2))
-    out.join(CARD_FILE).write_text(json.dumps(card, indent=2))
+    write_atomic(out.join(HISTORY_FILE), json.dumps(history, indent=2).encode())
+    write_atomic(out.join(CARD_FILE), json.dumps(card, indent=2).encode())
 
 
 @dataclass
@@ -155,24 +157,32 @@ def card_temperature(card: dict) -> float:
     return float(calibration.get("temperature", 1.0))
 
 
-def _read_json(loc: Location, missing: str) -> dict:
-    """A small JSON document (card or pointer); user errors for a missing or broken file."""
-    if not loc.exists():
-        raise UserError(missing)
-    try:
-        return json.loads(loc.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{loc.uri}: not valid JSON ({e})") from None
+class Pointer(BaseModel):
+    """What every reader of a promotion pointer relies on: its format and a bundle URI."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    format: str
+    bundle: Annotated[str, Field(min_length=1)]
+
+
+def _pointer(value, uri: str, where: str) -> dict:
+    """A parsed pointer, checked: its format first (a JSON file that is no pointer at all is named
+    so), then its fields."""
+    if not isinstance(value, dict) or value.get("format") != POINTER_FORMAT or "bundle" not in value:
+        raise UserError(f"{uri}: not an fpc-ray model pointer (format {POINTER_FORMAT})")
+    validated(value, Pointer, where, "model pointer")
+    return value
 
 
 def follow_pointer(uri: str, storage: StorageConfig | None = None) -> str:
     """The bundle a promotion pointer (e.g. ``models/production.json``) names; a bundle URI as is."""
     if not str(uri).rstrip("/").endswith(".json"):
         return uri
-    pointer = _read_json(resolve(uri, storage), f"{uri}: no such model pointer")
-    if not isinstance(pointer, dict) or pointer.get("format") != POINTER_FORMAT or "bundle" not in pointer:
-        raise UserError(f"{uri}: not an fpc-ray model pointer (format {POINTER_FORMAT})")
-    return pointer["bundle"]
+    loc = resolve(uri, storage)
+    if not loc.exists():
+        raise UserError(f"{uri}: no such model pointer")
+    return _pointer(read_json(loc, "model pointer"), uri, loc.uri)["bundle"]
 
 
 def read_pointer(uri: str, storage: StorageConfig | None = None) -> dict | None:
@@ -203,14 +213,10 @@ def read_pointer_state(uri: str, storage: StorageConfig | None = None) -> Pointe
     else:
         if not loc.exists():
             return PointerState(None, None)
-        body = loc.read_bytes()
+        body = read_bounded(loc, "model pointer")
         token = hashlib.sha256(body).hexdigest()
-    try:  # validated from the bytes read, not by a second read that could see a newer pointer
-        record = json.loads(body)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{loc.uri}: not valid JSON ({e})") from None
-    if not isinstance(record, dict) or record.get("format") != POINTER_FORMAT or "bundle" not in record:
-        raise UserError(f"{uri}: not an fpc-ray model pointer (format {POINTER_FORMAT})")
+    # Validated from the bytes read, not by a second read that could see a newer pointer.
+    record = _pointer(parse_json(body, loc.uri, "model pointer"), uri, loc.uri)
     return PointerState(record, token)
 
 
@@ -248,19 +254,24 @@ def write_pointer(uri: str, record: dict, storage: StorageConfig | None = None,
         except PreconditionFailed:
             raise _moved(uri) from None
         return
-    tmp = resolve(f"{loc.path}.tmp-{os.getpid()}", storage)
-    tmp.write_text(body)
     if expected is None:
-        os.replace(tmp.path, loc.path)
+        write_atomic(loc, body.encode())
         return
     import fcntl
 
-    with open(f"{loc.path}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        if read_pointer_state(uri, storage).token != expected.token:
-            os.unlink(tmp.path)
-            raise _moved(uri)
-        os.replace(tmp.path, loc.path)
+    # The temporary is named for this writer alone (pid, thread, random): writers sharing a pid
+    # (threads; containers that are each PID 1 on one volume) never rename one another's.
+    tmp = temporary_name(loc.path)
+    resolve(tmp, storage).write_text(body)
+    try:
+        with open(f"{loc.path}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+            if read_pointer_state(uri, storage).token != expected.token:
+                raise _moved(uri)
+            os.replace(tmp, loc.path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # renamed into place: nothing left to remove
+            os.unlink(tmp)
 
 
 def _is_number(x) -> bool:
@@ -311,7 +322,9 @@ def read_card(uri: str, storage: StorageConfig | None = None) -> dict:
     uri = follow_pointer(uri, storage)
     loc = resolve(uri, storage)
     card_loc = loc.join(CARD_FILE)
-    card = _read_json(card_loc, f"{uri}: not a model bundle (no {CARD_FILE})")
+    if not card_loc.exists():
+        raise UserError(f"{uri}: not a model bundle (no {CARD_FILE})")
+    card = read_json(card_loc, "model card")
     if not isinstance(card, dict) or card.get("format") != BUNDLE_FORMAT:
         found = card.get("format") if isinstance(card, dict) else type(card).__name__
         raise UserError(f"{card_loc.uri}: unknown bundle format {found!r}")

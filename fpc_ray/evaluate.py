@@ -12,13 +12,14 @@ from fpc_ray.config import StorageConfig
 
 def save_report(report: dict, out_dir: str, storage: StorageConfig | None = None) -> list[str]:
     """Write ``metrics.json`` and ``confusion_matrix.png`` under ``out_dir``; return their URIs."""
+    from fpc_ray.files import write_atomic
     from fpc_ray.plots import confusion_matrix_png
     from fpc_ray.storage import resolve
 
     out = resolve(out_dir, storage)
     out.makedirs()
     json_loc, png_loc = out.join("metrics.json"), out.join("confusion_matrix.png")
-    json_loc.write_text(json.dumps(report, indent=2))
+    write_atomic(json_loc, json.dumps(report, indent=2).encode())  # what `report` reads back
     png_loc.write_bytes(confusion_matrix_png(report["confusion_matrix"], report["class_names"],
                                              title=f"{report.get('split', '')} top-1 {report['top1']:.3f}"))
     return [json_loc.uri, png_loc.uri]

@@ -8,6 +8,8 @@ the file and what is wrong with it (exit 2, nothing written), never a traceback:
 - :func:`parse_json` decodes UTF-8 strictly and parses with limits on nesting and integer digits
   (Python's own limits give a ``RecursionError`` or a ``ValueError`` traceback);
 - :func:`read_json` reads a bounded file and, with a pydantic ``model``, validates it;
+- :func:`read_parquet` reads a Parquet file, a damaged one (cut short, not Parquet, damaged
+  inside with its magic bytes intact) one line while a storage outage stays an outage;
 - :func:`temporary_name` names a writer's temporary file uniquely (process, thread and a random
   part), so writers that share a pid (threads; containers that are each PID 1 on one volume)
   never write into one another's temporary; :func:`write_atomic` renames it into place.
@@ -17,10 +19,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import threading
 from typing import Any, TypeVar
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
 
 from fpc_ray.errors import UserError, printable
@@ -31,6 +36,11 @@ MAX_DEPTH = 64                # the deepest document fpc-ray writes nests about 
 MAX_INT_DIGITS = 64           # a byte count, a seed or a timestamp fits in 20
 
 M = TypeVar("M", bound=BaseModel)
+
+
+class DamagedFile(UserError):
+    """A file fpc-ray wrote that cannot be read back (cut short, not what it should be): a
+    UserError, which a reader of a mere cache (the index) may set aside instead."""
 
 
 class _TooBig(ValueError):
@@ -64,7 +74,7 @@ def decode_utf8(data: bytes, where: str, what: str = "file") -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise UserError(f"{where}: damaged {what}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") \
+        raise DamagedFile(f"{where}: damaged {what}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") \
             from None
 
 
@@ -80,16 +90,16 @@ def parse_json(data: bytes | str, where: str, what: str = "JSON file") -> Any:
     try:
         value = json.loads(text, parse_int=_int)
     except _TooBig as e:
-        raise UserError(f"{where}: damaged {what}: {e}") from None
+        raise DamagedFile(f"{where}: damaged {what}: {e}") from None
     except json.JSONDecodeError as e:
         why = "empty" if not text.strip() else f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
-        raise UserError(f"{where}: damaged {what}: {why}") from None
+        raise DamagedFile(f"{where}: damaged {what}: {why}") from None
     except (RecursionError, MemoryError):
-        raise UserError(f"{where}: damaged {what}: nested deeper than {MAX_DEPTH} levels") from None
+        raise DamagedFile(f"{where}: damaged {what}: nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as e:  # Python's own integer-digit limit, in a float or elsewhere
-        raise UserError(f"{where}: damaged {what}: {printable(str(e))[:200]}") from None
+        raise DamagedFile(f"{where}: damaged {what}: {printable(str(e))[:200]}") from None
     if _depth(value) > MAX_DEPTH:
-        raise UserError(f"{where}: damaged {what}: nested deeper than {MAX_DEPTH} levels")
+        raise DamagedFile(f"{where}: damaged {what}: nested deeper than {MAX_DEPTH} levels")
     return value
 
 
@@ -102,7 +112,7 @@ def read_bounded(loc: Location, what: str = "file", limit: int = MAX_JSON_BYTES)
 
     data = guard(loc.uri, read)
     if len(data) > limit:
-        raise UserError(f"{loc.uri}: damaged {what}: larger than {limit} bytes")
+        raise DamagedFile(f"{loc.uri}: damaged {what}: larger than {limit} bytes")
     return data
 
 
@@ -113,7 +123,7 @@ def validated(value: Any, model: type[M], where: str, what: str) -> M:
     except ValidationError as e:
         first = e.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise UserError(f"{where}: damaged {what}: {field}: {printable(first['msg'])}") from None
+        raise DamagedFile(f"{where}: damaged {what}: {field}: {printable(first['msg'])}") from None
 
 
 def read_json(loc: Location, what: str, model: type[BaseModel] | None = None, limit: int = MAX_JSON_BYTES):
@@ -149,3 +159,68 @@ def write_atomic(loc: Location, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+# -- Parquet: run parts, _objects.parquet, _index.parquet, review manifests -------------------------
+
+_OPENING = re.compile(r"^Could not open Parquet input source '[^']*': ")
+
+
+def parquet_damage(err: BaseException) -> str | None:
+    """Why ``err``, raised reading a Parquet file, means the file is damaged (one line), or None
+    where it is a storage error (not found, denied, an outage) for :func:`guard` to sort.
+
+    pyarrow says a damaged file in several ways: ``ArrowInvalid`` (magic bytes not found, a file
+    of 0 bytes, a footer cut short), ``ArrowTypeError`` or ``ArrowNotImplementedError`` (a
+    schema or encoding it cannot read) and a bare ``OSError`` with no errno (``Couldn't
+    deserialize thrift``, ``Corrupt snappy compressed data``); a storage error is an ``OSError``
+    with an errno, or one that names the S3 request that failed.
+    """
+    from fpc_ray.storage import is_outage
+
+    if isinstance(err, OSError):
+        text = str(err)
+        if (isinstance(err, FileNotFoundError | PermissionError) or err.errno is not None or is_outage(err)
+                or any(m in text for m in ("AWS Error", "curlCode", "errno"))):
+            return None
+    elif not isinstance(err, pa.ArrowException):
+        return None
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return printable(_OPENING.sub("", lines[0]) if lines else type(err).__name__)[:200]
+
+
+def damaged_parquet(uri: str, what: str, err: BaseException) -> Exception:
+    """The one-line error for a failed read of the Parquet file at ``uri``: ``UserError("<uri>:
+    damaged <what>: <why>")`` for a damaged file, else what :func:`guard` makes of a storage error."""
+    from fpc_ray.storage import storage_error
+
+    why = parquet_damage(err)
+    if why is None:
+        return storage_error(uri, err) if isinstance(err, OSError) else err
+    return DamagedFile(f"{uri}: damaged {what}: {why}")
+
+
+def read_parquet(loc: Location, what: str, columns: list[str] | None = None) -> pa.Table:
+    """The Parquet file fpc-ray wrote at ``loc`` (only ``columns``, where given).
+
+    Raises:
+        DamagedFile: ``<uri>: damaged <what>: <why>`` for a file cut short, empty, not Parquet or
+            damaged inside; the storage errors of :func:`guard` otherwise.
+    """
+    try:
+        return pq.read_table(loc.path, filesystem=loc.fs, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        raise damaged_parquet(loc.uri, what, e) from None
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as the bytes of one Parquet file (for :func:`write_atomic`)."""
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    return buf.getvalue().to_pybytes()
+
+
+def write_parquet_atomic(loc: Location, table: pa.Table) -> None:
+    """Write ``table`` at ``loc`` atomically (see :func:`write_atomic`): a reader never finds a
+    half-written manifest or index, as it could when pyarrow writes in place."""
+    write_atomic(loc, parquet_bytes(table))

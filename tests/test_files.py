@@ -73,3 +73,79 @@ def test_write_atomic_replaces_and_leaves_no_temporary(tmp_path):
 def test_printable_escapes_control_characters():
     assert printable("frame\nerror: forged\x1b[31m\u202e") == "frame\\nerror: forged\\x1b[31m\\u202e"
     assert printable("plain é ü") == "plain é ü"
+
+
+def test_pointer_compare_and_swap_has_one_winner_among_threads(tmp_path):
+    """Writers sharing a pid (threads here; containers that are each PID 1 on one volume) each
+    read the pointer and swap it: one wins, the others are told it moved, none dies on another's
+    temporary, and the pointer names the winner's bundle."""
+    from fpc_ray.bundle import read_pointer, read_pointer_state, write_pointer
+    from fpc_ray.errors import ConcurrentChange
+
+    uri = str(tmp_path / "production.json")
+    write_pointer(uri, {"bundle": "start"})
+    start = threading.Barrier(8)
+    outcome: dict[str, str] = {}
+
+    def swap(name: str) -> None:
+        state = read_pointer_state(uri)
+        start.wait()
+        try:
+            write_pointer(uri, {"bundle": name}, expected=state)
+            outcome[name] = "won"
+        except ConcurrentChange:
+            outcome[name] = "moved"
+        except Exception as e:  # noqa: BLE001 - what the test is about
+            outcome[name] = repr(e)
+
+    threads = [threading.Thread(target=swap, args=(f"b{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [n for n, o in outcome.items() if o == "won"]
+    assert len(winners) == 1 and sorted(outcome.values()) == ["moved"] * 7 + ["won"], outcome
+    assert read_pointer(uri)["bundle"] == winners[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["production.json", "production.json.lock"]
+
+
+def _parquet(tmp_path, damage):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"frame_id": [f"f{i}" for i in range(200)]}), path)
+    data = path.read_bytes()
+    path.write_bytes(damage(data))
+    return resolve(path)
+
+
+def _in_footer(data: bytes) -> bytes:
+    footer = int.from_bytes(data[-8:-4], "little")
+    start = len(data) - 8 - footer
+    return data[:start + 4] + b"\xff" * 8 + data[start + 12:]
+
+
+@pytest.mark.parametrize("damage", [lambda d: d[: len(d) // 2], lambda d: b"", lambda d: bytes(range(256)) * 3,
+                                    _in_footer], ids=["cut", "empty", "random", "footer"])
+def test_a_damaged_parquet_is_one_line_naming_it(tmp_path, damage):
+    from fpc_ray.files import DamagedFile, read_parquet
+
+    loc = _parquet(tmp_path, damage)
+    with pytest.raises(DamagedFile) as e:
+        read_parquet(loc, "review manifest")
+    assert str(e.value).startswith(f"{loc.uri}: damaged review manifest: ") and "\n" not in str(e.value)
+
+
+def test_parquet_storage_errors_stay_storage_errors(tmp_path):
+    from fpc_ray.errors import StorageUnavailable
+    from fpc_ray.files import DamagedFile, damaged_parquet, read_parquet
+
+    with pytest.raises(UserError, match="not found") as e:
+        read_parquet(resolve(tmp_path / "none.parquet"), "index")
+    assert not isinstance(e.value, DamagedFile)
+    outage = OSError("When reading information for key 'a' in bucket 'b': AWS Error NETWORK_CONNECTION during "
+                     "HeadObject operation: curlCode: 7, Couldn't connect to server")
+    assert isinstance(damaged_parquet("s3://b/a", "index", outage), StorageUnavailable)
+    thrift = OSError("Couldn't deserialize thrift: TProtocolException: Invalid data")
+    assert isinstance(damaged_parquet("s3://b/a", "index", thrift), DamagedFile)

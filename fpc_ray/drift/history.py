@@ -8,13 +8,50 @@ run's ``confidence`` column alone (one float column: cheap beside the whole stat
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from fpc_ray.errors import UserError
-from fpc_ray.label.run_stats import STATS_VERSION, low_confidence_share, read_stats_table, run_stats
-from fpc_ray.label.runs import SUCCESS, reading_runs, run_folders, run_parts
-from fpc_ray.storage import Location, guard
+from fpc_ray.files import validated
+from fpc_ray.label.run_stats import HISTOGRAM_BINS, STATS_VERSION, low_confidence_share, read_stats_table, run_stats
+from fpc_ray.label.runs import SUCCESS, read_marker, reading_runs, run_folders, run_parts
+from fpc_ray.storage import Location
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Histogram(_Strict):
+    counts: Annotated[list[int], Field(min_length=HISTOGRAM_BINS, max_length=HISTOGRAM_BINS)]
+    mean: float | None
+
+
+class _LowConfidence(_Strict):
+    threshold: float
+    frames: int
+    share: float | None
+
+
+class RecordedStats(_Strict):
+    """What drift and trends read of a marker's ``stats`` (version :data:`STATS_VERSION`)."""
+
+    version: int
+    rows: int
+    labelled: int
+    errors: int
+    errors_by_kind: dict[str, int] = {}
+    class_names: list[str] | None = None
+    by_class: dict[str, int]
+    confidence: _Histogram
+    low_confidence: _LowConfidence
+    input_kind: dict[str, int]
+
+
+class _WithStats(_Strict):
+    stats: RecordedStats
 
 
 @dataclass
@@ -33,24 +70,19 @@ def _stats(summary: dict, run: Location, low_confidence: float) -> tuple[dict, s
     recorded = summary.get("stats")
     if not recorded or recorded.get("version") != STATS_VERSION:
         with reading_runs([run]):
-            table = guard(run.uri, lambda: read_stats_table(run_parts(run), run.fs))
+            table = read_stats_table(run_parts(run), run.fs)
         return run_stats(table, low_confidence), "computed"
+    validated({"stats": recorded}, _WithStats, run.join(SUCCESS).uri, "run marker")
     if recorded["low_confidence"]["threshold"] != low_confidence:
         with reading_runs([run]):
-            table = guard(run.uri, lambda: read_stats_table(run_parts(run), run.fs, columns=("confidence",)))
+            table = read_stats_table(run_parts(run), run.fs, columns=("confidence",))
         recorded = recorded | {"low_confidence": low_confidence_share(table["confidence"], low_confidence)}
     return recorded, "recorded"
 
 
 def _read_summary(run: Location) -> dict | None:
-    """A run's ``_SUCCESS.json``, or None when the run is not committed."""
-    marker = run.join(SUCCESS)
-    if not marker.exists():
-        return None
-    try:
-        return json.loads(marker.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{marker.uri}: not valid JSON ({e.msg})") from None
+    """A run's ``_SUCCESS.json``, checked, or None when the run is not committed."""
+    return read_marker(run) if run.join(SUCCESS).exists() else None
 
 
 def load_history(output: Location, low_confidence: float) -> list[RunRecord]:

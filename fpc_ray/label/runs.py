@@ -37,9 +37,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from fpc_ray.config import DriftConfig, StorageConfig
-from fpc_ray.errors import ConcurrentChange, UserError, exception_line
+from fpc_ray.errors import ConcurrentChange, UserError
+from fpc_ray.files import (
+    DamagedFile,
+    damaged_parquet,
+    parquet_damage,
+    parse_json,
+    read_json,
+    read_parquet,
+    temporary_name,
+    write_parquet_atomic,
+)
 from fpc_ray.label.lock import CommitLock
 from fpc_ray.label.run_stats import read_stats_table, run_stats
 from fpc_ray.label.schema import error_kind
@@ -56,6 +67,57 @@ STALE_AFTER_S = 24 * 3600.0
 _STAMP = "%Y%m%dT%H%M%SZ"
 
 Key = tuple[str, int, int]  # (uri, size, mtime_ns): an object as listed
+
+
+class _Counts(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    listed: int
+    skipped: int
+    labelled: int
+
+
+class RunMarker(BaseModel):
+    """What every reader of a ``_SUCCESS.json`` relies on, typed: a marker with another type in
+    one of these fields is damaged. Everything fpc-ray writes there has ``run_id``."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    run_id: str
+    attempt: str | None = None
+    model_version: str | None = None
+    committed_at: str | None = None
+    stats: dict | None = None  # its fields are drift's to check (:mod:`fpc_ray.drift.history`)
+
+
+class CommittedRun(RunMarker):
+    """A marker as the labeller writes it, with the counts a run's page shows."""
+
+    model_version: str
+    model_uri: str
+    input: str | None = None
+    inputs: list[str] | None = None  # runs before `inputs` have `input` only
+    objects: _Counts
+    rows: int
+    labelled: int
+    errors: int
+    timings: dict[str, float | None] = {}
+    options: dict = {}
+
+    @model_validator(mode="after")
+    def _an_input(self):
+        if self.input is None and not self.inputs:
+            raise ValueError("neither input nor inputs")
+        return self
+
+
+def read_marker(run: Location, model: type[RunMarker] = RunMarker) -> dict:
+    """A committed run's ``_SUCCESS.json``, bounded, strictly parsed and checked against ``model``.
+
+    Raises:
+        UserError: the marker is missing, or damaged (one line naming it and what is wrong).
+    """
+    return read_json(run.join(SUCCESS), "run marker", model).model_dump()
 
 
 def new_attempt_id(now: dt.datetime | None = None) -> str:
@@ -147,44 +209,58 @@ def read_index(output: Location, echo: Callable[[str], None] = print) -> tuple[p
     if not loc.exists():
         return INDEX_SCHEMA.empty_table(), set()
     try:
-        table = guard(loc.uri, lambda: pq.read_table(loc.path, filesystem=loc.fs))
-        runs = set(json.loads((table.schema.metadata or {}).get(INDEX_RUNS_KEY, b"[]")))
-        return table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA), runs
-    except (pa.ArrowException, ValueError, KeyError, TypeError) as e:  # not storage: guard made those one line
+        table = read_parquet(loc, "index")
+        runs = parse_json((table.schema.metadata or {}).get(INDEX_RUNS_KEY, b"[]"), loc.uri, "index")
+        if not isinstance(runs, list) or not all(isinstance(r, str) for r in runs):
+            raise DamagedFile(f"{loc.uri}: damaged index: its run list is not a list of run ids")
+        return table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA), set(runs)
+    except (DamagedFile, pa.ArrowException, KeyError) as e:  # damage, not storage: that is raised
         echo(f"warning: {loc.uri} is not a readable index ({type(e).__name__}); reading the committed runs "
              "instead, and the next commit rewrites it")
         return INDEX_SCHEMA.empty_table(), set()
 
 
-def _first_damaged(runs: list[Location]) -> str | None:
-    """The URI of the first Parquet file of ``runs`` whose footer cannot be read, if any."""
-    for run in runs:
-        for path in parquet_parts(run):
-            try:
-                pq.read_metadata(path, filesystem=run.fs)
-            except pa.ArrowInvalid:
-                return run.join(path[len(run.path):].lstrip("/")).uri
+def _kind(name: str) -> str:
+    """What a committed run's Parquet file is, for messages."""
+    return "object list" if name == OBJECTS else "run part"
+
+
+def _first_damaged(runs: list[Location]) -> tuple[str, str] | None:
+    """(URI, why) of the first Parquet file of ``runs`` that cannot be read, footer first, then
+    whole (a page damaged inside leaves the footer readable); None when all read."""
+    for read in (pq.read_metadata, pq.read_table):
+        for run in runs:
+            for path in parquet_parts(run):
+                try:
+                    read(path, filesystem=run.fs)
+                except (pa.ArrowException, OSError) as e:
+                    why = parquet_damage(e)
+                    if why is not None:
+                        name = path[len(run.path):].lstrip("/")
+                        return run.join(name).uri, f"damaged {_kind(name)}: {why}"
     return None
 
 
 @contextlib.contextmanager
 def reading_runs(runs: list[Location]):
     """Reads of committed runs' Parquet files (parts, ``_objects.parquet``): a damaged one (cut
-    short, overwritten, not Parquet) is one line naming it, not Arrow's traceback."""
+    short, overwritten, not Parquet, damaged inside) is one line naming it, not Arrow's
+    traceback; a storage error is sorted as :func:`guard` sorts it."""
     try:
         yield
-    except pa.ArrowInvalid as e:
+    except (pa.ArrowException, OSError) as e:
+        where = ", ".join(r.uri for r in runs)
+        if parquet_damage(e) is None:
+            raise damaged_parquet(where, "run", e) from None
         damaged = _first_damaged(runs)
         if damaged is None:
-            raise UserError(f"cannot read the rows of {', '.join(r.uri for r in runs)}: {exception_line(e)}") from None
-        raise UserError(f"{damaged}: damaged, not a readable Parquet file; restore it, or delete its run folder "
-                        "to label those objects again") from None
+            raise DamagedFile(f"cannot read the rows of {where}: {parquet_damage(e)}") from None
+        raise DamagedFile(f"{damaged[0]}: {damaged[1]}; restore it, or delete its run folder to label those "
+                          "objects again") from None
 
 
 def _run_objects(run_id: str, run: Location) -> pa.Table:
-    loc = run.join(OBJECTS)
-    with reading_runs([run]):
-        table = guard(loc.uri, lambda: pq.read_table(loc.path, filesystem=loc.fs, columns=OBJECTS_SCHEMA.names))
+    table = read_parquet(run.join(OBJECTS), _kind(OBJECTS), columns=OBJECTS_SCHEMA.names)
     return table.cast(OBJECTS_SCHEMA).append_column("run", pa.array([run_id] * table.num_rows, pa.string()))
 
 
@@ -227,13 +303,7 @@ def write_index(output: Location, table: pa.Table, runs: set[str]) -> None:
     """Replace the index atomically: a local temp file renamed over it, or one S3 PUT."""
     table = table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
     table = table.replace_schema_metadata({INDEX_RUNS_KEY: json.dumps(sorted(runs)).encode()})
-    loc = output.join(INDEX)
-    if is_remote(loc.uri):
-        guard(loc.uri, lambda: pq.write_table(table, loc.path, filesystem=loc.fs))
-        return
-    tmp = f"{loc.path}.tmp-{os.getpid()}-{secrets.token_hex(3)}"
-    guard(loc.uri, lambda: pq.write_table(table, tmp))
-    os.replace(tmp, loc.path)
+    write_parquet_atomic(output.join(INDEX), table)
 
 
 def _age_s(folder: Location, now: float) -> float:
@@ -333,7 +403,7 @@ class Attempt:
 
 def _marker_holder(run_dir: Location) -> str:
     try:
-        return json.loads(run_dir.join(SUCCESS).read_text()).get("attempt") or "an earlier attempt"
+        return read_json(run_dir.join(SUCCESS), "run marker").get("attempt") or "an earlier attempt"
     except Exception:  # noqa: BLE001 - only for the message
         return "another attempt"
 
@@ -412,7 +482,7 @@ def _create_marker(run_dir: Location, body: bytes, storage: StorageConfig | None
             raise ConcurrentChange(f"run {run_dir.uri} was committed by {_marker_holder(run_dir)} during this "
                                    "commit; this attempt's parts are left unmarked") from None
         return
-    tmp = f"{marker.path}.tmp-{secrets.token_hex(4)}"
+    tmp = temporary_name(marker.path)
     with open(tmp, "wb") as f:
         f.write(body)
         f.flush()
@@ -444,7 +514,8 @@ def _committed_summary(summary: dict, attempt: Attempt, counts: dict, timings: d
     table = guard(run_dir.uri, lambda: read_stats_table(run_parts(run_dir), run_dir.fs))
     stats = run_stats(table, DriftConfig().low_confidence)
     by_class = {name: n for name, n in stats["by_class"].items() if n}
-    return {**summary, "attempt": attempt.attempt_id, "objects": {**summary["objects"], **counts},
+    return {**summary, "run_id": attempt.run_id, "attempt": attempt.attempt_id,
+            "objects": {**summary["objects"], **counts},
             "rows": stats["rows"], "labelled": stats["labelled"], "errors": stats["errors"],
             "errors_by_kind": stats["errors_by_kind"], "by_class": by_class, "stats": stats,
             "timings": timings, "committed_at": dt.datetime.now(dt.UTC).isoformat()}

@@ -3,20 +3,144 @@
 from __future__ import annotations
 
 import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, RootModel
 
 from fpc_ray import plots
-from fpc_ray.bundle import HISTORY_FILE, follow_pointer, read_card
+from fpc_ray.bundle import CARD_FILE, HISTORY_FILE, follow_pointer, read_card
 from fpc_ray.config import StorageConfig
+from fpc_ray.files import read_json, validated
 from fpc_ray.report.page import esc, img, page, section, table
 from fpc_ray.storage import resolve
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Epoch(_Strict):
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_top1: float
+    val_top2: float
+    images_per_s: float = 0.0
+
+
+class History(RootModel[list[_Epoch]]):
+    """``metrics.json``: the per-epoch training history, as the curves read it."""
+
+
+class _ClassScores(_Strict):
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class _Test(_Strict):
+    n: int
+    top1: float
+    top2: float
+    macro_f1: float
+    ece: float
+    class_names: list[str]
+    per_class: dict[str, _ClassScores]
+    confusion_matrix: list[list[int]]
+    reliability: list[dict]
+    ece_uncalibrated: float | None = None
+    reliability_uncalibrated: list[dict] | None = None
+
+
+class _Val(_Strict):
+    epoch: int
+    val_top1: float
+    val_top2: float
+
+
+class _Metrics(_Strict):
+    val: _Val
+    test: _Test | None = None
+
+
+class _Architecture(_Strict):
+    backbone: str
+    attention: dict
+    head: dict
+    pretrained: Any = None
+
+
+class _Parameters(_Strict):
+    total: int
+    trainable: int
+
+
+class _Input(_Strict):
+    size: int
+    resize: str
+
+
+class _Training(_Strict):
+    epochs: int
+    num_workers: int
+    use_gpu: bool
+    wall_s: float
+
+
+class _Data(_Strict):
+    uri: str
+    fingerprint: str
+    images: dict[str, Any] = {}
+
+
+class _Dataset(_Strict):
+    uri: str
+    fingerprint: str
+
+
+class _Calibration(_Strict):
+    temperature: float
+    n: int | None = None
+    val_ece_before: float | None = None
+    val_ece_after: float | None = None
+
+
+class _Promotion(_Strict):
+    decision: str
+    decided_at: str
+    candidate: dict
+    production: dict | None = None
+
+
+class ReportedCard(_Strict):
+    """The fields of a model card the bundle's page shows, typed: a card from which some are
+    missing or of another type is damaged (one line), not a KeyError."""
+
+    version: str
+    created_at: str
+    weights_sha256: str
+    versions: dict[str, str]
+    class_names: list[str]
+    architecture: _Architecture
+    parameters: _Parameters
+    input: _Input
+    metrics: _Metrics
+    training: _Training
+    data: _Data
+    datasets: list[_Dataset] | None = None
+    calibration: _Calibration | None = None
+    lineage: dict[str, str] | None = None
+    promotion: _Promotion | None = None
 
 
 def bundle_report(uri: str, storage: StorageConfig, hide_sources: bool = False) -> str:
     """The bundle's page; ``hide_sources`` leaves out the training data's URI (its fingerprint stays)."""
     uri = follow_pointer(uri, storage)
     card = read_card(uri, storage)
+    validated(card, ReportedCard, resolve(uri, storage).join(CARD_FILE).uri, "model card")
     history_loc = resolve(uri, storage).join(HISTORY_FILE)
-    history = json.loads(history_loc.read_text()) if history_loc.exists() else []
+    history = read_json(history_loc, "training history", History).model_dump() if history_loc.exists() else []
     test = card["metrics"].get("test")
     val = card["metrics"]["val"]
 

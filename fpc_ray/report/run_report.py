@@ -14,11 +14,11 @@ import secrets
 from collections import Counter
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from fpc_ray import plots
 from fpc_ray.config import StorageConfig
-from fpc_ray.label.runs import SUCCESS, reading_runs, run_parts
+from fpc_ray.files import read_parquet, validated
+from fpc_ray.label.runs import SUCCESS, CommittedRun, read_marker, run_parts
 from fpc_ray.label.schema import error_kind
 from fpc_ray.report.page import esc, page, section, table
 from fpc_ray.report.page import img as img_tag
@@ -80,12 +80,12 @@ def _figure(png: bytes | None, caption: str) -> str:
 
 def run_report(run: Location, storage: StorageConfig, hide_sources: bool = False) -> str:
     """The run's page; ``hide_sources`` replaces every source URI with a pseudonym."""
-    summary = json.loads(run.join(SUCCESS).read_text())
+    summary = read_marker(run)
+    parts = run_parts(run)
+    tables = [_read_part(run, p, SUMMARY_COLUMNS) for p in parts]
+    summary = validated(summary, CommittedRun, run.join(SUCCESS).uri, "run marker").model_dump()
     given = summary.get("inputs") or summary["input"]  # every prefix (runs before `inputs`: one)
     sources = SourceNames(hide_sources, [given] if isinstance(given, str) else list(given))
-    parts = run_parts(run)
-    with reading_runs([run]):
-        tables = [pq.read_table(p, columns=SUMMARY_COLUMNS, filesystem=run.fs) for p in parts]
     rows = [(pi, ri, r) for pi, t in enumerate(tables) for ri, r in enumerate(t.to_pylist())]
     labelled = [x for x in rows if x[2]["label"] is not None]
 
@@ -167,9 +167,13 @@ def _thumbnails(parts: list[str], run: Location, chosen: list) -> dict:
     for p, i, _ in chosen:
         wanted.setdefault(p, []).append(i)
     out = {}
-    with reading_runs([run]):
-        for p, indices in wanted.items():
-            column = pq.read_table(parts[p], columns=["gradcam_png"], filesystem=run.fs).column(0)
-            for i in set(indices):
-                out[(p, i)] = column[i].as_py()
+    for p, indices in wanted.items():
+        column = _read_part(run, parts[p], ["gradcam_png"]).column(0)
+        for i in set(indices):
+            out[(p, i)] = column[i].as_py()
     return out
+
+
+def _read_part(run: Location, path: str, columns: list[str]):
+    """Some columns of one of the run's parts (a path in ``run.fs``); a damaged part is one line."""
+    return read_parquet(Location(run.fs, path, run.join(path[len(run.path):].lstrip("/")).uri), "run part", columns)

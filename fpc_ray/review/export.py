@@ -31,10 +31,10 @@ from dataclasses import asdict, dataclass
 import cv2
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from fpc_ray.config import StorageConfig
-from fpc_ray.errors import UserError
+from fpc_ray.errors import UserError, printable
+from fpc_ray.files import DamagedFile, read_parquet, write_atomic, write_parquet_atomic
 from fpc_ray.label.decode import DecodeError, decode_object
 from fpc_ray.label.runs import reading_runs
 from fpc_ray.review import Format, Strategy, labelstudio
@@ -82,6 +82,17 @@ def image_url(out: Location, frame_id: str, image_root: str | None) -> str:
     return out.join("images", f"{frame_id}.png").uri if is_remote(out.uri) else rel
 
 
+def read_manifest(loc: Location, columns: list[str] | None = None) -> pa.Table:
+    """A batch's ``manifest.parquet`` (some ``columns`` of it), checked against MANIFEST_SCHEMA:
+    a damaged one is one line naming it."""
+    table = read_parquet(loc, "review manifest", columns)
+    wanted = MANIFEST_SCHEMA if columns is None else pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
+    try:
+        return table.select(wanted.names).cast(wanted)
+    except (KeyError, pa.ArrowException) as e:
+        raise DamagedFile(f"{loc.uri}: damaged review manifest: not its columns ({printable(str(e))[:200]})") from None
+
+
 def exported_frames(out: Location) -> set[str]:
     """The frame ids in the manifests of the batches beside ``out`` (under its parent)."""
     parent = resolve(posixpath.dirname(out.uri) if is_remote(out.uri) else os.path.dirname(out.path),
@@ -90,8 +101,7 @@ def exported_frames(out: Location) -> set[str]:
     for entry in parent.entries():
         manifest = parent.join(entry.base_name, MANIFEST)
         if entry.type == pafs.FileType.Directory and manifest.exists():
-            table = guard(manifest.uri, lambda m=manifest: pq.read_table(m.path, filesystem=m.fs, columns=["frame_id"]))
-            done.update(table["frame_id"].to_pylist())
+            done.update(read_manifest(manifest, columns=["frame_id"])["frame_id"].to_pylist())
     return done
 
 
@@ -193,19 +203,18 @@ def write_cams(chosen: list[dict], out: Location, storage: StorageConfig | None)
 def _write_outputs(chosen: list[dict], out: Location, opts: ExportOptions, runs: list[str]) -> None:
     if Format.label_studio in opts.formats:
         tasks = [labelstudio.task(r, image_url(out, r["frame_id"], opts.image_root)) for r in chosen]
-        out.join(TASKS_JSON).write_text(json.dumps(tasks, indent=1))
+        write_atomic(out.join(TASKS_JSON), json.dumps(tasks, indent=1).encode())
         out.join(CONFIG_XML).write_text(labelstudio.labeling_config())
     if Format.csv in opts.formats:
         out.join(TASKS_CSV).write_text(labelstudio.tasks_csv(chosen))
     manifest = pa.Table.from_pylist([{**{k: r.get(k) for k in MANIFEST_SCHEMA.names}, "study": study_of(r)}
                                      for r in chosen], schema=MANIFEST_SCHEMA)
-    loc = out.join(MANIFEST)
-    guard(loc.uri, lambda: pq.write_table(manifest, loc.path, filesystem=loc.fs))
-    out.join(BATCH).write_text(json.dumps({
+    write_parquet_atomic(out.join(MANIFEST), manifest)  # never half a manifest: later exports read it
+    write_atomic(out.join(BATCH), json.dumps({
         "created_at": dt.datetime.now(dt.UTC).isoformat(), "frames": len(chosen),
         "options": {**asdict(opts), "strategy": str(opts.strategy), "formats": list(opts.formats)},
         "runs": runs, "model_versions": sorted({r["model_version"] for r in chosen}),
-    }, indent=2))
+    }, indent=2).encode())
 
 
 def export_batch(inputs: list[str], output: str, opts: ExportOptions, storage: StorageConfig | None = None,

@@ -26,14 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from fpc_ray.config import StorageConfig
 from fpc_ray.data.fetal_planes import BRAIN_PLANES, CLASS_NAMES, CSV_NAME, IMAGE_EXT, IMAGES_DIR, Record, write_csv
 from fpc_ray.errors import UserError
-from fpc_ray.review.export import MANIFEST
+from fpc_ray.review.export import MANIFEST, read_manifest
 from fpc_ray.review.labelstudio import UNSURE, Answer, parse_export, parse_filled_csv
-from fpc_ray.storage import Location, guard, resolve
+from fpc_ray.storage import Location, resolve
 
 AGREEMENT = "agreement.json"
 NOT_A_BRAIN = "Not A Brain"
@@ -54,7 +53,7 @@ def read_batch(uri: str, storage: StorageConfig | None = None) -> Batch:
     manifest = loc.join(MANIFEST)
     if not manifest.exists():
         raise UserError(f"{loc.uri}: not a review batch (no {MANIFEST}); give the --output of `fpc-ray review export`")
-    table = guard(manifest.uri, lambda: pq.read_table(manifest.path, filesystem=manifest.fs))
+    table = read_manifest(manifest)
     return Batch(loc.uri, loc, {r["frame_id"]: r for r in table.to_pylist()})
 
 

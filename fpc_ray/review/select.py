@@ -18,9 +18,9 @@ import pyarrow.compute as pc
 
 from fpc_ray.config import StorageConfig
 from fpc_ray.errors import UserError
-from fpc_ray.label.runs import SUCCESS, committed_runs, run_parts
+from fpc_ray.label.runs import SUCCESS, committed_runs, reading_runs, run_parts
 from fpc_ray.review import Strategy
-from fpc_ray.storage import Location, guard, resolve
+from fpc_ray.storage import Location, resolve
 
 # What a choice and a batch need from a run's rows.
 COLUMNS = ("source_uri", "frame", "study_uid", "content_sha256", "label", "confidence", "top2_label",
@@ -60,8 +60,8 @@ def read_candidates(runs: list[Location]) -> pa.Table:
         parts = run_parts(run)
         if not parts:
             continue
-        table = guard(run.uri, lambda run=run, parts=parts: pads.dataset(
-            parts, filesystem=run.fs, format="parquet").to_table(columns=list(COLUMNS)))
+        with reading_runs([run]):  # a damaged part: one line naming it
+            table = pads.dataset(parts, filesystem=run.fs, format="parquet").to_table(columns=list(COLUMNS))
         table = table.filter(pc.and_(pc.is_null(table["error"]), pc.is_valid(table["label"])))
         tables.append(table.drop_columns(["error"]).append_column(
             "run_uri", pa.array([run.uri] * table.num_rows, pa.string())))

@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
 WEIGHTS = "model.safetensors"
@@ -27,6 +28,13 @@ BEST_WEIGHTS = "best.safetensors"  # only when the best epoch is not the checkpo
 STATE = "state.pt"
 HISTORY = "history.json"
 LOCAL_CHECKPOINT_PREFIX = "fpc-ckpt-"  # the folders each epoch writes before Ray takes them
+
+
+class CheckpointHistory(BaseModel):
+    """``history.json``: what resuming relies on, typed (a damaged one is one line, not a KeyError)."""
+
+    history: list[dict]
+    best: dict
 
 
 def selection_score(metrics: dict) -> tuple[float, float]:
@@ -90,9 +98,11 @@ def best_weights(path: str) -> dict[str, torch.Tensor]:
 
 def read_history(path: str) -> tuple[list[dict], dict]:
     """The per-epoch metrics and the best epoch's metrics recorded in a checkpoint folder."""
-    with open(os.path.join(path, HISTORY)) as f:
-        saved = json.load(f)
-    return saved["history"], saved["best"]
+    from fpc_ray.files import read_json
+    from fpc_ray.storage import resolve
+
+    saved = read_json(resolve(os.path.join(path, HISTORY)), "checkpoint history", CheckpointHistory)
+    return saved.history, saved.best
 
 
 def resume(path: str, model: torch.nn.Module, optimizer, scheduler, device: torch.device) -> Progress:
