@@ -380,7 +380,7 @@ def read_yaml(path: str | Path, _overlaid: tuple[Path, ...] = ()) -> dict:
     target = path.parent / base
     if not target.is_file():  # also a name holding a NUL byte, which no file has
         what = "a directory, not a config file" if target.is_dir() else "no such config file"
-        raise UserError(f"{path}: base: {_shown(str(target))}: {what}")
+        raise UserError(f"{path}: base: {_cut(repr(str(target)), 400)}: {what}")
     chain = (*_overlaid, path.resolve())
     if target.resolve() in chain:
         raise UserError(f"{path}: base: {base} loops back to {target} (a file cannot overlay itself)")
