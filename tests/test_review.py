@@ -455,7 +455,7 @@ def _bad_json(batch: Path, truth: dict, case: str) -> tuple[str, str]:
                 t["annotations"] = [_annotation("Fetal femur", "Trans-cerebellum")]
         return json.dumps(tasks), "contradicts the plane 'Fetal femur'"
     if case == "nested":
-        return "[" * 100_000 + "]" * 100_000, "nested too deeply"
+        return "[" * 100_000 + "]" * 100_000, "nested deeper than"
     return json.dumps(tasks)[:-20], "not valid JSON"
 
 
@@ -601,3 +601,104 @@ def test_studies_whose_patient_numbers_collide_land_on_one_side(monkeypatch):
         test = pick_test_studies(studies, 0.5, seed, echo=lambda _: None)
         assert ("1.2.3" in test) == ("1.2.30" in test)
         assert all((s in test) == is_test_study(s, 0.5, seed) for s in studies - {"1.2.3", "1.2.30"})
+
+
+# --- exports side by side, and answers import must refuse ---------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_exports_started_together_share_no_frame(archive, where, tmp_path, request):
+    """Two `review export` processes at once into sibling batches: the batches folder's commit
+    lock makes one choose after the other has written its manifest, so no frame is in both."""
+    import os
+    import subprocess
+    import sys
+    import uuid
+
+    if where == "s3":
+        request.getfixturevalue("s3_server")
+        folder = f"s3://test/exports-{uuid.uuid4().hex[:8]}"
+    else:
+        folder = str(tmp_path / "batches")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "fpc_ray", "review", "export", str(archive["labels"]),
+                               "--output", f"{folder}/{name}", "--n", "5"], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for name in ("b1", "b2")]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    from fpc_ray.storage import resolve
+
+    loc = resolve(folder)
+    tables = [pq.read_table(f"{loc.path}/{n}/manifest.parquet", filesystem=loc.fs) for n in ("b1", "b2")]
+    first, second = (set(t["frame_id"].to_pylist()) for t in tables)
+    assert len(first) == len(second) == 5 and not first & second
+
+
+def _export_with(annotation: dict, frame: str) -> str:
+    return json.dumps([{"id": 1, "data": {"frame_id": frame}, "annotations": [annotation]}])
+
+
+@pytest.mark.parametrize(("annotation", "message"), [
+    ({"result": [{"from_name": "plane", "value": {"choices": ["Fetal brain"]}},
+                 {"from_name": "plane", "value": {"choices": ["Fetal femur"]}}]},
+     "one annotation holds 2 different 'plane' results"),
+    ({"result": [], "was_cancelled": "false"}, "'was_cancelled' must be true or false, got 'false'"),
+    ({"result": [], "was_cancelled": 0}, "'was_cancelled' must be true or false, got 0"),
+    ({"result": [{"from_name": "plane", "value": {"choices": [7]}}]}, "'plane' must hold exactly one choice"),
+])
+def test_an_export_answer_that_says_two_things_is_refused(annotation, message):
+    from fpc_ray.review.labelstudio import parse_export
+
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_export(_export_with(annotation, "0123456789abcdef"), "export.json")
+
+
+def test_the_same_answer_given_twice_in_one_annotation_is_one_answer():
+    from fpc_ray.review.labelstudio import parse_export
+
+    twice = {"result": [{"from_name": "plane", "value": {"choices": ["Fetal brain"]}}] * 2, "was_cancelled": False}
+    (answer,) = parse_export(_export_with(twice, "0123456789abcdef"), "export.json")
+    assert answer.plane == "Fetal brain"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[{"id": ' + "9" * 5000 + ', "data": {"frame_id": "x"}}]', "an integer of 5000 digits"),
+    ("[" * 50_000 + "]" * 50_000, "nested deeper than"),
+    ('{"tasks": []}', "expected Label Studio's JSON export, a list of tasks"),
+    ('[{"data": {"frame_id": 5}}]', "no data.frame_id"),
+    ('[{"data": {"frame_id": "x"}, "annotations": {"a": 1}}]', "'annotations' is not a list of objects"),
+    ('[{"data": {"frame_id": "x"}, "annotations": [{"result": 5}]}]', "'result' is not a list"),
+])
+def test_a_hostile_export_is_one_line(text, message):
+    from fpc_ray.review.labelstudio import parse_export
+
+    with pytest.raises(UserError) as e:
+        parse_export(text, "export.json")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_frame_id_with_control_characters_is_escaped_in_the_error_line(batch, archive, tmp_path):
+    forged = "abc\nerror: forged\x1b[31m"
+    exported = tmp_path / "export.json"
+    exported.write_text(_export_with({"result": []}, forged))
+    result = invoke("review", "import", exported, "--batch", batch, "--output", tmp_path / "ds")
+    assert result.exit_code == 2
+    (line,) = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert line.startswith("error: ") and "abc\\nerror: forged\\x1b[31m" in line and "\x1b" not in line
+
+
+def test_another_batch_s_frame_id_is_not_remapped_through_source_and_frame(batch, tmp_path):
+    """A CSV row whose frame_id is well-formed but not this batch's is refused, even when its
+    source_uri and frame name one of this batch's frames (only a spreadsheet-mangled id is)."""
+    rows = _manifest(batch)
+    target = rows[0]
+    other = "f" * 16 if target["frame_id"] != "f" * 16 else "e" * 16
+    csv_text = (f"frame_id,source_uri,frame,label\n{other},{target['source_uri']},{target['frame']},Fetal brain\n")
+    answers = tmp_path / "tasks.csv"
+    answers.write_text(csv_text)
+    result = invoke("review", "import", answers, "--batch", batch, "--output", tmp_path / "ds")
+    assert result.exit_code == 2 and "frame not in batch" in one_error_line(result)
+    mangled = tmp_path / "mangled.csv"  # a spreadsheet turned the id into a number: found by the pair
+    mangled.write_text(csv_text.replace(other, "1.23457E+15"))
+    result = invoke("review", "import", mangled, "--batch", batch, "--output", tmp_path / "ds2")
+    assert "frame not in batch" not in result.output

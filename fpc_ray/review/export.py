@@ -24,6 +24,7 @@ import json
 import math
 import os
 import posixpath
+import secrets
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -36,6 +37,7 @@ from fpc_ray.config import StorageConfig
 from fpc_ray.errors import UserError, printable
 from fpc_ray.files import DamagedFile, read_parquet, write_atomic, write_parquet_atomic
 from fpc_ray.label.decode import DecodeError, decode_object
+from fpc_ray.label.lock import CommitLock
 from fpc_ray.label.runs import reading_runs
 from fpc_ray.review import Format, Strategy, labelstudio
 from fpc_ray.review.select import input_runs, ranked, read_candidates
@@ -93,10 +95,15 @@ def read_manifest(loc: Location, columns: list[str] | None = None) -> pa.Table:
         raise DamagedFile(f"{loc.uri}: damaged review manifest: not its columns ({printable(str(e))[:200]})") from None
 
 
+def batches_folder(out: Location) -> Location:
+    """The folder a batch sits in beside the others (``out``'s parent): the one export lock."""
+    return resolve(posixpath.dirname(out.uri) if is_remote(out.uri) else os.path.dirname(out.path),
+                   filesystem=out.fs)
+
+
 def exported_frames(out: Location) -> set[str]:
     """The frame ids in the manifests of the batches beside ``out`` (under its parent)."""
-    parent = resolve(posixpath.dirname(out.uri) if is_remote(out.uri) else os.path.dirname(out.path),
-                     filesystem=out.fs)
+    parent = batches_folder(out)
     done: set[str] = set()
     for entry in parent.entries():
         manifest = parent.join(entry.base_name, MANIFEST)
@@ -230,11 +237,20 @@ def export_batch(inputs: list[str], output: str, opts: ExportOptions, storage: S
     out = resolve(output, storage)
     if is_remote(out.uri) and "/" not in out.path:
         raise UserError(f"--output {out.uri}: give a prefix inside the bucket (batches sit side by side under one)")
-    if out.join(MANIFEST).exists():
-        raise UserError(f"{out.uri}: already holds a review batch; give a new --output")
     runs = {r.uri: r for uri in inputs for r in input_runs(uri, storage)}
     with reading_runs(list(runs.values())):  # a damaged run part: one line naming it
         candidates = read_candidates(list(runs.values())).to_pylist()
+    # Exports beside one another take the batches folder's commit lock (labelling's lock, on the
+    # folder): what earlier batches hold is read, frames chosen and the manifest written by one
+    # export at a time, so two started together never hand reviewers the same frame.
+    with CommitLock(batches_folder(out), f"review export {secrets.token_hex(4)}", storage):
+        return _export_locked(runs, candidates, out, opts, storage, echo)
+
+
+def _export_locked(runs: dict[str, Location], candidates: list[dict], out: Location, opts: ExportOptions,
+                   storage: StorageConfig | None, echo: Callable[[str], None]) -> dict:
+    if out.join(MANIFEST).exists():
+        raise UserError(f"{out.uri}: already holds a review batch; give a new --output")
     done = exported_frames(out)
     rows = [r for r in candidates if r["frame_id"] not in done]
     order, cap = ranked(rows, opts.strategy, opts.n, opts.per_class, opts.seed)

@@ -32,6 +32,7 @@ from fpc_ray.data.fetal_planes import BRAIN_PLANES, CLASS_NAMES, CSV_NAME, IMAGE
 from fpc_ray.errors import UserError
 from fpc_ray.review.export import MANIFEST, read_manifest
 from fpc_ray.review.labelstudio import UNSURE, Answer, parse_export, parse_filled_csv
+from fpc_ray.review.select import FRAME_ID
 from fpc_ray.storage import Location, resolve
 
 AGREEMENT = "agreement.json"
@@ -78,8 +79,10 @@ def read_answers(uri: str, storage: StorageConfig | None = None) -> list[Answer]
 def _frame_of(answer: Answer, batch: Batch) -> Answer:
     """The answer, naming its batch frame by the CSV's (source_uri, frame) when its frame_id is
     not one of the batch's but the pair names exactly one frame (a spreadsheet turned an
-    all-digit frame_id into a number)."""
-    if answer.frame_id in batch.frames or answer.source_uri is None or answer.frame is None:
+    all-digit frame_id into a number). A well-formed frame id (16 hex digits) is never re-mapped:
+    one that is not in this batch is another batch's, and refused."""
+    if (answer.frame_id in batch.frames or FRAME_ID.fullmatch(answer.frame_id)
+            or answer.source_uri is None or answer.frame is None):
         return answer
     same = [fid for fid, m in batch.frames.items()
             if (m["source_uri"], str(m["frame"])) == (answer.source_uri, answer.frame)]

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass
 from xml.sax.saxutils import quoteattr
 
 from fpc_ray.data.fetal_planes import BRAIN_PLANES, CLASS_NAMES
-from fpc_ray.errors import UserError
+from fpc_ray.errors import UserError, printable
+from fpc_ray.files import parse_json
 
 IMAGE = "image"          # the <Image> tag's name, and the task data key it shows ($image)
 PLANE = "plane"          # the <Choices> of the six planes
@@ -90,10 +90,22 @@ def _choice(result: list, name: str, where: str) -> str | None:
     picked = [item for item in result if isinstance(item, dict) and item.get("from_name") == name]
     if not picked:
         return None
-    values = (picked[-1].get("value") or {}).get("choices") if isinstance(picked[-1].get("value"), dict) else None
-    if not isinstance(values, list) or len(values) != 1 or not isinstance(values[0], str):
-        raise UserError(f"{where}: '{name}' must hold exactly one choice, got {values!r}")
-    return values[0]
+    chosen = set()
+    for item in picked:  # several results of one control must agree: none silently wins
+        values = item["value"].get("choices") if isinstance(item.get("value"), dict) else None
+        if not isinstance(values, list) or len(values) != 1 or not isinstance(values[0], str):
+            raise UserError(f"{where}: '{name}' must hold exactly one choice, got {_shown(values)}")
+        chosen.add(values[0])
+    if len(chosen) > 1:
+        raise UserError(f"{where}: one annotation holds {len(chosen)} different '{name}' results "
+                        f"({', '.join(sorted(map(_shown, chosen)))}); answer it once")
+    return chosen.pop()
+
+
+def _shown(value: object) -> str:
+    """A value from an export, for a message: repr (control characters escaped), cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:80]}..."
 
 
 def _answered(annotations: list, where: str) -> list[dict]:
@@ -101,7 +113,10 @@ def _answered(annotations: list, where: str) -> list[dict]:
     disagree on a task are a conflict for import to name, never settled by who answered last."""
     if not isinstance(annotations, list) or not all(isinstance(a, dict) for a in annotations):
         raise UserError(f"{where}: 'annotations' is not a list of objects")
-    return [a for a in annotations if not a.get("was_cancelled")]
+    for a in annotations:  # "false" is truthy: only Label Studio's own booleans are read
+        if not isinstance(a.get("was_cancelled", False), bool):
+            raise UserError(f"{where}: 'was_cancelled' must be true or false, got {_shown(a['was_cancelled'])}")
+    return [a for a in annotations if not a.get("was_cancelled", False)]
 
 
 def _min_choice(entry: dict, name: str, where: str) -> str | None:
@@ -111,7 +126,7 @@ def _min_choice(entry: dict, name: str, where: str) -> str | None:
         value = value.get("choices")
         value = value[0] if isinstance(value, list) and len(value) == 1 else value
     if value is not None and not isinstance(value, str):
-        raise UserError(f"{where}: '{name}' must hold exactly one choice, got {value!r}")
+        raise UserError(f"{where}: '{name}' must hold exactly one choice, got {_shown(value)}")
     return value or None
 
 
@@ -119,12 +134,12 @@ def _task_answers(t: object, where: str) -> list[Answer]:
     """The answers of one exported task: one per annotation not cancelled (one empty answer when
     none is left), or the one a JSON-MIN entry (flat: ``frame_id``, ``plane``) holds."""
     if isinstance(t, dict) and "data" not in t and isinstance(t.get("frame_id"), str):
-        where = f"{where} (frame {t['frame_id']})"
+        where = f"{where} (frame {printable(t['frame_id'])})"
         return [Answer(where, t["frame_id"], _min_choice(t, PLANE, where), _min_choice(t, BRAIN_PLANE, where))]
     data = t.get("data") if isinstance(t, dict) else None
     if not isinstance(data, dict) or not isinstance(data.get("frame_id"), str):
         raise UserError(f"{where}: no data.frame_id (not a task of a review batch)")
-    where = f"{where} (frame {data['frame_id']})"
+    where = f"{where} (frame {printable(data['frame_id'])})"
     answers = []
     for annotation in _answered(t.get("annotations", []), where) or [{"result": []}]:
         result = annotation.get("result")
@@ -142,12 +157,7 @@ def parse_export(text: str, name: str) -> list[Answer]:
     Raises:
         UserError: malformed JSON, or an entry that is not a task of a review batch.
     """
-    try:
-        tasks = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{name}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
-    except RecursionError:  # thousands of nested brackets: no export of Label Studio's
-        raise UserError(f"{name}: JSON nested too deeply to be Label Studio's export") from None
+    tasks = parse_json(text, name, "Label Studio export")  # depth and digit limits: one line, never a traceback
     if not isinstance(tasks, list):
         raise UserError(f"{name}: expected Label Studio's JSON export, a list of tasks")
     return [a for i, t in enumerate(tasks, start=1) for a in _task_answers(t, f"{name} entry {i}")]
@@ -193,6 +203,6 @@ def parse_filled_csv(text: str, name: str) -> list[Answer]:
         fid = row[col["frame_id"]].strip()
         brain = row[col["brain_plane"]].strip() if "brain_plane" in col else ""
         source = {c: row[col[c]].strip() for c in ("source_uri", "frame") if c in col}
-        answers.append(Answer(f"{name} line {lineno} (frame {fid})", fid, row[col["label"]].strip() or None,
+        answers.append(Answer(f"{name} line {lineno} (frame {printable(fid)})", fid, row[col["label"]].strip() or None,
                               brain or None, source.get("source_uri"), source.get("frame")))
     return answers
