@@ -101,7 +101,11 @@ class DataConfig(StrictModel):
     split_seed: int = 0
     augment: AugmentConfig = AugmentConfig()
     loader_workers: int = Field(0, ge=0, le=32, description="torch DataLoader processes")
-    decode_threads: int = Field(4, ge=1, le=64, description="threads that decode images once")
+    decode_threads: int = Field(4, ge=1, le=64, description="threads of each Ray Data task that decodes images")
+    cache: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="memory: decode once per run into Ray's object store; stream: decode every epoch, "
+                            "bounded memory; auto: memory when the decoded splits fit half the object store",
+    )
     augment_on: Literal["auto", "cpu", "device"] = Field(
         "auto", description="cpu: albumentations per image; device: batched torch on the training device; "
                             "auto: device on CUDA, else cpu",

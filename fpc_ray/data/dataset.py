@@ -50,23 +50,29 @@ def decode_problem(data: bytes, err: Exception) -> str:
     return _OBJECT_REPR.sub("the image", exception_line(err))
 
 
+def load_letterboxed(db: FetalPlanesDB, record: Record, size: int) -> np.ndarray:
+    """Read, decode and letterbox one record's image (what every decode task does per row).
+
+    Raises:
+        UserError: the image is missing or cannot be decoded, naming it.
+    """
+    loc, data = db.read_image(record)
+    try:
+        return letterbox(decode_image_bytes(data), size)
+    except Exception as e:
+        raise UserError(f"{loc.uri}: cannot decode image ({decode_problem(data, e)})") from None
+
+
 def decode_split(db: FetalPlanesDB, records: list[Record], size: int, threads: int = 4) -> SplitArrays:
-    """Read, decode and letterbox every image of ``records``.
+    """Read, decode and letterbox every image of ``records`` in this process (the benchmarks'
+    in-memory baseline; training reads through :mod:`fpc_ray.data.ingest`).
 
     Raises:
         UserError: naming the first image that is missing or cannot be decoded.
     """
-
-    def load(record: Record) -> np.ndarray:
-        loc, data = db.read_image(record)
-        try:
-            return letterbox(decode_image_bytes(data), size)
-        except Exception as e:
-            raise UserError(f"{loc.uri}: cannot decode image ({decode_problem(data, e)})") from None
-
     images = np.zeros((len(records), size, size), dtype=np.uint8)
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for i, image in enumerate(pool.map(load, records)):
+        for i, image in enumerate(pool.map(lambda r: load_letterboxed(db, r, size), records)):
             images[i] = image
     labels = np.array([r.label for r in records], dtype=np.int64)
     return SplitArrays(images, labels, [r.image_name for r in records])

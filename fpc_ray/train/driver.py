@@ -1,8 +1,9 @@
-"""``fpc-ray train``'s driver: read and decode the data once, run Ray Train, calibrate, write the bundle."""
+"""``fpc-ray train``'s driver: split the data into Ray Datasets, run Ray Train, calibrate, write the bundle."""
 
 from __future__ import annotations
 
 import datetime as dt
+import random
 import sys
 import time
 from collections.abc import Sequence
@@ -13,9 +14,8 @@ import numpy as np
 from fpc_ray.bundle import CARD_FILE, Bundle, build_card, load_bundle, save_bundle, weights_bytes
 from fpc_ray.cluster import init_ray, uses_external_cluster
 from fpc_ray.config import Config
-from fpc_ray.data.dataset import SplitArrays
 from fpc_ray.data.fetal_planes import CLASS_NAMES
-from fpc_ray.data.multi import SPLITS, DatasetSplits, decode_joined, joined_fingerprint, joined_uri, read_datasets
+from fpc_ray.data.multi import SPLITS, DatasetSplits, joined_fingerprint, joined_uri, read_datasets
 from fpc_ray.errors import UserError, ray_failure
 from fpc_ray.storage import Location, is_remote, resolve
 
@@ -24,12 +24,14 @@ RAY_DIR = "ray"  # Ray Train's run storage (checkpoints, state), inside the outp
 
 @dataclass
 class PreparedData:
-    """Datasets read, split by patient (each by its own patients), joined and decoded once (a
-    search shares them between trials)."""
+    """Datasets read, split by patient (each by its own patients) and joined, as one Ray Dataset
+    per split (materialized once under the memory cache: a search shares them between trials)."""
 
     parts: list[DatasetSplits]
-    arrays: dict[str, SplitArrays]
+    labels: dict[str, np.ndarray]  # each split's labels, in row order
+    datasets: dict[str, object]  # split -> ray.data.Dataset (None for an empty split)
     image_size: int
+    cache: str  # "memory" or "stream"
 
     @property
     def data_uris(self) -> list[str]:
@@ -38,8 +40,11 @@ class PreparedData:
 
 def prepare_data(cfg: Config, data_uri: str | Sequence[str], batch_size: int | None = None) -> PreparedData:
     """Read each FETAL_PLANES_DB CSV, split it train/val/test by its patients, join the datasets'
-    splits and decode every image once. ``batch_size``: the smallest batch the runs on it take
-    (default the config's; a search's space may hold smaller ones than its base config)."""
+    splits and make each a Ray Dataset decoded by Ray Data tasks, cached as ``data.cache`` says.
+    ``batch_size``: the smallest batch the runs on it take (default the config's; a search's
+    space may hold smaller ones than its base config). Connects to Ray (:func:`init_ray`)."""
+    from fpc_ray.data.ingest import cache_line, cache_mode, decoded_bytes, object_store_bytes, split_rows
+
     started = time.perf_counter()
     parts = read_datasets(data_uri, cfg.data.val_fraction, cfg.data.split_seed, cfg.storage)
     for name in ("train", "val"):
@@ -50,10 +55,39 @@ def prepare_data(cfg: Config, data_uri: str | Sequence[str], batch_size: int | N
                           batch_size or cfg.train.batch_size)  # before minutes of decoding
     for part in parts:
         print(_split_summary(part), flush=True)
-    arrays = {name: decode_joined(parts, name, cfg.data.image_size, cfg.data.decode_threads) for name in SPLITS}
-    print(f"decoded {sum(len(a) for a in arrays.values())} images at {cfg.data.image_size} px "
-          f"in {time.perf_counter() - started:.1f}s", flush=True)
-    return PreparedData(parts, arrays, cfg.data.image_size)
+    init_ray()
+    rows = {name: split_rows(parts, name) for name in SPLITS}
+    # Shuffled once before being cut into blocks: each block a random mix, which the workers'
+    # seeded local shuffle mixes again every epoch.
+    random.Random(cfg.train.seed).shuffle(rows["train"])
+    size = cfg.data.image_size
+    decoded, store = decoded_bytes(sum(len(r) for r in rows.values()), size), object_store_bytes()
+    cache = cache_mode(cfg.data.cache, decoded, store)
+    print(cache_line(cfg.data.cache, cache, decoded, store), flush=True)
+    datasets = {name: _split_dataset(cfg, split_rows, cache) for name, split_rows in rows.items()}
+    if cache == "memory":
+        print(f"decoded {sum(len(r) for r in rows.values())} images at {size} px "
+              f"in {time.perf_counter() - started:.1f}s (Ray Data tasks)", flush=True)
+    labels = {name: np.array([r["label"] for r in split_rows], dtype=np.int64) for name, split_rows in rows.items()}
+    return PreparedData(parts, labels, datasets, size, cache)
+
+
+def _split_dataset(cfg: Config, rows: list[dict], cache: str):
+    """A split's Ray Dataset; under the memory cache, decoded now and kept in the object store."""
+    from fpc_ray.data.ingest import quiet_data_logs, split_dataset
+
+    if not rows:
+        return None
+    quiet_data_logs()
+    ds = split_dataset(rows, cfg.data.image_size, cfg.storage.model_dump(mode="json"), cfg.data.decode_threads)
+    if cache != "memory":
+        return ds
+    try:
+        return ds.materialize()
+    except Exception as e:
+        if isinstance(e, UserError):
+            raise
+        raise ray_failure(e, "decoding the data") from e
 
 
 @dataclass
@@ -137,9 +171,8 @@ def run_training(cfg: Config, data_uri: str | Sequence[str], output_uri: str, ov
     if prepared is None or prepared.image_size != cfg.data.image_size:
         prepared = prepare_data(cfg, data_uri)  # checks the batch size itself, before decoding
     else:  # data prepared once for several runs: a search's trials differ in batch size
-        _check_one_batch_each(len(prepared.arrays["train"]), tc.num_workers, tc.batch_size)
+        _check_one_batch_each(len(prepared.labels["train"]), tc.num_workers, tc.batch_size)
     if tc.num_workers:
-        init_ray()
         check_workers_fit(tc.num_workers, tc.cpus_per_worker, tc.use_gpu, tc.gpus_per_worker)
     run_name = run_name or "train-" + dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     what = f"training run {run_name} for {out.uri}"
@@ -148,7 +181,7 @@ def run_training(cfg: Config, data_uri: str | Sequence[str], output_uri: str, ov
     result = _fit(trainer, f"{what} failed after {tc.max_failures} restart(s)")
 
     model, history, best = _trained_model(cfg, result.checkpoint)
-    calibration, test_report = _calibrate_and_score(cfg, model, prepared.arrays, what)
+    calibration, test_report = _calibrate_and_score(cfg, model, prepared, what)
     blob = weights_bytes(model.state_dict())
     card = _card(cfg, prepared, model, blob, history, best, test_report, calibration, parent,
                  wall_s=time.perf_counter() - started,
@@ -191,7 +224,7 @@ def _build_trainer(cfg: Config, prepared: PreparedData, parent: Bundle | None, o
                    callbacks: list | None):
     """Ray Train's TorchTrainer for the run: the data shared once, storage under the output."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from fpc_ray.train.loop import train_loop_per_worker
@@ -201,8 +234,8 @@ def _build_trainer(cfg: Config, prepared: PreparedData, parent: Bundle | None, o
     share = (lambda x: x) if in_process else ray.put
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
-        "train": share(prepared.arrays["train"]),
-        "val": share(prepared.arrays["val"]),
+        # The row counts and labels only: each worker reads its images from its dataset shard.
+        "train_labels": prepared.labels["train"],
         "class_names": list(CLASS_NAMES),
         "init_weights": share(parent.model.state_dict()) if parent else None,
         # In a terminal, a line at each quarter epoch too (epochs on real data take minutes).
@@ -217,6 +250,10 @@ def _build_trainer(cfg: Config, prepared: PreparedData, parent: Bundle | None, o
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        # Each worker streams an equal share of train; every worker reads all of val (and scores
+        # every world-th row of it, so the all-reduced validation is exact).
+        datasets={"train": prepared.datasets["train"], "val": prepared.datasets["val"]},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
         torch_config=TorchConfig(backend="gloo") if shares_gpus else None,
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu,
@@ -253,46 +290,41 @@ def _trained_model(cfg: Config, checkpoint) -> tuple[object, list[dict], dict]:
     return model, history, best
 
 
-def _calibrate_and_score(cfg: Config, model, arrays: dict[str, SplitArrays], what: str) -> tuple[dict, dict | None]:
+def _calibrate_and_score(cfg: Config, model, prepared: PreparedData, what: str) -> tuple[dict, dict | None]:
     """The card's calibration (a temperature fitted on the validation logits) and the calibrated
     report on the test split (None when it is empty)."""
     from fpc_ray.calibration import calibration_record
     from fpc_ray.scoring import report_from_logits
 
-    val_logits, test_logits = _logits(cfg, model, [arrays["val"].images, arrays["test"].images], what)
-    calibration = calibration_record(val_logits, arrays["val"].labels, fitted_on="val")
-    if not len(arrays["test"]):
+    val_logits, val_labels = _logits(cfg, model, prepared.datasets["val"], what)
+    calibration = calibration_record(val_logits, val_labels, fitted_on="val")
+    if prepared.datasets["test"] is None:
         return calibration, None
-    return calibration, report_from_logits(test_logits, arrays["test"].labels, list(CLASS_NAMES),
-                                           calibration["temperature"])
+    test_logits, test_labels = _logits(cfg, model, prepared.datasets["test"], what)
+    return calibration, report_from_logits(test_logits, test_labels, list(CLASS_NAMES), calibration["temperature"])
 
 
-def _logits(cfg: Config, model, image_sets: list[np.ndarray], what: str) -> list[np.ndarray]:
-    """The best model's logits on each image set. An in-process run computes them here; a run on
-    Ray in a Ray task where the workers' resources (and GPUs) are: the driver may hold no CPU (a
-    Tune trial reserves none; a KubeRay head node has none)."""
-    import ray
-    import ray.exceptions
-
+def _logits(cfg: Config, model, dataset, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The best model's logits and the labels of a split, in row order, scored by Ray Data tasks
+    with the workers' resources (and GPUs): the driver may hold no CPU (a Tune trial reserves
+    none; a KubeRay head node has none)."""
     from fpc_ray.model import normalization
-    from fpc_ray.scoring import split_logits
+    from fpc_ray.scoring import dataset_logits
 
     tc = cfg.train
     mean, std = normalization(cfg.model.backbone)
-    args = (model, image_sets, mean, std, 2 * tc.batch_size, tc.use_gpu)
-    if tc.num_workers == 0:
-        return split_logits(*args)
-    # DEFAULT: not inside the placement group of a Tune trial that runs this driver
-    remote = ray.remote(split_logits).options(num_cpus=tc.cpus_per_worker, num_gpus=1 if tc.use_gpu else 0,
-                                              scheduling_strategy="DEFAULT")
     try:
-        return ray.get(remote.remote(*args))
-    except ray.exceptions.RayTaskError as e:  # split_logits itself raised
-        if isinstance(e.cause, UserError):
-            raise ray_failure(e, f"{what}: scoring the best model") from e
-        raise  # a bug: keep the traceback
-    except ray.exceptions.RayError as e:  # its worker or node was lost
-        raise ray_failure(e, f"{what}: scoring the best model failed") from e
+        return dataset_logits(dataset, model, mean, std, 2 * tc.batch_size, tc.use_gpu, tc.cpus_per_worker)
+    except UserError:
+        raise
+    except Exception as e:  # a decode task found a damaged image (stream cache), or a node was lost
+        if not _is_ray_error(e):
+            raise  # a bug: keep the traceback
+        raise ray_failure(e, f"{what}: scoring the best model") from e
+
+
+def _is_ray_error(err: BaseException) -> bool:
+    return type(err).__module__.split(".")[0] == "ray"
 
 
 def _card(cfg: Config, prepared: PreparedData, model, blob: bytes, history: list[dict], best: dict,
@@ -304,8 +336,8 @@ def _card(cfg: Config, prepared: PreparedData, model, blob: bytes, history: list
 
     tc = cfg.train
     class_counts = {
-        name: dict(zip(CLASS_NAMES, np.bincount(a.labels, minlength=len(CLASS_NAMES)).tolist(), strict=True))
-        for name, a in prepared.arrays.items()
+        name: dict(zip(CLASS_NAMES, np.bincount(a, minlength=len(CLASS_NAMES)).tolist(), strict=True))
+        for name, a in prepared.labels.items()
     }
     parts = prepared.parts
     fingerprint = joined_fingerprint([p.db.fingerprint for p in parts])
