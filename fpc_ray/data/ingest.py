@@ -27,6 +27,9 @@ from fpc_ray.data.fetal_planes import CLASS_NAMES, FetalPlanesDB, Record
 # Rows per block and per decode task: 64 images at 224 px are 3.2 MB, small enough to spread a
 # split over the nodes and to shuffle between blocks, large enough that a task is not all overhead.
 ROWS_PER_BLOCK = 64
+# A split gets at least this many blocks (if it has the rows), so that even a small one's decoding
+# spreads over several nodes.
+MIN_BLOCKS = 8
 # auto caches the decoded splits in memory up to this share of the object store: the rest is left
 # for the blocks in flight (batches, checkpoints) and for the other runs of a search.
 MEMORY_FRACTION = 0.5
@@ -106,9 +109,11 @@ def split_dataset(rows: list[dict], size: int, storage: dict, threads: int):
     runs until it is materialized or read)."""
     import ray.data
 
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / ROWS_PER_BLOCK)))
+    blocks = max(math.ceil(len(rows) / ROWS_PER_BLOCK), min(len(rows), MIN_BLOCKS), 1)
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    # batch_size None: one task per block, as cut above (a batch size would merge small blocks).
     return ds.map_batches(decode_rows, fn_kwargs={"size": size, "storage": storage, "threads": threads},
-                          batch_size=ROWS_PER_BLOCK, batch_format="numpy", num_cpus=DECODE_CPUS)
+                          batch_size=None, batch_format="numpy", num_cpus=DECODE_CPUS)
 
 
 def object_store_bytes() -> float:

@@ -252,7 +252,7 @@ def _build_trainer(cfg: Config, prepared: PreparedData, parent: Bundle | None, o
         train_loop_config=loop_config,
         # Each worker streams an equal share of train; every worker reads all of val (and scores
         # every world-th row of it, so the all-reduced validation is exact).
-        datasets={"train": prepared.datasets["train"], "val": prepared.datasets["val"]},
+        datasets={name: prepared.datasets[name] for name in ("train", "val") if prepared.datasets[name] is not None},
         dataset_config=DataConfig(datasets_to_split=["train"]),
         torch_config=TorchConfig(backend="gloo") if shares_gpus else None,
         scaling_config=ScalingConfig(

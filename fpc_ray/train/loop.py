@@ -195,7 +195,7 @@ def _epoch_batches(w: Worker, epoch: int):
     transform = train_transform(w.cfg.data.augment, w.mean, w.std, seed=seed)
     for batch in w.train.iter_batches(batch_format="numpy", prefetch_batches=2, **shuffle):
         images = torch.stack([transform(image=image)["image"] for image in batch["image"]])
-        yield images, torch.from_numpy(batch["label"])
+        yield images, torch.from_numpy(np.array(batch["label"], np.int64))  # writable
 
 
 def run_epoch(w: Worker, epoch: int) -> dict:
@@ -284,7 +284,9 @@ def train_loop_per_worker(config: dict) -> None:
     """Train on one worker. ``config`` holds plain values and (on a cluster) object refs.
 
     Keys: ``cfg`` (a Config dump), ``train_labels`` (the train split's labels, for the class
-    weights and the step count), ``val_rows``, ``class_names``, ``init_weights`` (optional state dict to start from, for retraining), ``progress_within_epoch``.
+    weights and the step count), ``class_names``, ``init_weights`` (optional state dict to start
+    from, for retraining), ``progress_within_epoch``. The images come from the dataset shards
+    ``train`` and ``val`` (``ray.train.get_dataset_shard``).
     """
     quiet_report_logs()
     with denormals_flushed():
