@@ -216,7 +216,7 @@ def evaluate(
     from fpc_ray.scoring import evaluate_bundle
 
     cfg = load_config(config, set_)
-    report = evaluate_bundle(model, one_or_many(data), split.value, batch_size, use_gpu, cfg.storage)
+    report = evaluate_bundle(model, one_or_many(data), split.value, batch_size, use_gpu, cfg.storage, cfg.data.cache)
     written = save_report(report, output, cfg.storage) if output else []
     if as_json:
         typer.echo(json.dumps(report))

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from fpc_ray.config import AugmentConfig
+from fpc_ray.data.dataset import IndexBatches, SplitArrays
 from fpc_ray.data.transforms import eval_transform, letterbox
 from fpc_ray.train.batch_augment import (
     BatchAugment,
     affine_theta,
     augment_seed,
+    augmented_batches,
     augments_on_device,
 )
 
@@ -149,12 +151,24 @@ def test_blur_is_albumentations_kernel_with_reflect_101_borders():
     assert sizes == {3, 5}
 
 
-def test_same_seed_replays_an_epoch_and_other_epochs_differ():
-    images, augment = _images(12), BatchAugment(AugmentConfig(), MEAN, STD, CPU)
+def test_index_batches_follow_the_order_and_drop_the_partial_batch():
+    split = SplitArrays(_images(10).numpy(), np.arange(10, dtype=np.int64), [str(i) for i in range(10)])
+    order = [3, 1, 4, 9, 5, 2, 6, 0, 8, 7]
+    batches = list(IndexBatches(split, CPU).epoch(order, 4))
+    assert len(batches) == 2
+    for step, (images, labels) in enumerate(batches):
+        want = order[step * 4 : (step + 1) * 4]
+        assert labels.tolist() == want
+        assert torch.equal(images, torch.from_numpy(split.images[want]))
 
-    def epoch(n: int) -> list[torch.Tensor]:  # as the training loop draws: one generator per epoch and rank
-        generator = torch.Generator().manual_seed(augment_seed(7, n, 0))
-        return [augment(images[i : i + 4], generator) for i in range(0, 12, 4)]
+
+def test_same_seed_replays_an_epoch_and_other_epochs_differ():
+    split = SplitArrays(_images(12).numpy(), np.zeros(12, dtype=np.int64), [""] * 12)
+    batches, augment = IndexBatches(split, CPU), BatchAugment(AugmentConfig(), MEAN, STD, CPU)
+    order = list(range(12))
+
+    def epoch(n: int) -> list[torch.Tensor]:
+        return [images for images, _ in augmented_batches(batches, augment, order, 4, augment_seed(7, n, 0))]
 
     first, again, second = epoch(0), epoch(0), epoch(1)
     assert len(first) == 3 and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
@@ -169,6 +183,19 @@ def test_augment_on_auto_is_the_device_only_on_cuda():
     assert not augments_on_device("cpu", torch.device("cuda", 0))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: pinned staging and device draws")
+def test_cuda_batches_come_from_pinned_memory_and_replay():
+    device = torch.device("cuda", 0)
+    split = SplitArrays(_images(12).numpy(), np.arange(12, dtype=np.int64), [""] * 12)
+    batches, augment = IndexBatches(split, device), BatchAugment(AugmentConfig(), MEAN, STD, device)
+    assert batches.images.is_pinned()
+    order = list(range(11, -1, -1))
+    runs = [list(augmented_batches(batches, augment, order, 4, 5)) for _ in range(2)]
+    for (a, la), (b, lb) in zip(*runs, strict=True):
+        assert a.device.type == "cuda" and torch.equal(a, b) and torch.equal(la, lb)
+    assert runs[0][0][1].tolist() == order[:4]
+
+
 def _loop_config(**train) -> dict:
     """A tiny run of the real training function: timm's test_efficientnet at 32 px, 24 images."""
     from fpc_ray.config import load_config
@@ -181,31 +208,17 @@ def _loop_config(**train) -> dict:
     images = _images(30, size=32, seed=3).numpy()
     images[np.arange(30), labels * 5, :] = 255  # a bright row that says the class: something to learn
     return {"cfg": cfg.model_dump(mode="json"), "class_names": list(CLASS_NAMES), "init_weights": None,
-            "train_labels": labels[:24], "progress_within_epoch": False}, (images, labels)
+            "train": SplitArrays(images[:24], labels[:24], [""] * 24),
+            "val": SplitArrays(images[24:], labels[24:], [""] * 6), "progress_within_epoch": False}
 
 
-def _datasets(images: np.ndarray, labels: np.ndarray) -> dict:
-    """The decoded splits as the driver hands them to Ray Train (materialized Ray Datasets)."""
-    import ray.data
-
-    from fpc_ray.cluster import init_ray
-
-    init_ray()
-
-    def rows(lo: int, hi: int) -> list[dict]:
-        return [{"index": i - lo, "label": labels[i], "image": images[i]} for i in range(lo, hi)]
-
-    return {"train": ray.data.from_items(rows(0, 24), override_num_blocks=3).materialize(),
-            "val": ray.data.from_items(rows(24, 30)).materialize()}
-
-
-def _fit_in_process(train_fn, config: dict, datasets: dict):
+def _fit_in_process(train_fn, config: dict):
     """Ray Train's in-process run (``num_workers=0``), as ``fpc-ray train`` does it by default."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(train_fn, train_loop_config=config, scaling_config=ScalingConfig(num_workers=0),
-                           run_config=RunConfig(name="augment-on-device"), datasets=datasets)
+                           run_config=RunConfig(name="augment-on-device"))
     return trainer.fit().checkpoint
 
 
@@ -229,9 +242,8 @@ def test_in_process_run_on_device_augmentation_checkpoints_and_resumes_the_same_
         discard_local_checkpoint(checkpoint.path)
         return weights, history
 
-    config, data = _loop_config(frozen_epochs=1)
-    datasets = _datasets(*data)
-    straight, straight_history = finished(_fit_in_process(loop.train_loop_per_worker, config, datasets))
+    config = _loop_config(frozen_epochs=1)
+    straight, straight_history = finished(_fit_in_process(loop.train_loop_per_worker, config))
     assert [h["epoch"] for h in straight_history] == [1, 2]
     assert all(np.isfinite(h["train_loss"]) and h["images_per_s"] > 0 for h in straight_history)
 
@@ -255,7 +267,7 @@ def test_in_process_run_on_device_augmentation_checkpoints_and_resumes_the_same_
             loop.train_loop_per_worker(cfg)  # the restarted group: Ray Train hands it the checkpoint
 
     monkeypatch.setattr(loop, "run_epoch", dies_in_epoch_two)
-    resumed, resumed_history = finished(_fit_in_process(restarted, config, datasets))
+    resumed, resumed_history = finished(_fit_in_process(restarted, config))
     discard_local_checkpoint(crashed[0])
     assert crashed and "resumed from the checkpoint of epoch 1 of 2" in capsys.readouterr().out
     assert [h["epoch"] for h in resumed_history] == [1, 2]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -17,6 +18,7 @@ from fpc_ray.data.multi import SPLITS, joined_fingerprint, read_datasets
 from fpc_ray.data.synth import synthesize
 from fpc_ray.errors import UserError
 from fpc_ray.scoring import evaluate_bundle
+from fpc_ray.train.driver import prepare_data
 
 runner = CliRunner()
 
@@ -47,15 +49,28 @@ def test_each_dataset_is_split_by_its_own_patients_then_joined(phantom_dir, seco
         assert part.card_entry() == {"uri": part.uri, "fingerprint": db.fingerprint,
                                      "splits": {n: len(part.splits[n]) for n in SPLITS}}
 
-    # The rows Ray Data decodes: train with train, val with val, test with test, in the order given.
+    prepared = prepare_data(cfg, [phantom_dir, second_dataset])
+    assert prepared.data_uris == [phantom_dir, second_dataset]
+    assert prepared.ingest == "arrays" and prepared.datasets is None  # auto, on a few kB: decoded here
+    for name in SPLITS:  # train with train, val with val, test with test, in the order given
+        records = parts[0].splits[name] + parts[1].splits[name]
+        arrays = prepared.arrays[name]
+        assert len(arrays) == len(records) and arrays.images.shape[1:] == (32, 32)
+        np.testing.assert_array_equal(arrays.labels, [r.label for r in records])
+        np.testing.assert_array_equal(prepared.labels[name], arrays.labels)
+    # The rows that Ray Data decodes when the data do not fit the driver: the same order, each row
+    # naming its dataset's root.
     for name in SPLITS:
         records = parts[0].splits[name] + parts[1].splits[name]
         rows = split_rows(parts, name)
         assert [(r["index"], r["name"], r["label"], r["patient"]) for r in rows] == [
             (i, rec.image_name, rec.label, rec.patient) for i, rec in enumerate(records)]
-        assert [r["root"] for r in rows] == [parts[0].db.root.uri] * len(parts[0].splits[name]) + [
-            parts[1].db.root.uri] * len(parts[1].splits[name])
-        assert [r["dataset"] for r in rows] == [0] * len(parts[0].splits[name]) + [1] * len(parts[1].splits[name])
+        sizes = [len(p.splits[name]) for p in parts]
+        assert [(r["root"], r["dataset"]) for r in rows] == [(parts[0].db.root.uri, 0)] * sizes[0] + [
+            (parts[1].db.root.uri, 1)] * sizes[1]
+    # One dataset: exactly as before.
+    alone = prepare_data(cfg, phantom_dir)
+    assert [len(alone.arrays[n]) for n in SPLITS] == [len(parts[0].splits[n]) for n in SPLITS]
 
 
 def test_a_dataset_with_other_classes_is_refused_in_one_line(phantom_dir, tmp_path):

@@ -77,7 +77,7 @@ def test_ddp_training_on_s3_checkpoints_and_learns(ray_with_s3):
 
     test = evaluate_bundle("s3://test/models/ddp", "s3://test/ddp-data", "test")
     assert test["top1"] == pytest.approx(outcome.card["metrics"]["test"]["top1"])
-    assert test["top1"] > 0.3  # well above chance (1/6) after 9 steps; the exact score depends on the draws
+    assert test["top1"] > 0.5  # chance is 1/6
 
 
 def _checkpoint_key(keys: set[str], checkpoint: str, name: str) -> str:
@@ -88,10 +88,12 @@ def _checkpoint_key(keys: set[str], checkpoint: str, name: str) -> str:
 def test_workers_sharing_a_gpu_get_fractions_of_it_and_gloo(ray_cluster, tmp_path):
     """Two workers with half a GPU each may land on one GPU, where NCCL refuses two ranks: the
     trainer asks Ray for the fractions and picks gloo. Whole GPUs keep Ray's default (NCCL)."""
+    from fpc_ray.data.dataset import SplitArrays
     from fpc_ray.storage import resolve
     from fpc_ray.train.driver import PreparedData, _build_trainer
 
-    prepared = PreparedData([], {"train": np.zeros(2, np.int64)}, {"train": None, "val": None}, 32, "memory")
+    split = SplitArrays(np.zeros((2, 32, 32), np.uint8), np.zeros(2, np.int64), ["a", "b"])
+    prepared = PreparedData([], {"train": split.labels}, 32, "arrays", arrays={"train": split, "val": split})
 
     def trainer(*more: str):
         cfg = _cfg(2, 2, "train.use_gpu=true", "train.cpus_per_worker=2", *more)

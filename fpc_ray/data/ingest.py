@@ -1,23 +1,30 @@
-"""The training input as Ray Data: rows that name images, decoded by Ray Data tasks on the cluster.
+"""Training input at any size: the one choice between two ingest paths, and the Ray Data path.
 
-The driver reads the CSVs and cuts each dataset by its own patients (:mod:`fpc_ray.data.multi`);
-each split becomes rows of ``(index, root, name, label, patient, dataset)``, a few dozen bytes an
-image. Reading, decoding and letterboxing happen in Ray Data tasks (:func:`decode_rows`) on any
-node with CPUs, never on the driver, so a split larger than one machine's memory still trains.
+A run's input takes one of two paths, and :func:`choose_ingest` alone picks it:
 
-The cache policy (``data.cache``) says whether the decoded splits are kept:
+- ``arrays`` (small data): the driver decodes every split once into an ``N x S x S`` uint8 array
+  (:func:`fpc_ray.data.multi.decode_joined`) and shares it with the workers through the object
+  store, as before Ray Data. Measured with ``fpc-ray bench ingest``: for a few thousand images, Ray
+  Data's per-epoch start-up costs more than the whole epoch's reading, so this stays the default
+  while the decoded splits are small (:data:`ARRAYS_MAX_BYTES`, and a share of the driver's free
+  memory).
+- Ray Data (data that does not fit): each split becomes rows of ``(index, root, name, label,
+  patient, dataset)``, a few dozen bytes an image; reading, decoding and letterboxing run in Ray
+  Data tasks (:func:`decode_rows`) on any node with CPUs, never on the driver, so a split larger
+  than one machine's memory still trains. ``memory`` materializes the decoded splits once per run
+  in Ray's object store, spread over the nodes (a search shares them between its trials);
+  ``stream`` decodes them again every epoch, with Ray Data's bounded, backpressured memory.
 
-- ``memory``: decoded once per run and materialized in Ray's object store, spread over the nodes
-  (a search shares them between its trials);
-- ``stream``: decoded again every epoch, with Ray Data's bounded, backpressured memory;
-- ``auto``: ``memory`` when the decoded splits take at most :data:`MEMORY_FRACTION` of the
-  cluster's object store, else ``stream``.
+``data.cache: auto`` chooses ``arrays``, else ``memory`` when the decoded splits take at most
+:data:`MEMORY_FRACTION` of the cluster's object store, else ``stream``; ``arrays``, ``memory`` and
+``stream`` force one. One line says which was chosen, why, and the decoded size.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -30,6 +37,11 @@ ROWS_PER_BLOCK = 64
 # A split gets at least this many blocks (if it has the rows), so that even a small one's decoding
 # spreads over several nodes.
 MIN_BLOCKS = 8
+# auto keeps the driver-array path up to this decoded size, and while it takes at most
+# DRIVER_FRACTION of the driver's free memory (the driver holds the arrays, and the workers on its
+# node map their object-store copy).
+ARRAYS_MAX_BYTES = 10**9  # 1 GB: FETAL_PLANES_DB (620 MB at 224 px) stays on this path
+DRIVER_FRACTION = 0.25
 # auto caches the decoded splits in memory up to this share of the object store: the rest is left
 # for the blocks in flight (batches, checkpoints) and for the other runs of a search.
 MEMORY_FRACTION = 0.5
@@ -55,18 +67,39 @@ def decoded_bytes(rows: int, size: int) -> int:
     return rows * (size * size + 16)
 
 
-def cache_mode(policy: str, decoded: int, object_store: float) -> str:
-    """``memory`` or ``stream`` for ``data.cache`` = ``policy`` and ``decoded`` bytes of splits."""
+def driver_free_bytes() -> float:
+    """Memory this machine can still give (Linux's MemAvailable; the physical memory elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def choose_ingest(policy: str, decoded: int, driver_free: float,
+                  object_store: Callable[[], float]) -> tuple[str, str]:
+    """The ingest path for ``data.cache`` = ``policy`` and ``decoded`` bytes of splits:
+    ``(arrays | memory | stream, why)``. ``object_store`` (the cluster's object store in bytes) is
+    asked only where it decides, since asking connects to Ray: a small run never starts a cluster.
+    """
     if policy != "auto":
-        return policy
-    return "memory" if decoded <= MEMORY_FRACTION * object_store else "stream"
+        return policy, "data.cache"
+    if decoded <= ARRAYS_MAX_BYTES and decoded <= DRIVER_FRACTION * driver_free:
+        return "arrays", (f"auto: at most {_size(ARRAYS_MAX_BYTES)} and {DRIVER_FRACTION:.0%} of the driver's "
+                          f"free {_size(driver_free)}")
+    store = object_store()
+    if decoded <= MEMORY_FRACTION * store:
+        return "memory", (f"auto: too large for the driver; at most {MEMORY_FRACTION:.0%} of the object store "
+                          f"{_size(store)}")
+    return "stream", f"auto: more than {MEMORY_FRACTION:.0%} of the object store {_size(store)}"
 
 
-def cache_line(policy: str, mode: str, decoded: int, object_store: float) -> str:
-    """The one line that says which cache was chosen, and why."""
-    why = (f"auto: {'at most' if mode == 'memory' else 'more than'} {MEMORY_FRACTION:.0%} of the object store"
-           if policy == "auto" else "data.cache")
-    return f"data cache: {mode} ({why}); decoded splits {_size(decoded)}, object store {_size(object_store)}"
+def ingest_line(mode: str, why: str, decoded: int) -> str:
+    """The one line that says which ingest path was chosen, why, and the decoded size."""
+    return f"data ingest: {mode} ({why}); decoded splits {_size(decoded)}"
 
 
 def _size(n: float) -> str:

@@ -25,10 +25,13 @@ fires, so the generator's stream depends only on the batch count: a resumed epoc
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
 from fpc_ray.config import AugmentConfig
+from fpc_ray.data.dataset import IndexBatches
 from fpc_ray.data.transforms import ModelInput
 
 AFFINE_P = 0.8  # train_transform's Affine probability
@@ -136,3 +139,13 @@ class BatchAugment:
         y = F.pad(x, (pad, pad, pad, pad), mode="reflect")  # torch's reflect is OpenCV's reflect-101
         y = sum(kernel[:, k] * y[..., k : k + w] for k in range(BLUR_TAPS))  # along rows
         return sum(kernel[:, k] * y[..., k : k + h, :] for k in range(BLUR_TAPS))  # along columns
+
+
+def augmented_batches(batches: IndexBatches, augment: BatchAugment, order: list[int], batch_size: int,
+                      seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of ``(images, labels)`` on the device: full batches in ``order`` (the sampler's),
+    augmented with draws from a generator seeded with ``seed``."""
+    generator = torch.Generator(device=augment.device).manual_seed(seed)
+    for images, labels in batches.epoch(order, batch_size):
+        yield augment(images, generator), labels
+

@@ -1,4 +1,5 @@
-"""``fpc-ray train``'s driver: split the data into Ray Datasets, run Ray Train, calibrate, write the bundle."""
+"""``fpc-ray train``'s driver: read and split the data, decode it on the chosen ingest path
+(:func:`fpc_ray.data.ingest.choose_ingest`), run Ray Train, calibrate, write the bundle."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import numpy as np
 from fpc_ray.bundle import CARD_FILE, Bundle, build_card, load_bundle, save_bundle, weights_bytes
 from fpc_ray.cluster import init_ray, uses_external_cluster
 from fpc_ray.config import Config
+from fpc_ray.data.dataset import SplitArrays
 from fpc_ray.data.fetal_planes import CLASS_NAMES
-from fpc_ray.data.multi import SPLITS, DatasetSplits, joined_fingerprint, joined_uri, read_datasets
+from fpc_ray.data.multi import SPLITS, DatasetSplits, decode_joined, joined_fingerprint, joined_uri, read_datasets
 from fpc_ray.errors import UserError, ray_failure
 from fpc_ray.storage import Location, is_remote, resolve
 
@@ -24,14 +26,16 @@ RAY_DIR = "ray"  # Ray Train's run storage (checkpoints, state), inside the outp
 
 @dataclass
 class PreparedData:
-    """Datasets read, split by patient (each by its own patients) and joined, as one Ray Dataset
-    per split (materialized once under the memory cache: a search shares them between trials)."""
+    """Datasets read, split by patient (each by its own patients) and joined, each split ready on
+    one ingest path (a search shares them between trials): ``arrays`` decoded on the driver, or
+    ``datasets`` of rows that Ray Data tasks decode (materialized once under ``memory``)."""
 
     parts: list[DatasetSplits]
     labels: dict[str, np.ndarray]  # each split's labels, in row order
-    datasets: dict[str, object]  # split -> ray.data.Dataset (None for an empty split)
     image_size: int
-    cache: str  # "memory" or "stream"
+    ingest: str  # "arrays", "memory" or "stream"
+    arrays: dict[str, SplitArrays] | None = None  # the arrays path
+    datasets: dict[str, object] | None = None  # the Ray Data path: split -> ray.data.Dataset (None if empty)
 
     @property
     def data_uris(self) -> list[str]:
@@ -40,10 +44,11 @@ class PreparedData:
 
 def prepare_data(cfg: Config, data_uri: str | Sequence[str], batch_size: int | None = None) -> PreparedData:
     """Read each FETAL_PLANES_DB CSV, split it train/val/test by its patients, join the datasets'
-    splits and make each a Ray Dataset decoded by Ray Data tasks, cached as ``data.cache`` says.
-    ``batch_size``: the smallest batch the runs on it take (default the config's; a search's
-    space may hold smaller ones than its base config). Connects to Ray (:func:`init_ray`)."""
-    from fpc_ray.data.ingest import cache_line, cache_mode, decoded_bytes, object_store_bytes, split_rows
+    splits, and make them ready on the path :func:`~fpc_ray.data.ingest.choose_ingest` picks:
+    decoded here once, or Ray Datasets that Ray Data tasks decode. ``batch_size``: the smallest
+    batch the runs on it take (default the config's; a search's space may hold smaller ones than
+    its base config)."""
+    from fpc_ray.data.ingest import choose_ingest, decoded_bytes, driver_free_bytes, ingest_line, object_store_bytes
 
     started = time.perf_counter()
     parts = read_datasets(data_uri, cfg.data.val_fraction, cfg.data.split_seed, cfg.storage)
@@ -55,25 +60,43 @@ def prepare_data(cfg: Config, data_uri: str | Sequence[str], batch_size: int | N
                           batch_size or cfg.train.batch_size)  # before minutes of decoding
     for part in parts:
         print(_split_summary(part), flush=True)
-    init_ray()
-    rows = {name: split_rows(parts, name) for name in SPLITS}
-    # Shuffled once before being cut into blocks: each block a random mix, which the workers'
-    # seeded local shuffle mixes again every epoch.
-    random.Random(cfg.train.seed).shuffle(rows["train"])
     size = cfg.data.image_size
-    decoded, store = decoded_bytes(sum(len(r) for r in rows.values()), size), object_store_bytes()
-    cache = cache_mode(cfg.data.cache, decoded, store)
-    print(cache_line(cfg.data.cache, cache, decoded, store), flush=True)
-    datasets = {name: _split_dataset(cfg, split_rows, cache) for name, split_rows in rows.items()}
-    if cache == "memory":
-        print(f"decoded {sum(len(r) for r in rows.values())} images at {size} px "
-              f"in {time.perf_counter() - started:.1f}s (Ray Data tasks)", flush=True)
-    labels = {name: np.array([r["label"] for r in split_rows], dtype=np.int64) for name, split_rows in rows.items()}
-    return PreparedData(parts, labels, datasets, size, cache)
+    images = sum(len(part.splits[name]) for part in parts for name in SPLITS)
+    decoded = decoded_bytes(images, size)
+
+    def object_store() -> float:
+        init_ray()
+        return object_store_bytes()
+
+    ingest, why = choose_ingest(cfg.data.cache, decoded, driver_free_bytes(), object_store)
+    print(ingest_line(ingest, why, decoded), flush=True)
+    labels = {name: np.array([r.label for part in parts for r in part.splits[name]], dtype=np.int64)
+              for name in SPLITS}
+    if ingest == "arrays":
+        arrays = {name: decode_joined(parts, name, size, cfg.data.decode_threads) for name in SPLITS}
+        print(f"decoded {images} images at {size} px in {time.perf_counter() - started:.1f}s", flush=True)
+        return PreparedData(parts, labels, size, ingest, arrays=arrays)
+    init_ray()
+    datasets = _ray_datasets(cfg, parts, ingest)
+    if ingest == "memory":
+        print(f"decoded {images} images at {size} px in {time.perf_counter() - started:.1f}s (Ray Data tasks)",
+              flush=True)
+    return PreparedData(parts, labels, size, ingest, datasets=datasets)
+
+
+def _ray_datasets(cfg: Config, parts: list[DatasetSplits], ingest: str) -> dict[str, object]:
+    """Each split as a Ray Dataset of rows (None where empty); train's rows shuffled once before
+    being cut into blocks, so each block is a random mix that the workers' seeded local shuffle
+    mixes again every epoch."""
+    from fpc_ray.data.ingest import split_rows
+
+    rows = {name: split_rows(parts, name) for name in SPLITS}
+    random.Random(cfg.train.seed).shuffle(rows["train"])
+    return {name: _split_dataset(cfg, split, ingest) for name, split in rows.items()}
 
 
 def _split_dataset(cfg: Config, rows: list[dict], cache: str):
-    """A split's Ray Dataset; under the memory cache, decoded now and kept in the object store."""
+    """A split's Ray Dataset; under ``memory``, decoded now and kept in the object store."""
     from fpc_ray.data.ingest import quiet_data_logs, split_dataset
 
     if not rows:
@@ -173,6 +196,7 @@ def run_training(cfg: Config, data_uri: str | Sequence[str], output_uri: str, ov
     else:  # data prepared once for several runs: a search's trials differ in batch size
         _check_one_batch_each(len(prepared.labels["train"]), tc.num_workers, tc.batch_size)
     if tc.num_workers:
+        init_ray()
         check_workers_fit(tc.num_workers, tc.cpus_per_worker, tc.use_gpu, tc.gpus_per_worker)
     run_name = run_name or "train-" + dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     what = f"training run {run_name} for {out.uri}"
@@ -222,7 +246,9 @@ def _with_parent(cfg: Config) -> tuple[Config, Bundle | None]:
 
 def _build_trainer(cfg: Config, prepared: PreparedData, parent: Bundle | None, out: Location, run_name: str,
                    callbacks: list | None):
-    """Ray Train's TorchTrainer for the run: the data shared once, storage under the output."""
+    """Ray Train's TorchTrainer for the run: the data shared once (the arrays as object refs, or
+    the Ray Datasets, whose train split each worker streams an equal share of), storage under the
+    output."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -234,13 +260,19 @@ def _build_trainer(cfg: Config, prepared: PreparedData, parent: Bundle | None, o
     share = (lambda x: x) if in_process else ray.put
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
-        # The row counts and labels only: each worker reads its images from its dataset shard.
-        "train_labels": prepared.labels["train"],
+        "ingest": prepared.ingest,
         "class_names": list(CLASS_NAMES),
         "init_weights": share(parent.model.state_dict()) if parent else None,
         # In a terminal, a line at each quarter epoch too (epochs on real data take minutes).
         "progress_within_epoch": sys.stdout.isatty(),
     }
+    datasets = None
+    if prepared.ingest == "arrays":
+        loop_config.update(train=share(prepared.arrays["train"]), val=share(prepared.arrays["val"]))
+    else:  # the labels only (class weights, step count): each worker reads its images from its shard
+        loop_config["train_labels"] = prepared.labels["train"]
+        # Every worker reads all of val (and scores every world-th row, so validation is exact).
+        datasets = {name: prepared.datasets[name] for name in ("train", "val")}
     storage_path, storage_fs = _run_storage(out)
     resources = {"CPU": tc.cpus_per_worker} | ({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})
     # Workers with a fraction of a GPU may share one, and NCCL refuses two ranks on one device:
@@ -250,10 +282,8 @@ def _build_trainer(cfg: Config, prepared: PreparedData, parent: Bundle | None, o
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        # Each worker streams an equal share of train; every worker reads all of val (and scores
-        # every world-th row of it, so the all-reduced validation is exact).
-        datasets={name: prepared.datasets[name] for name in ("train", "val") if prepared.datasets[name] is not None},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]) if datasets else None,
         torch_config=TorchConfig(backend="gloo") if shares_gpus else None,
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu,
@@ -296,25 +326,57 @@ def _calibrate_and_score(cfg: Config, model, prepared: PreparedData, what: str) 
     from fpc_ray.calibration import calibration_record
     from fpc_ray.scoring import report_from_logits
 
-    val_logits, val_labels = _logits(cfg, model, prepared.datasets["val"], what)
-    calibration = calibration_record(val_logits, val_labels, fitted_on="val")
-    if prepared.datasets["test"] is None:
+    if prepared.ingest == "arrays":
+        val_logits, test_logits = _array_logits(cfg, model, [prepared.arrays[n].images for n in ("val", "test")], what)
+    else:
+        val_logits, test_logits = (_dataset_logits(cfg, model, prepared.datasets[n], what) for n in ("val", "test"))
+    labels = prepared.labels  # in row order, as the logits of either path
+    calibration = calibration_record(val_logits, labels["val"], fitted_on="val")
+    if not len(labels["test"]):
         return calibration, None
-    test_logits, test_labels = _logits(cfg, model, prepared.datasets["test"], what)
-    return calibration, report_from_logits(test_logits, test_labels, list(CLASS_NAMES), calibration["temperature"])
+    return calibration, report_from_logits(test_logits, labels["test"], list(CLASS_NAMES), calibration["temperature"])
 
 
-def _logits(cfg: Config, model, dataset, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """The best model's logits and the labels of a split, in row order, scored by Ray Data tasks
-    with the workers' resources (and GPUs): the driver may hold no CPU (a Tune trial reserves
-    none; a KubeRay head node has none)."""
+def _array_logits(cfg: Config, model, image_sets: list[np.ndarray], what: str) -> list[np.ndarray]:
+    """The arrays path: the best model's logits on each image set. An in-process run computes them here; a run on
+    Ray in a Ray task where the workers' resources (and GPUs) are: the driver may hold no CPU (a
+    Tune trial reserves none; a KubeRay head node has none)."""
+    import ray
+    import ray.exceptions
+
     from fpc_ray.model import normalization
-    from fpc_ray.scoring import dataset_logits
+    from fpc_ray.scoring import split_logits
 
     tc = cfg.train
     mean, std = normalization(cfg.model.backbone)
+    args = (model, image_sets, mean, std, 2 * tc.batch_size, tc.use_gpu)
+    if tc.num_workers == 0:
+        return split_logits(*args)
+    # DEFAULT: not inside the placement group of a Tune trial that runs this driver
+    remote = ray.remote(split_logits).options(num_cpus=tc.cpus_per_worker, num_gpus=1 if tc.use_gpu else 0,
+                                              scheduling_strategy="DEFAULT")
     try:
-        return dataset_logits(dataset, model, mean, std, 2 * tc.batch_size, tc.use_gpu, tc.cpus_per_worker)
+        return ray.get(remote.remote(*args))
+    except ray.exceptions.RayTaskError as e:  # split_logits itself raised
+        if isinstance(e.cause, UserError):
+            raise ray_failure(e, f"{what}: scoring the best model") from e
+        raise  # a bug: keep the traceback
+    except ray.exceptions.RayError as e:  # its worker or node was lost
+        raise ray_failure(e, f"{what}: scoring the best model failed") from e
+
+
+def _dataset_logits(cfg: Config, model, dataset, what: str) -> np.ndarray | None:
+    """The Ray Data path: the best model's logits on a split (None where it is empty), in row
+    order, scored by Ray Data tasks with the workers' resources (and GPUs), next to the blocks."""
+    from fpc_ray.model import normalization
+    from fpc_ray.scoring import dataset_logits
+
+    if dataset is None:
+        return None
+    tc = cfg.train
+    mean, std = normalization(cfg.model.backbone)
+    try:
+        return dataset_logits(dataset, model, mean, std, 2 * tc.batch_size, tc.use_gpu, tc.cpus_per_worker)[0]
     except UserError:
         raise
     except Exception as e:  # a decode task found a damaged image (stream cache), or a node was lost

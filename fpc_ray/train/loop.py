@@ -1,10 +1,9 @@
 """The per-worker training function that Ray Train runs (and Tune trials reuse).
 
-Each worker reads its equal share of the train split from its Ray Data shard
-(``ray.train.get_dataset_shard``; decoded by Ray Data tasks, :mod:`fpc_ray.data.ingest`), shuffled
-per epoch with a seeded local buffer. Batches then take one of two paths (``data.augment_on``): an
-albumentations transform per image in the worker (the CPU path), or whole uint8 batches moved to the
-training device and augmented there (:mod:`fpc_ray.train.batch_augment`; the GPU path).
+The images come from one of the two ingest paths (:mod:`fpc_ray.train.inputs`: the decoded arrays,
+or this worker's Ray Data shard). Batches then take one of two paths (``data.augment_on``): an
+albumentations transform per image (the CPU path), or whole uint8 batches augmented on the training
+device (:mod:`fpc_ray.train.batch_augment`; the GPU path).
 
 Each epoch ends with ``ray.train.report(metrics, checkpoint)``: the checkpoint
 (:mod:`fpc_ray.train.checkpoint`) carries weights, optimizer and scheduler state and the history,
@@ -25,12 +24,12 @@ import torch
 import torch.distributed as dist
 
 from fpc_ray.config import Config
-from fpc_ray.data.ingest import ROWS_PER_BLOCK
 from fpc_ray.data.transforms import train_transform
 from fpc_ray.inference import autocast, place_model, predict_probs, to_device
 from fpc_ray.model import build_model, normalization
 from fpc_ray.train.batch_augment import BatchAugment, augment_seed, augments_on_device
 from fpc_ray.train.checkpoint import Progress, discard_local_checkpoint, resume, save_checkpoint
+from fpc_ray.train.inputs import ArrayInput, ShardInput
 from fpc_ray.train.recipe import build_loss, build_optimizer, build_scheduler, current_lr, seed_everything
 
 
@@ -51,12 +50,6 @@ def quiet_report_logs() -> None:
 def _get(value):
     """Data arrive as Ray object refs on a cluster and as plain objects in-process."""
     return ray.get(value) if isinstance(value, ray.ObjectRef) else value
-
-
-def shuffle_buffer(batch_size: int) -> int:
-    """Rows of the seeded local shuffle: several blocks' worth (the driver shuffled the rows
-    once before cutting them into blocks, so blocks are already a random mix)."""
-    return max(4 * ROWS_PER_BLOCK, 2 * batch_size)
 
 
 def _all_reduce_sum(values: list[float], device) -> list[float]:
@@ -84,9 +77,7 @@ class Worker:
     world: int
     device: torch.device
     amp: bool
-    train: object  # this worker's ray.data.DataIterator over its share of train
-    val: object  # a DataIterator over all of val (each worker scores every world-th row)
-    steps: int  # full batches per epoch, the same on every worker
+    data: ArrayInput | ShardInput  # this worker's batches and its share of val
     mean: tuple
     std: tuple
     model: torch.nn.Module
@@ -110,9 +101,15 @@ def set_up_worker(config: dict) -> Worker:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     seed_everything(tc.seed)  # same on every rank: identical initial heads before DDP's broadcast
-    train_labels = _get(config["train_labels"])
-    # streaming_split(equal=True) gives every worker len // world rows: the same steps everywhere.
-    steps = len(train_labels) // world // tc.batch_size
+    on_device = augments_on_device(cfg.data.augment_on, device)
+    if config["ingest"] == "arrays":
+        train = _get(config["train"])
+        train_labels = train.labels
+        data = ArrayInput(train, _get(config["val"]), rank, world, tc.batch_size, tc.seed, device, on_device,
+                          cfg.data.loader_workers)
+    else:
+        train_labels = _get(config["train_labels"])
+        data = ShardInput(len(train_labels), rank, world, tc.batch_size, device)
     class_names = config["class_names"]
     mean, std = normalization(cfg.model.backbone)
 
@@ -125,15 +122,14 @@ def set_up_worker(config: dict) -> Worker:
     # Built here, while every parameter is trainable: timm leaves frozen ones out of the optimizer,
     # and the backbone, frozen during the first epochs, must be in it when it thaws.
     optimizer = build_optimizer(model, tc)
-    scheduler = build_scheduler(optimizer, tc, steps_per_epoch=max(1, steps))
+    scheduler = build_scheduler(optimizer, tc, steps_per_epoch=max(1, data.steps))
     worker = Worker(
         cfg=cfg, rank=rank, world=world, device=device, amp=tc.amp and device.type == "cuda",
-        train=ray.train.get_dataset_shard("train"), val=ray.train.get_dataset_shard("val"), steps=steps,
-        mean=mean, std=std, model=model, optimizer=optimizer, scheduler=scheduler,
+        data=data, mean=mean, std=std, model=model, optimizer=optimizer, scheduler=scheduler,
         loss_fn=build_loss(tc, train_labels, len(class_names)).to(device),
         progress=Progress(), lines_within_epoch=bool(config.get("progress_within_epoch")) and rank == 0,
     )
-    if augments_on_device(cfg.data.augment_on, device):
+    if on_device:
         worker.augment = BatchAugment(cfg.data.augment, mean, std, device)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -176,26 +172,13 @@ def _prepare_model(w: Worker, frozen: bool) -> None:
 def _epoch_batches(w: Worker, epoch: int):
     """This worker's ``(images, labels)`` batches of one epoch, full batches only.
 
-    The shuffle, the augmentation and torch's global generator (dropout) are seeded afresh per
-    epoch and rank on either path: a run resumed from an epoch's checkpoint replays the same draws
-    (where its shard's blocks arrive in the same order, as one worker's do).
+    The order, the augmentation and torch's global generator (dropout) are seeded afresh per
+    epoch and rank on every path: a run resumed from an epoch's checkpoint replays the same draws.
     """
-    tc = w.cfg.train
-    seed = augment_seed(tc.seed, epoch, w.rank)
+    seed = augment_seed(w.cfg.train.seed, epoch, w.rank)
     torch.manual_seed(seed)
-    shuffle = {"batch_size": tc.batch_size, "drop_last": True,
-               "local_shuffle_buffer_size": shuffle_buffer(tc.batch_size), "local_shuffle_seed": seed}
-    if w.augment is not None:
-        generator = torch.Generator(device=w.augment.device).manual_seed(seed)
-        for batch in w.train.iter_torch_batches(device=w.device, pin_memory=w.device.type == "cuda", **shuffle):
-            yield w.augment(batch["image"], generator), batch["label"]
-        return
-    # Albumentations in this worker, on the batch Ray Data prefetched: measured no slower than in
-    # Ray Data tasks on 2 cores, and it keeps the shard's rows as compact uint8 until here.
-    transform = train_transform(w.cfg.data.augment, w.mean, w.std, seed=seed)
-    for batch in w.train.iter_batches(batch_format="numpy", prefetch_batches=2, **shuffle):
-        images = torch.stack([transform(image=image)["image"] for image in batch["image"]])
-        yield images, torch.from_numpy(np.array(batch["label"], np.int64))  # writable
+    transform = None if w.augment is not None else train_transform(w.cfg.data.augment, w.mean, w.std, seed=seed)
+    return w.data.epoch(epoch, seed, w.augment, transform)
 
 
 def run_epoch(w: Worker, epoch: int) -> dict:
@@ -204,7 +187,7 @@ def run_epoch(w: Worker, epoch: int) -> dict:
     frozen = epoch < tc.frozen_epochs
     _prepare_model(w, frozen)
     batches = _epoch_batches(w, epoch)
-    steps = w.steps
+    steps = w.data.steps
     w.wrapped.train()
     t0 = time.perf_counter()
     # The loss is summed on the device: reading it each step would wait for the GPU each step.
@@ -242,16 +225,13 @@ def _compile_seconds(w: Worker, first_step_s: float, train_time: float, steps: i
 
 
 def validate(w: Worker) -> dict:
-    """Each worker scores every world-th validation row (by row index); sums are all-reduced, so
-    it is exact."""
+    """Each worker scores every world-th validation image; sums are all-reduced, so it is exact."""
     batch_size = 2 * w.cfg.train.batch_size
     sums = np.zeros(4)
-    for batch in w.val.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        mine = batch["index"] % w.world == w.rank
-        if not mine.any():
+    for images, labels in w.data.val_share(batch_size):
+        if not len(labels):
             continue
-        labels = batch["label"][mine]
-        probs = predict_probs(w.model, batch["image"][mine], w.mean, w.std, batch_size, w.device, w.amp)
+        probs = predict_probs(w.model, images, w.mean, w.std, batch_size, w.device, w.amp)
         top2 = np.argsort(-probs, axis=1)[:, :2]
         sums += [float((top2[:, 0] == labels).sum()), float((top2 == labels[:, None]).any(1).sum()),
                  float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1)).sum()), len(labels)]
@@ -283,10 +263,11 @@ def report(w: Worker, metrics: dict) -> None:
 def train_loop_per_worker(config: dict) -> None:
     """Train on one worker. ``config`` holds plain values and (on a cluster) object refs.
 
-    Keys: ``cfg`` (a Config dump), ``train_labels`` (the train split's labels, for the class
-    weights and the step count), ``class_names``, ``init_weights`` (optional state dict to start
-    from, for retraining), ``progress_within_epoch``. The images come from the dataset shards
-    ``train`` and ``val`` (``ray.train.get_dataset_shard``).
+    Keys: ``cfg`` (a Config dump), ``ingest`` (``arrays``, ``memory`` or ``stream``), ``class_names``,
+    ``init_weights`` (optional state dict to start from, for retraining), ``progress_within_epoch``;
+    on the arrays path ``train`` / ``val`` (SplitArrays), on the Ray Data path ``train_labels`` (the
+    train split's labels, for the class weights and the step count) with the images in the dataset
+    shards ``train`` and ``val``.
     """
     quiet_report_logs()
     with denormals_flushed():
