@@ -2,11 +2,15 @@
 
 The data is written K times over as distinct rows (each image under K names, each patient as K
 patients, so the split keeps its proportions) and ``fpc-ray train`` (one Ray worker) runs on 1x
-and on Kx. While each runs, the driver's and the Train worker's own memory (USS: private pages;
-object-store pages a process maps are Ray's, not its own) are sampled, and the peaks compared:
-with the input in Ray Data, neither should grow with K. Training images/s on Kx are compared with
-a plain in-memory PyTorch loop on the same Kx data (:func:`~fpc_ray.bench.train_speed.plain_loop_images_per_s`).
-The last line is one JSON object with the ratios.
+and on Kx with ``data.cache`` as given (``auto``: each run's line says which ingest path
+:func:`~fpc_ray.data.ingest.choose_ingest` took). While each runs, the driver's and the Train
+worker's own memory (USS: private pages; object-store pages a process maps are Ray's, not its own)
+are sampled, and the peaks compared. Training images/s on Kx are compared with a plain in-memory
+PyTorch loop on the same Kx data (:func:`~fpc_ray.bench.train_speed.plain_loop_images_per_s`).
+
+Why small data keep the driver-array path: 1x runs once more with Ray Data forced (``memory``, or
+``stream`` if that was set), and its images/s stand next to the arrays path's. The last line is
+one JSON object with the ratios and the paths taken.
 """
 
 from __future__ import annotations
@@ -96,14 +100,14 @@ class PeakUSS:
             self._stop.wait(SAMPLE_S)
 
 
-def _train_in_subprocess(cfg: Config, data: str, out: str, cluster: str) -> tuple[dict, list[dict], str]:
+def _train_in_subprocess(cfg: Config, data: str, out: str, cluster: str, cache: str) -> tuple[dict, list[dict], str]:
     """``fpc-ray train`` as its own driver process joined to the cluster; its peaks, history and output."""
     overrides = [f"{k}={v}" for k, v in (("data.image_size", cfg.data.image_size),
                                          ("train.batch_size", cfg.train.batch_size),
                                          ("train.epochs", cfg.train.epochs), ("train.frozen_epochs", 0),
                                          ("train.num_workers", 1),
                                          ("train.cpus_per_worker", cfg.train.cpus_per_worker),
-                                         ("data.cache", cfg.data.cache))]
+                                         ("data.cache", cache))]
     cmd = [sys.executable, "-m", "fpc_ray.cli", "train", "--data", data, "--output", out]
     for item in overrides:
         cmd += ["--set", item]
@@ -117,8 +121,19 @@ def _train_in_subprocess(cfg: Config, data: str, out: str, cluster: str) -> tupl
     return {"driver": peaks.driver, "worker": peaks.worker}, history, output
 
 
-def _cache_line(output: str) -> str:
-    return next((line for line in output.splitlines() if line.startswith("data cache:")), "data cache: ?")
+def _ingest_line(output: str) -> str:
+    return next((line for line in output.splitlines() if line.startswith("data ingest:")), "data ingest: ?")
+
+
+def _ingest(output: str) -> str:
+    """The path a run took, from its ``data ingest: PATH (why); ...`` line."""
+    return _ingest_line(output).split()[2]
+
+
+def _images_per_s(history: list[dict]) -> float:
+    """Mean training images/s of the epochs after the first (the warm-up)."""
+    rates = [h["images_per_s"] for h in history[1:]] or [history[-1]["images_per_s"]]
+    return sum(rates) / len(rates)
 
 
 def run_benchmark(cfg: Config, data_uri: str, scale: int) -> list[str]:
@@ -139,17 +154,21 @@ def run_benchmark(cfg: Config, data_uri: str, scale: int) -> list[str]:
         scaled = scaled_copy(cfg, data_uri, scale, os.path.join(tmp, f"data-x{scale}"))
         init_ray()
         cluster = ray.get_runtime_context().gcs_address
+        # Ray Data forced at 1x: what the arrays path saves on small data.
+        forced = cfg.data.cache if cfg.data.cache in ("memory", "stream") else "memory"
         runs = {}
-        for name, data in (("1x", data_uri), (f"{scale}x", scaled)):
-            runs[name] = _train_in_subprocess(cfg, data, os.path.join(tmp, f"bundle-{name}"), cluster)
+        for name, data, cache in (("1x", data_uri, cfg.data.cache), (f"{scale}x", scaled, cfg.data.cache),
+                                  ("1x-ray-data", data_uri, forced)):
+            runs[name] = _train_in_subprocess(cfg, data, os.path.join(tmp, f"bundle-{name}"), cluster, cache)
         ray.shutdown()  # the plain loop runs without Ray's daemons, as it would in real life
         torch.set_num_threads(cores)
         plain = plain_loop_images_per_s(cfg, scaled)
-    (base, _, base_out), (big, history, big_out) = runs["1x"], runs[f"{scale}x"]
-    rates = [h["images_per_s"] for h in history[1:]] or [history[-1]["images_per_s"]]
-    ours = sum(rates) / len(rates)
+    (base, base_history, base_out), (big, history, big_out) = runs["1x"], runs[f"{scale}x"]
+    _, forced_history, forced_out = runs["1x-ray-data"]
+    ours, base_rate, forced_rate = _images_per_s(history), _images_per_s(base_history), _images_per_s(forced_history)
     result = {
         "scale": scale,
+        "ingest": {"1x": _ingest(base_out), f"{scale}x": _ingest(big_out)},
         "driver_uss_mb": {"1x": round(base["driver"] / mb, 1), f"{scale}x": round(big["driver"] / mb, 1)},
         "worker_uss_mb": {"1x": round(base["worker"] / mb, 1), f"{scale}x": round(big["worker"] / mb, 1)},
         "driver_rss_ratio": round(big["driver"] / max(base["driver"], 1), 3),
@@ -157,17 +176,22 @@ def run_benchmark(cfg: Config, data_uri: str, scale: int) -> list[str]:
         "ours_images_per_s": round(ours, 2),
         "plain_images_per_s": round(plain, 2),
         "train_ratio": round(ours / plain, 3),
+        "images_per_s_1x": {_ingest(base_out): round(base_rate, 2), f"{_ingest(forced_out)} (forced)":
+                            round(forced_rate, 2)},
+        "forced_ray_data_over_auto_1x": round(forced_rate / max(base_rate, 1e-9), 3),
     }
     return [
         f"setup: {cfg.model.backbone}, {cfg.data.image_size} px, batch {cfg.train.batch_size}, "
         f"{cfg.train.epochs} epochs (first is warm-up), 1 worker x {cores} CPUs, data x1 and x{scale}",
-        f"1x:  {_cache_line(base_out)}",
-        f"{scale}x: {_cache_line(big_out)}",
+        f"1x:  {_ingest_line(base_out)}",
+        f"{scale}x: {_ingest_line(big_out)}",
         f"driver peak USS   {result['driver_uss_mb']['1x']:8.1f} MB -> {result['driver_uss_mb'][f'{scale}x']:8.1f} MB"
         f"  ratio {result['driver_rss_ratio']:.3f} (target <= 1.2)",
         f"worker peak USS   {result['worker_uss_mb']['1x']:8.1f} MB -> {result['worker_uss_mb'][f'{scale}x']:8.1f} MB"
         f"  ratio {result['worker_rss_ratio']:.3f} (target <= 1.3)",
         f"training on x{scale}: fpc-ray {ours:.1f} images/s, plain in-memory PyTorch {plain:.1f} images/s"
         f"  ratio {result['train_ratio']:.3f} (target >= 0.9)",
+        f"training on x1: {_ingest(base_out)} (auto's path) {base_rate:.1f} images/s, Ray Data forced "
+        f"({_ingest(forced_out)}) {forced_rate:.1f} images/s  ratio {result['forced_ray_data_over_auto_1x']:.3f}",
         json.dumps(result),
     ]
