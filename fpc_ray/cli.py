@@ -476,8 +476,8 @@ def bench_ingest(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Driver and worker peak memory (USS) on Kx data against 1x, and training images/s of the
-    Ray Data ingest over a plain in-memory PyTorch loop; the last line is JSON."""
+    """Driver and worker peak memory (USS) on Kx data against 1x, training images/s over a plain
+    in-memory PyTorch loop, the ingest path auto took, and Ray Data forced at 1x; the last line is JSON."""
     from fpc_ray.bench.ingest import run_benchmark
     from fpc_ray.config import load_config
 

@@ -142,7 +142,8 @@ def test_two_worker_training_job_is_placed_on_both_nodes(cluster, trained_bundle
     done = _submit(cluster, "jobs/train.py", "--data", trained_bundle["data"], "--output", str(tmp_path / "b"),
                    "--epochs", "1", "--image-size", "64", "--num-workers", "2",
                    "--set", "train.cpus_per_worker=1", "--set", "model.pretrained=none",
-                   "--set", "data.augment_on=device")  # batched augmentation across the two nodes too
+                   "--set", "data.augment_on=device",  # batched augmentation across the two nodes too
+                   "--set", "data.cache=memory")  # Ray Data ingest (auto keeps a few images on the driver)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     card = json.loads((tmp_path / "b" / "model.json").read_text())
     assert card["training"]["num_workers"] == 2
