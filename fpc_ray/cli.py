@@ -216,7 +216,7 @@ def evaluate(
     from fpc_ray.scoring import evaluate_bundle
 
     cfg = load_config(config, set_)
-    report = evaluate_bundle(model, one_or_many(data), split.value, batch_size, use_gpu, cfg.storage)
+    report = evaluate_bundle(model, one_or_many(data), split.value, batch_size, use_gpu, cfg.storage, cfg.data.cache)
     written = save_report(report, output, cfg.storage) if output else []
     if as_json:
         typer.echo(json.dumps(report))
@@ -462,6 +462,28 @@ def bench_train(
     cfg = load_config(config, set_, {"data.image_size": image_size, "train.batch_size": batch_size,
                                      "train.epochs": epochs})
     for line in run_benchmark(cfg, data):
+        typer.echo(line)
+
+
+@bench_app.command("ingest")
+@one_line_errors
+def bench_ingest(
+    data: DataOpt,
+    scale: Annotated[int, typer.Option("--scale", min=2, help="the data repeated K times, against 1x")] = 8,
+    image_size: Annotated[int, typer.Option("--image-size")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    epochs: Annotated[int, typer.Option("--epochs", min=2)] = 3,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Driver and worker peak memory (USS) on Kx data against 1x, training images/s over a plain
+    in-memory PyTorch loop, the ingest path auto took, and Ray Data forced at 1x; the last line is JSON."""
+    from fpc_ray.bench.ingest import run_benchmark
+    from fpc_ray.config import load_config
+
+    cfg = load_config(config, set_, {"data.image_size": image_size, "train.batch_size": batch_size,
+                                     "train.epochs": epochs})
+    for line in run_benchmark(cfg, data, scale):
         typer.echo(line)
 
 

@@ -101,7 +101,13 @@ class DataConfig(StrictModel):
     split_seed: int = 0
     augment: AugmentConfig = AugmentConfig()
     loader_workers: int = Field(0, ge=0, le=32, description="torch DataLoader processes")
-    decode_threads: int = Field(4, ge=1, le=64, description="threads that decode images once")
+    decode_threads: int = Field(4, ge=1, le=64, description="threads of each Ray Data task that decodes images")
+    cache: Literal["auto", "arrays", "memory", "stream"] = Field(
+        "auto", description="arrays: decoded once on the driver, shared as arrays; memory: decoded once by Ray "
+                            "Data tasks into the object store; stream: decoded every epoch by Ray Data, bounded "
+                            "memory; auto: arrays up to 1 GB decoded, else memory within half the object store, "
+                            "else stream (fpc_ray.data.ingest.choose_ingest)",
+    )
     augment_on: Literal["auto", "cpu", "device"] = Field(
         "auto", description="cpu: albumentations per image; device: batched torch on the training device; "
                             "auto: device on CUDA, else cpu",

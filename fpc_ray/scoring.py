@@ -1,6 +1,9 @@
-"""Scoring a model on labelled images: decoded arrays, or a bundle on a split of one or more datasets.
+"""Scoring a model on labelled images: decoded arrays, a split as a Ray Dataset, or a bundle on a
+split of one or more datasets.
 
-Training scores its test split with :func:`report_from_logits` (on logits from :func:`split_logits`);
+Training scores its val and test splits with :func:`report_from_logits`, on logits from
+:func:`split_logits` (the arrays ingest path) or :func:`dataset_logits` (the Ray Data path: the
+model runs in Ray Data tasks beside the decoding);
 ``fpc-ray evaluate``, the demo and the retraining loop score bundles with :func:`evaluate_bundle`.
 Probabilities are the calibrated ones (the bundle's temperature); each report also holds the ECE
 and reliability bins of the uncalibrated probabilities, for the before/after comparison.
@@ -29,6 +32,40 @@ def split_logits(model: torch.nn.Module, image_sets: Sequence[np.ndarray], mean,
     return [predict_logits(placed, images, mean, std, batch_size, device) for images in image_sets]
 
 
+def _score_batch(batch: dict[str, np.ndarray], model, mean, std, batch_size: int, use_gpu: bool) -> dict:
+    """A Ray Data task: the logits of a batch of decoded rows, with their index and label."""
+    import ray
+
+    model = ray.get(model) if isinstance(model, ray.ObjectRef) else model
+    (logits,) = split_logits(model, [batch["image"]], mean, std, batch_size, use_gpu)
+    return {"index": batch["index"], "label": batch["label"], "logits": logits}
+
+
+def dataset_logits(dataset, model: torch.nn.Module, mean, std, batch_size: int = 64, use_gpu: bool = False,
+                   num_cpus: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The logits of ``model`` on every row of a decoded split (a Ray Dataset of ``index``,
+    ``label``, ``image``) and the rows' labels, in row order.
+
+    The model runs in Ray Data tasks of ``num_cpus`` CPUs (and a GPU with ``use_gpu``) wherever
+    the cluster has room, next to the blocks; only the logits come back to this process.
+    """
+    import ray
+
+    scored = dataset.map_batches(
+        _score_batch, batch_format="numpy", batch_size=4 * batch_size, num_cpus=num_cpus,
+        num_gpus=1 if use_gpu else 0,
+        fn_kwargs={"model": ray.put(model), "mean": mean, "std": std, "batch_size": batch_size, "use_gpu": use_gpu})
+    index, labels, logits = [], [], []
+    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        index.append(batch["index"])
+        labels.append(batch["label"])
+        logits.append(batch["logits"])
+    if not index:
+        return np.zeros((0, getattr(model, "num_classes", 0)), np.float32), np.zeros(0, np.int64)
+    order = np.argsort(np.concatenate(index), kind="stable")
+    return np.concatenate(logits)[order], np.concatenate(labels)[order]
+
+
 def report_from_logits(logits: np.ndarray, labels: np.ndarray, class_names: list[str],
                        temperature: float = 1.0) -> dict:
     """The classification report of softmax(logits / temperature), with the uncalibrated ECE and
@@ -41,25 +78,21 @@ def report_from_logits(logits: np.ndarray, labels: np.ndarray, class_names: list
     return report
 
 
-def evaluate_arrays(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray,
-                    class_names: list[str], mean, std, batch_size: int = 64,
-                    use_gpu: bool = False, temperature: float = 1.0) -> dict:
-    """The full classification report of ``model`` on decoded images, at ``temperature``."""
-    (logits,) = split_logits(model, [images], mean, std, batch_size, use_gpu)
-    return report_from_logits(logits, labels, class_names, temperature)
-
-
 def evaluate_bundle(model_uri: str, data_uri: str | Sequence[str], split: str = "test", batch_size: int = 64,
-                    use_gpu: bool = False, storage: StorageConfig | None = None) -> dict:
+                    use_gpu: bool = False, storage: StorageConfig | None = None, cache: str = "auto") -> dict:
     """Evaluate a bundle on a split of one or more FETAL_PLANES_DB-layout datasets, calibrated with
     the bundle's temperature.
 
     Each dataset's split is cut exactly as in training (the bundle's ``val_fraction`` and
     ``split_seed``, per dataset), so ``--split val`` scores the same patients the run validated on.
-    The report is over the union of the splits; ``per_dataset`` holds each dataset's own scores
-    (None where its split is empty).
+    The split is decoded on the ingest path that :func:`~fpc_ray.data.ingest.choose_ingest` picks
+    for ``cache`` (``data.cache``): here, or in Ray Data tasks that run the model beside the
+    decoding. The report is over the union of the splits; ``per_dataset`` holds each dataset's own
+    scores (None where its split is empty).
     """
     from fpc_ray.bundle import load_bundle
+    from fpc_ray.cluster import init_ray
+    from fpc_ray.data.ingest import choose_ingest, decoded_bytes, driver_free_bytes, object_store_bytes
     from fpc_ray.data.multi import decode_joined, joined_fingerprint, read_datasets
     from fpc_ray.errors import UserError
 
@@ -72,16 +105,48 @@ def evaluate_bundle(model_uri: str, data_uri: str | Sequence[str], split: str = 
             raise UserError(f"{part.uri}: classes {sorted(unknown)} are not in the model's classes")
     if not any(part.splits[split] for part in parts):
         raise UserError(f"{', '.join(p.uri for p in parts)}: the {split} split is empty")
-    arrays = decode_joined(parts, split, bundle.card["input"]["size"], data_cfg.decode_threads)
+    size, mean, std = bundle.card["input"]["size"], bundle.card["input"]["mean"], bundle.card["input"]["std"]
+
+    def object_store() -> float:
+        init_ray()
+        return object_store_bytes()
+
+    images = sum(len(p.splits[split]) for p in parts)
+    ingest, _ = choose_ingest(cache, decoded_bytes(images, size), driver_free_bytes(), object_store)
+    if ingest == "arrays":
+        arrays = decode_joined(parts, split, size, data_cfg.decode_threads)
+        (logits,) = split_logits(bundle.model, [arrays.images], mean, std, batch_size, use_gpu)
+    else:
+        logits = _ray_data_logits(bundle, parts, split, batch_size, use_gpu, storage, f"scoring {model_uri} on the "
+                                  f"{split} split")
     # The datasets' label indices follow their own class order; map them into the model's.
     labels = np.array([bundle.class_names.index(r.plane) for p in parts for r in p.splits[split]], dtype=np.int64)
-    (logits,) = split_logits(bundle.model, [arrays.images], bundle.card["input"]["mean"],
-                             bundle.card["input"]["std"], batch_size, use_gpu)
     report = report_from_logits(logits, labels, bundle.class_names, bundle.temperature)
     report.update(split=split, model_version=bundle.version,
                   data_fingerprint=joined_fingerprint([p.db.fingerprint for p in parts]),
                   per_dataset=_per_dataset(parts, split, logits, labels, bundle.class_names, bundle.temperature))
     return report
+
+
+def _ray_data_logits(bundle, parts, split: str, batch_size: int, use_gpu: bool, storage: StorageConfig | None,
+                     what: str) -> np.ndarray:
+    """The Ray Data path of :func:`evaluate_bundle`: the split's logits, in row order."""
+    from fpc_ray.cluster import init_ray
+    from fpc_ray.data.ingest import quiet_data_logs, split_dataset, split_rows
+    from fpc_ray.errors import ray_failure
+
+    init_ray()
+    quiet_data_logs()
+    dataset = split_dataset(split_rows(parts, split), bundle.card["input"]["size"],
+                            (storage or StorageConfig()).model_dump(mode="json"), bundle.config.data.decode_threads)
+    try:
+        logits, _ = dataset_logits(dataset, bundle.model, bundle.card["input"]["mean"], bundle.card["input"]["std"],
+                                   batch_size, use_gpu)
+    except Exception as e:
+        if type(e).__module__.split(".")[0] != "ray":
+            raise  # a bug, or already one line
+        raise ray_failure(e, what) from e
+    return logits
 
 
 def _per_dataset(parts, split: str, logits: np.ndarray, labels: np.ndarray, class_names: list[str],

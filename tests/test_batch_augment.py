@@ -207,8 +207,8 @@ def _loop_config(**train) -> dict:
     labels = np.arange(30, dtype=np.int64) % len(CLASS_NAMES)
     images = _images(30, size=32, seed=3).numpy()
     images[np.arange(30), labels * 5, :] = 255  # a bright row that says the class: something to learn
-    return {"cfg": cfg.model_dump(mode="json"), "class_names": list(CLASS_NAMES), "init_weights": None,
-            "train": SplitArrays(images[:24], labels[:24], [""] * 24),
+    return {"cfg": cfg.model_dump(mode="json"), "ingest": "arrays", "class_names": list(CLASS_NAMES),
+            "init_weights": None, "train": SplitArrays(images[:24], labels[:24], [""] * 24),
             "val": SplitArrays(images[24:], labels[24:], [""] * 6), "progress_within_epoch": False}
 
 

@@ -137,12 +137,13 @@ def test_nightly_job_submitted_to_a_two_node_cluster_commits_its_run(cluster, tr
 
 
 def test_two_worker_training_job_is_placed_on_both_nodes(cluster, trained_bundle, tmp_path):
-    from ray.util.state import list_actors
+    from ray.util.state import list_actors, list_tasks
 
     done = _submit(cluster, "jobs/train.py", "--data", trained_bundle["data"], "--output", str(tmp_path / "b"),
                    "--epochs", "1", "--image-size", "64", "--num-workers", "2",
                    "--set", "train.cpus_per_worker=1", "--set", "model.pretrained=none",
-                   "--set", "data.augment_on=device")  # batched augmentation across the two nodes too
+                   "--set", "data.augment_on=device",  # batched augmentation across the two nodes too
+                   "--set", "data.cache=memory")  # Ray Data ingest (auto keeps a few images on the driver)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     card = json.loads((tmp_path / "b" / "model.json").read_text())
     assert card["training"]["num_workers"] == 2
@@ -150,3 +151,7 @@ def test_two_worker_training_job_is_placed_on_both_nodes(cluster, trained_bundle
                           raise_on_missing_output=False)
     # One CPU per node and one CPU per worker: DDP only runs with a worker on each node.
     assert len({w.node_id for w in workers}) == 2, workers
+    # The images were decoded by Ray Data tasks on both nodes, none by the driver.
+    tasks = [t for t in list_tasks(address=cluster, detail=True, limit=10_000, raise_on_missing_output=False)
+             if "decode_rows" in t.name]
+    assert len({t.node_id for t in tasks}) == 2, [(t.name, t.node_id) for t in tasks]

@@ -50,13 +50,18 @@ def test_infra_holds_every_deliverable():
     assert (INFRA / "docker" / "Dockerfile").is_file()
     launcher = yaml.safe_load((INFRA / "aws" / "cluster.yaml").read_text())
     assert launcher["provider"]["type"] == "aws" and launcher["available_node_types"]["gpu"]["min_workers"] == 0
+    cpu = launcher["available_node_types"]["cpu"]  # Ray Data's decode tasks
+    assert cpu["min_workers"] == 0 and cpu["max_workers"] >= 1
 
 
 def test_raycluster_autoscales_gpu_workers_from_zero():
     (cluster,) = [doc for _, doc in _documents() if doc.get("kind") == "RayCluster"]
     spec = cluster["spec"]
     assert spec["enableInTreeAutoscaling"] is True
-    (gpu,) = spec["workerGroupSpecs"]
+    groups = {group["groupName"]: group for group in spec["workerGroupSpecs"]}
+    gpu, cpu = groups["gpu"], groups["cpu"]  # cpu: Ray Data's decode tasks, from zero too
+    assert cpu["minReplicas"] == 0 and cpu["maxReplicas"] >= 1
+    assert "nvidia.com/gpu" not in cpu["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1
     (container,) = gpu["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from fpc_ray.cli import app
 from fpc_ray.config import load_config
 from fpc_ray.data.fetal_planes import CSV_NAME, read_fetal_planes
+from fpc_ray.data.ingest import split_rows
 from fpc_ray.data.multi import SPLITS, joined_fingerprint, read_datasets
 from fpc_ray.data.synth import synthesize
 from fpc_ray.errors import UserError
@@ -50,11 +51,23 @@ def test_each_dataset_is_split_by_its_own_patients_then_joined(phantom_dir, seco
 
     prepared = prepare_data(cfg, [phantom_dir, second_dataset])
     assert prepared.data_uris == [phantom_dir, second_dataset]
+    assert prepared.ingest == "arrays" and prepared.datasets is None  # auto, on a few kB: decoded here
     for name in SPLITS:  # train with train, val with val, test with test, in the order given
         records = parts[0].splits[name] + parts[1].splits[name]
         arrays = prepared.arrays[name]
         assert len(arrays) == len(records) and arrays.images.shape[1:] == (32, 32)
         np.testing.assert_array_equal(arrays.labels, [r.label for r in records])
+        np.testing.assert_array_equal(prepared.labels[name], arrays.labels)
+    # The rows that Ray Data decodes when the data do not fit the driver: the same order, each row
+    # naming its dataset's root.
+    for name in SPLITS:
+        records = parts[0].splits[name] + parts[1].splits[name]
+        rows = split_rows(parts, name)
+        assert [(r["index"], r["name"], r["label"], r["patient"]) for r in rows] == [
+            (i, rec.image_name, rec.label, rec.patient) for i, rec in enumerate(records)]
+        sizes = [len(p.splits[name]) for p in parts]
+        assert [(r["root"], r["dataset"]) for r in rows] == [(parts[0].db.root.uri, 0)] * sizes[0] + [
+            (parts[1].db.root.uri, 1)] * sizes[1]
     # One dataset: exactly as before.
     alone = prepare_data(cfg, phantom_dir)
     assert [len(alone.arrays[n]) for n in SPLITS] == [len(parts[0].splits[n]) for n in SPLITS]

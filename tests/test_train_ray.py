@@ -93,7 +93,7 @@ def test_workers_sharing_a_gpu_get_fractions_of_it_and_gloo(ray_cluster, tmp_pat
     from fpc_ray.train.driver import PreparedData, _build_trainer
 
     split = SplitArrays(np.zeros((2, 32, 32), np.uint8), np.zeros(2, np.int64), ["a", "b"])
-    prepared = PreparedData([], {"train": split, "val": split}, 32)
+    prepared = PreparedData([], {"train": split.labels}, 32, "arrays", arrays={"train": split, "val": split})
 
     def trainer(*more: str):
         cfg = _cfg(2, 2, "train.use_gpu=true", "train.cpus_per_worker=2", *more)

@@ -1,10 +1,13 @@
-"""Decode a split once into a compact uint8 array, then serve tensors from it.
+"""Decode images into compact letterboxed uint8: a split at once on the driver (the ``arrays``
+ingest path, :func:`decode_split`), or image by image in Ray Data's decode tasks (the ``memory``
+and ``stream`` paths, :func:`load_letterboxed`; :mod:`fpc_ray.data.ingest` chooses the path).
 
 Decoding a 700x500 PNG costs more than a forward pass of the model at 128 px on a CPU, so every
-image is decoded and letterboxed once per run (in threads: PIL and OpenCV release the GIL) and
-kept as ``N x S x S`` uint8: 12,400 images at 224 px take 620 MB. The CPU path serves it image by
-image through an albumentations transform (:class:`PlaneDataset`); the device path serves index
-batches of raw uint8 (:class:`IndexBatches`) that are augmented on the training device.
+image is decoded and letterboxed once per run (in threads: PIL and OpenCV release the GIL), except
+under ``stream``. On the arrays path a split is kept as ``N x S x S`` uint8 (12,400 images at
+224 px take 620 MB); the CPU path serves it image by image through an albumentations transform
+(:class:`PlaneDataset`), the device path as index batches of raw uint8 (:class:`IndexBatches`)
+augmented on the training device.
 """
 
 from __future__ import annotations
@@ -50,23 +53,28 @@ def decode_problem(data: bytes, err: Exception) -> str:
     return _OBJECT_REPR.sub("the image", exception_line(err))
 
 
+def load_letterboxed(db: FetalPlanesDB, record: Record, size: int) -> np.ndarray:
+    """Read, decode and letterbox one record's image (what every decode task does per row).
+
+    Raises:
+        UserError: the image is missing or cannot be decoded, naming it.
+    """
+    loc, data = db.read_image(record)
+    try:
+        return letterbox(decode_image_bytes(data), size)
+    except Exception as e:
+        raise UserError(f"{loc.uri}: cannot decode image ({decode_problem(data, e)})") from None
+
+
 def decode_split(db: FetalPlanesDB, records: list[Record], size: int, threads: int = 4) -> SplitArrays:
-    """Read, decode and letterbox every image of ``records``.
+    """Read, decode and letterbox every image of ``records`` in this process (the arrays path).
 
     Raises:
         UserError: naming the first image that is missing or cannot be decoded.
     """
-
-    def load(record: Record) -> np.ndarray:
-        loc, data = db.read_image(record)
-        try:
-            return letterbox(decode_image_bytes(data), size)
-        except Exception as e:
-            raise UserError(f"{loc.uri}: cannot decode image ({decode_problem(data, e)})") from None
-
     images = np.zeros((len(records), size, size), dtype=np.uint8)
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for i, image in enumerate(pool.map(load, records)):
+        for i, image in enumerate(pool.map(lambda r: load_letterboxed(db, r, size), records)):
             images[i] = image
     labels = np.array([r.label for r in records], dtype=np.int64)
     return SplitArrays(images, labels, [r.image_name for r in records])

@@ -1,8 +1,10 @@
-"""``fpc-ray train``'s driver: read and decode the data once, run Ray Train, calibrate, write the bundle."""
+"""``fpc-ray train``'s driver: read and split the data, decode it on the chosen ingest path
+(:func:`fpc_ray.data.ingest.choose_ingest`), run Ray Train, calibrate, write the bundle."""
 
 from __future__ import annotations
 
 import datetime as dt
+import random
 import sys
 import time
 from collections.abc import Sequence
@@ -24,12 +26,16 @@ RAY_DIR = "ray"  # Ray Train's run storage (checkpoints, state), inside the outp
 
 @dataclass
 class PreparedData:
-    """Datasets read, split by patient (each by its own patients), joined and decoded once (a
-    search shares them between trials)."""
+    """Datasets read, split by patient (each by its own patients) and joined, each split ready on
+    one ingest path (a search shares them between trials): ``arrays`` decoded on the driver, or
+    ``datasets`` of rows that Ray Data tasks decode (materialized once under ``memory``)."""
 
     parts: list[DatasetSplits]
-    arrays: dict[str, SplitArrays]
+    labels: dict[str, np.ndarray]  # each split's labels, in row order
     image_size: int
+    ingest: str  # "arrays", "memory" or "stream"
+    arrays: dict[str, SplitArrays] | None = None  # the arrays path
+    datasets: dict[str, object] | None = None  # the Ray Data path: split -> ray.data.Dataset (None if empty)
 
     @property
     def data_uris(self) -> list[str]:
@@ -38,8 +44,12 @@ class PreparedData:
 
 def prepare_data(cfg: Config, data_uri: str | Sequence[str], batch_size: int | None = None) -> PreparedData:
     """Read each FETAL_PLANES_DB CSV, split it train/val/test by its patients, join the datasets'
-    splits and decode every image once. ``batch_size``: the smallest batch the runs on it take
-    (default the config's; a search's space may hold smaller ones than its base config)."""
+    splits, and make them ready on the path :func:`~fpc_ray.data.ingest.choose_ingest` picks:
+    decoded here once, or Ray Datasets that Ray Data tasks decode. ``batch_size``: the smallest
+    batch the runs on it take (default the config's; a search's space may hold smaller ones than
+    its base config)."""
+    from fpc_ray.data.ingest import choose_ingest, decoded_bytes, driver_free_bytes, ingest_line, object_store_bytes
+
     started = time.perf_counter()
     parts = read_datasets(data_uri, cfg.data.val_fraction, cfg.data.split_seed, cfg.storage)
     for name in ("train", "val"):
@@ -50,10 +60,57 @@ def prepare_data(cfg: Config, data_uri: str | Sequence[str], batch_size: int | N
                           batch_size or cfg.train.batch_size)  # before minutes of decoding
     for part in parts:
         print(_split_summary(part), flush=True)
-    arrays = {name: decode_joined(parts, name, cfg.data.image_size, cfg.data.decode_threads) for name in SPLITS}
-    print(f"decoded {sum(len(a) for a in arrays.values())} images at {cfg.data.image_size} px "
-          f"in {time.perf_counter() - started:.1f}s", flush=True)
-    return PreparedData(parts, arrays, cfg.data.image_size)
+    size = cfg.data.image_size
+    images = sum(len(part.splits[name]) for part in parts for name in SPLITS)
+    decoded = decoded_bytes(images, size)
+
+    def object_store() -> float:
+        init_ray()
+        return object_store_bytes()
+
+    ingest, why = choose_ingest(cfg.data.cache, decoded, driver_free_bytes(), object_store)
+    print(ingest_line(ingest, why, decoded), flush=True)
+    labels = {name: np.array([r.label for part in parts for r in part.splits[name]], dtype=np.int64)
+              for name in SPLITS}
+    if ingest == "arrays":
+        arrays = {name: decode_joined(parts, name, size, cfg.data.decode_threads) for name in SPLITS}
+        print(f"decoded {images} images at {size} px in {time.perf_counter() - started:.1f}s", flush=True)
+        return PreparedData(parts, labels, size, ingest, arrays=arrays)
+    init_ray()
+    datasets = _ray_datasets(cfg, parts, ingest)
+    if ingest == "memory":
+        print(f"decoded {images} images at {size} px in {time.perf_counter() - started:.1f}s (Ray Data tasks)",
+              flush=True)
+    return PreparedData(parts, labels, size, ingest, datasets=datasets)
+
+
+def _ray_datasets(cfg: Config, parts: list[DatasetSplits], ingest: str) -> dict[str, object]:
+    """Each split as a Ray Dataset of rows (None where empty); train's rows shuffled once before
+    being cut into blocks, so each block is a random mix that the workers' seeded local shuffle
+    mixes again every epoch."""
+    from fpc_ray.data.ingest import split_rows
+
+    rows = {name: split_rows(parts, name) for name in SPLITS}
+    random.Random(cfg.train.seed).shuffle(rows["train"])
+    return {name: _split_dataset(cfg, split, ingest) for name, split in rows.items()}
+
+
+def _split_dataset(cfg: Config, rows: list[dict], cache: str):
+    """A split's Ray Dataset; under ``memory``, decoded now and kept in the object store."""
+    from fpc_ray.data.ingest import quiet_data_logs, split_dataset
+
+    if not rows:
+        return None
+    quiet_data_logs()
+    ds = split_dataset(rows, cfg.data.image_size, cfg.storage.model_dump(mode="json"), cfg.data.decode_threads)
+    if cache != "memory":
+        return ds
+    try:
+        return ds.materialize()
+    except Exception as e:
+        if isinstance(e, UserError):
+            raise
+        raise ray_failure(e, "decoding the data") from e
 
 
 @dataclass
@@ -137,7 +194,7 @@ def run_training(cfg: Config, data_uri: str | Sequence[str], output_uri: str, ov
     if prepared is None or prepared.image_size != cfg.data.image_size:
         prepared = prepare_data(cfg, data_uri)  # checks the batch size itself, before decoding
     else:  # data prepared once for several runs: a search's trials differ in batch size
-        _check_one_batch_each(len(prepared.arrays["train"]), tc.num_workers, tc.batch_size)
+        _check_one_batch_each(len(prepared.labels["train"]), tc.num_workers, tc.batch_size)
     if tc.num_workers:
         init_ray()
         check_workers_fit(tc.num_workers, tc.cpus_per_worker, tc.use_gpu, tc.gpus_per_worker)
@@ -148,7 +205,7 @@ def run_training(cfg: Config, data_uri: str | Sequence[str], output_uri: str, ov
     result = _fit(trainer, f"{what} failed after {tc.max_failures} restart(s)")
 
     model, history, best = _trained_model(cfg, result.checkpoint)
-    calibration, test_report = _calibrate_and_score(cfg, model, prepared.arrays, what)
+    calibration, test_report = _calibrate_and_score(cfg, model, prepared, what)
     blob = weights_bytes(model.state_dict())
     card = _card(cfg, prepared, model, blob, history, best, test_report, calibration, parent,
                  wall_s=time.perf_counter() - started,
@@ -189,9 +246,11 @@ def _with_parent(cfg: Config) -> tuple[Config, Bundle | None]:
 
 def _build_trainer(cfg: Config, prepared: PreparedData, parent: Bundle | None, out: Location, run_name: str,
                    callbacks: list | None):
-    """Ray Train's TorchTrainer for the run: the data shared once, storage under the output."""
+    """Ray Train's TorchTrainer for the run: the data shared once (the arrays as object refs, or
+    the Ray Datasets, whose train split each worker streams an equal share of), storage under the
+    output."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from fpc_ray.train.loop import train_loop_per_worker
@@ -201,13 +260,19 @@ def _build_trainer(cfg: Config, prepared: PreparedData, parent: Bundle | None, o
     share = (lambda x: x) if in_process else ray.put
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
-        "train": share(prepared.arrays["train"]),
-        "val": share(prepared.arrays["val"]),
+        "ingest": prepared.ingest,
         "class_names": list(CLASS_NAMES),
         "init_weights": share(parent.model.state_dict()) if parent else None,
         # In a terminal, a line at each quarter epoch too (epochs on real data take minutes).
         "progress_within_epoch": sys.stdout.isatty(),
     }
+    datasets = None
+    if prepared.ingest == "arrays":
+        loop_config.update(train=share(prepared.arrays["train"]), val=share(prepared.arrays["val"]))
+    else:  # the labels only (class weights, step count): each worker reads its images from its shard
+        loop_config["train_labels"] = prepared.labels["train"]
+        # Every worker reads all of val (and scores every world-th row, so validation is exact).
+        datasets = {name: prepared.datasets[name] for name in ("train", "val")}
     storage_path, storage_fs = _run_storage(out)
     resources = {"CPU": tc.cpus_per_worker} | ({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})
     # Workers with a fraction of a GPU may share one, and NCCL refuses two ranks on one device:
@@ -217,6 +282,8 @@ def _build_trainer(cfg: Config, prepared: PreparedData, parent: Bundle | None, o
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]) if datasets else None,
         torch_config=TorchConfig(backend="gloo") if shares_gpus else None,
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu,
@@ -253,22 +320,25 @@ def _trained_model(cfg: Config, checkpoint) -> tuple[object, list[dict], dict]:
     return model, history, best
 
 
-def _calibrate_and_score(cfg: Config, model, arrays: dict[str, SplitArrays], what: str) -> tuple[dict, dict | None]:
+def _calibrate_and_score(cfg: Config, model, prepared: PreparedData, what: str) -> tuple[dict, dict | None]:
     """The card's calibration (a temperature fitted on the validation logits) and the calibrated
     report on the test split (None when it is empty)."""
     from fpc_ray.calibration import calibration_record
     from fpc_ray.scoring import report_from_logits
 
-    val_logits, test_logits = _logits(cfg, model, [arrays["val"].images, arrays["test"].images], what)
-    calibration = calibration_record(val_logits, arrays["val"].labels, fitted_on="val")
-    if not len(arrays["test"]):
+    if prepared.ingest == "arrays":
+        val_logits, test_logits = _array_logits(cfg, model, [prepared.arrays[n].images for n in ("val", "test")], what)
+    else:
+        val_logits, test_logits = (_dataset_logits(cfg, model, prepared.datasets[n], what) for n in ("val", "test"))
+    labels = prepared.labels  # in row order, as the logits of either path
+    calibration = calibration_record(val_logits, labels["val"], fitted_on="val")
+    if not len(labels["test"]):
         return calibration, None
-    return calibration, report_from_logits(test_logits, arrays["test"].labels, list(CLASS_NAMES),
-                                           calibration["temperature"])
+    return calibration, report_from_logits(test_logits, labels["test"], list(CLASS_NAMES), calibration["temperature"])
 
 
-def _logits(cfg: Config, model, image_sets: list[np.ndarray], what: str) -> list[np.ndarray]:
-    """The best model's logits on each image set. An in-process run computes them here; a run on
+def _array_logits(cfg: Config, model, image_sets: list[np.ndarray], what: str) -> list[np.ndarray]:
+    """The arrays path: the best model's logits on each image set. An in-process run computes them here; a run on
     Ray in a Ray task where the workers' resources (and GPUs) are: the driver may hold no CPU (a
     Tune trial reserves none; a KubeRay head node has none)."""
     import ray
@@ -295,6 +365,30 @@ def _logits(cfg: Config, model, image_sets: list[np.ndarray], what: str) -> list
         raise ray_failure(e, f"{what}: scoring the best model failed") from e
 
 
+def _dataset_logits(cfg: Config, model, dataset, what: str) -> np.ndarray | None:
+    """The Ray Data path: the best model's logits on a split (None where it is empty), in row
+    order, scored by Ray Data tasks with the workers' resources (and GPUs), next to the blocks."""
+    from fpc_ray.model import normalization
+    from fpc_ray.scoring import dataset_logits
+
+    if dataset is None:
+        return None
+    tc = cfg.train
+    mean, std = normalization(cfg.model.backbone)
+    try:
+        return dataset_logits(dataset, model, mean, std, 2 * tc.batch_size, tc.use_gpu, tc.cpus_per_worker)[0]
+    except UserError:
+        raise
+    except Exception as e:  # a decode task found a damaged image (stream cache), or a node was lost
+        if not _is_ray_error(e):
+            raise  # a bug: keep the traceback
+        raise ray_failure(e, f"{what}: scoring the best model") from e
+
+
+def _is_ray_error(err: BaseException) -> bool:
+    return type(err).__module__.split(".")[0] == "ray"
+
+
 def _card(cfg: Config, prepared: PreparedData, model, blob: bytes, history: list[dict], best: dict,
           test_report: dict | None, calibration: dict, parent: Bundle | None, *, wall_s: float,
           ray_run: str | None) -> dict:
@@ -304,8 +398,8 @@ def _card(cfg: Config, prepared: PreparedData, model, blob: bytes, history: list
 
     tc = cfg.train
     class_counts = {
-        name: dict(zip(CLASS_NAMES, np.bincount(a.labels, minlength=len(CLASS_NAMES)).tolist(), strict=True))
-        for name, a in prepared.arrays.items()
+        name: dict(zip(CLASS_NAMES, np.bincount(a, minlength=len(CLASS_NAMES)).tolist(), strict=True))
+        for name, a in prepared.labels.items()
     }
     parts = prepared.parts
     fingerprint = joined_fingerprint([p.db.fingerprint for p in parts])

@@ -1,8 +1,9 @@
 """The per-worker training function that Ray Train runs (and Tune trials reuse).
 
-Batches come from one of two paths (``data.augment_on``): a DataLoader over an albumentations
-transform per image (the CPU path), or index batches of the uint8 split augmented as whole batches
-on the training device (:mod:`fpc_ray.train.batch_augment`; the GPU path).
+The images come from one of the two ingest paths (:mod:`fpc_ray.train.inputs`: the decoded arrays,
+or this worker's Ray Data shard). Batches then take one of two paths (``data.augment_on``): an
+albumentations transform per image (the CPU path), or whole uint8 batches augmented on the training
+device (:mod:`fpc_ray.train.batch_augment`; the GPU path).
 
 Each epoch ends with ``ray.train.report(metrics, checkpoint)``: the checkpoint
 (:mod:`fpc_ray.train.checkpoint`) carries weights, optimizer and scheduler state and the history,
@@ -21,16 +22,14 @@ import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
-from torch.utils.data.distributed import DistributedSampler
 
 from fpc_ray.config import Config
-from fpc_ray.data.dataset import IndexBatches, PlaneDataset, SplitArrays
 from fpc_ray.data.transforms import train_transform
 from fpc_ray.inference import autocast, place_model, predict_probs, to_device
 from fpc_ray.model import build_model, normalization
-from fpc_ray.train.batch_augment import BatchAugment, augment_seed, augmented_batches, augments_on_device
+from fpc_ray.train.batch_augment import BatchAugment, augment_seed, augments_on_device
 from fpc_ray.train.checkpoint import Progress, discard_local_checkpoint, resume, save_checkpoint
+from fpc_ray.train.inputs import ArrayInput, ShardInput
 from fpc_ray.train.recipe import build_loss, build_optimizer, build_scheduler, current_lr, seed_everything
 
 
@@ -78,19 +77,16 @@ class Worker:
     world: int
     device: torch.device
     amp: bool
-    train: SplitArrays
-    val: SplitArrays
+    data: ArrayInput | ShardInput  # this worker's batches and its share of val
     mean: tuple
     std: tuple
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object  # timm's CosineLRScheduler, stepped per optimizer step
     loss_fn: torch.nn.Module
-    sampler: DistributedSampler
     progress: Progress
     lines_within_epoch: bool  # a progress line each quarter epoch (rank 0, in a terminal)
-    batches: IndexBatches | None = None  # the device path's data (None on the CPU path)
-    augment: BatchAugment | None = None
+    augment: BatchAugment | None = None  # the device path's augmentation (None on the CPU path)
     wrapped: torch.nn.Module | None = None  # the model, in DDP with several workers
     frozen: bool | None = None  # whether ``wrapped`` was made with the backbone frozen
     kept_locally: str | None = None  # the previous epoch's checkpoint folder, in an in-process run
@@ -105,7 +101,15 @@ def set_up_worker(config: dict) -> Worker:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     seed_everything(tc.seed)  # same on every rank: identical initial heads before DDP's broadcast
-    train: SplitArrays = _get(config["train"])
+    on_device = augments_on_device(cfg.data.augment_on, device)
+    if config["ingest"] == "arrays":
+        train = _get(config["train"])
+        train_labels = train.labels
+        data = ArrayInput(train, _get(config["val"]), rank, world, tc.batch_size, tc.seed, device, on_device,
+                          cfg.data.loader_workers)
+    else:
+        train_labels = _get(config["train_labels"])
+        data = ShardInput(len(train_labels), rank, world, tc.batch_size, device)
     class_names = config["class_names"]
     mean, std = normalization(cfg.model.backbone)
 
@@ -115,20 +119,17 @@ def set_up_worker(config: dict) -> Worker:
         model.load_state_dict(init_weights)
     place_model(model, device)
 
-    sampler = DistributedSampler(range(len(train)), num_replicas=world, rank=rank, shuffle=True,
-                                 seed=tc.seed, drop_last=len(train) >= world * tc.batch_size)
     # Built here, while every parameter is trainable: timm leaves frozen ones out of the optimizer,
     # and the backbone, frozen during the first epochs, must be in it when it thaws.
     optimizer = build_optimizer(model, tc)
-    scheduler = build_scheduler(optimizer, tc, steps_per_epoch=max(1, len(sampler) // tc.batch_size))
+    scheduler = build_scheduler(optimizer, tc, steps_per_epoch=max(1, data.steps))
     worker = Worker(
         cfg=cfg, rank=rank, world=world, device=device, amp=tc.amp and device.type == "cuda",
-        train=train, val=_get(config["val"]), mean=mean, std=std, model=model, optimizer=optimizer,
-        scheduler=scheduler, loss_fn=build_loss(tc, train.labels, len(class_names)).to(device), sampler=sampler,
+        data=data, mean=mean, std=std, model=model, optimizer=optimizer, scheduler=scheduler,
+        loss_fn=build_loss(tc, train_labels, len(class_names)).to(device),
         progress=Progress(), lines_within_epoch=bool(config.get("progress_within_epoch")) and rank == 0,
     )
-    if augments_on_device(cfg.data.augment_on, device):
-        worker.batches = IndexBatches(train, device)
+    if on_device:
         worker.augment = BatchAugment(cfg.data.augment, mean, std, device)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -169,21 +170,15 @@ def _prepare_model(w: Worker, frozen: bool) -> None:
 
 
 def _epoch_batches(w: Worker, epoch: int):
-    """This worker's ``(images, labels)`` batches of one epoch, in the sampler's order.
+    """This worker's ``(images, labels)`` batches of one epoch, full batches only.
 
-    The augmentation is seeded afresh per epoch and rank on either path, and so is torch's global
-    generator (dropout): a run resumed from an epoch's checkpoint replays the same draws.
+    The order, the augmentation and torch's global generator (dropout) are seeded afresh per
+    epoch and rank on every path: a run resumed from an epoch's checkpoint replays the same draws.
     """
-    tc = w.cfg.train
-    seed = augment_seed(tc.seed, epoch, w.rank)
+    seed = augment_seed(w.cfg.train.seed, epoch, w.rank)
     torch.manual_seed(seed)
-    w.sampler.set_epoch(epoch)
-    if w.augment is not None:
-        return augmented_batches(w.batches, w.augment, list(w.sampler), tc.batch_size, seed)
-    transform = train_transform(w.cfg.data.augment, w.mean, w.std, seed=seed)
-    return DataLoader(PlaneDataset(w.train, transform), batch_size=tc.batch_size, sampler=w.sampler,
-                      drop_last=True, num_workers=w.cfg.data.loader_workers,
-                      pin_memory=w.device.type == "cuda", persistent_workers=False)
+    transform = None if w.augment is not None else train_transform(w.cfg.data.augment, w.mean, w.std, seed=seed)
+    return w.data.epoch(epoch, seed, w.augment, transform)
 
 
 def run_epoch(w: Worker, epoch: int) -> dict:
@@ -192,7 +187,7 @@ def run_epoch(w: Worker, epoch: int) -> dict:
     frozen = epoch < tc.frozen_epochs
     _prepare_model(w, frozen)
     batches = _epoch_batches(w, epoch)
-    steps = len(w.sampler) // tc.batch_size  # full batches only, on both paths
+    steps = w.data.steps
     w.wrapped.train()
     t0 = time.perf_counter()
     # The loss is summed on the device: reading it each step would wait for the GPU each step.
@@ -231,16 +226,16 @@ def _compile_seconds(w: Worker, first_step_s: float, train_time: float, steps: i
 
 def validate(w: Worker) -> dict:
     """Each worker scores every world-th validation image; sums are all-reduced, so it is exact."""
-    idx = np.arange(w.rank, len(w.val), w.world)
-    probs = predict_probs(w.model, w.val.images[idx], w.mean, w.std, 2 * w.cfg.train.batch_size, w.device, w.amp)
-    labels = w.val.labels[idx]
-    if len(idx):
+    batch_size = 2 * w.cfg.train.batch_size
+    sums = np.zeros(4)
+    for images, labels in w.data.val_share(batch_size):
+        if not len(labels):
+            continue
+        probs = predict_probs(w.model, images, w.mean, w.std, batch_size, w.device, w.amp)
         top2 = np.argsort(-probs, axis=1)[:, :2]
-        sums = [float((top2[:, 0] == labels).sum()), float((top2 == labels[:, None]).any(1).sum()),
-                float(-np.log(np.clip(probs[np.arange(len(idx)), labels], 1e-12, 1)).sum()), len(idx)]
-    else:
-        sums = [0.0, 0.0, 0.0, 0.0]
-    top1, top2_, nll, n = _all_reduce_sum(sums, w.device)
+        sums += [float((top2[:, 0] == labels).sum()), float((top2 == labels[:, None]).any(1).sum()),
+                 float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1)).sum()), len(labels)]
+    top1, top2_, nll, n = _all_reduce_sum(sums.tolist(), w.device)
     n = max(n, 1)
     return {"val_top1": top1 / n, "val_top2": top2_ / n, "val_loss": nll / n}
 
@@ -268,8 +263,11 @@ def report(w: Worker, metrics: dict) -> None:
 def train_loop_per_worker(config: dict) -> None:
     """Train on one worker. ``config`` holds plain values and (on a cluster) object refs.
 
-    Keys: ``cfg`` (a Config dump), ``train`` / ``val`` (SplitArrays), ``class_names``,
-    ``init_weights`` (optional state dict to start from, for retraining), ``progress_within_epoch``.
+    Keys: ``cfg`` (a Config dump), ``ingest`` (``arrays``, ``memory`` or ``stream``), ``class_names``,
+    ``init_weights`` (optional state dict to start from, for retraining), ``progress_within_epoch``;
+    on the arrays path ``train`` / ``val`` (SplitArrays), on the Ray Data path ``train_labels`` (the
+    train split's labels, for the class weights and the step count) with the images in the dataset
+    shards ``train`` and ``val``.
     """
     quiet_report_logs()
     with denormals_flushed():

@@ -70,8 +70,10 @@ def retrain(cfg: Config, data_uri: str | Sequence[str], pointer_uri: str, candid
     echo(f"retrain: production {production or '(none yet)'}; candidate -> {candidate_uri}")
     card = run_training(cfg, data, candidate_uri).card
 
-    candidate = evaluate_bundle(candidate_uri, test_data, "test", storage=storage, use_gpu=cfg.train.use_gpu)
-    current = (evaluate_bundle(production, test_data, "test", storage=storage, use_gpu=cfg.train.use_gpu)
+    candidate = evaluate_bundle(candidate_uri, test_data, "test", storage=storage, use_gpu=cfg.train.use_gpu,
+                                cache=cfg.data.cache)
+    current = (evaluate_bundle(production, test_data, "test", storage=storage, use_gpu=cfg.train.use_gpu,
+                               cache=cfg.data.cache)
                if production else None)
     promoted = promotes(candidate["top1"], current["top1"] if current else None, margin)
     record = _promotion_record(promoted, margin, test_data, card, candidate, production, current)

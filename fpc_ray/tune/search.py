@@ -1,8 +1,11 @@
 """``fpc-ray tune``'s driver: Optuna (TPE) proposes, ASHA stops early, every trial is ``fpc-ray train``.
 
 Each trial runs :func:`fpc_ray.train.driver.run_training` (the same TorchTrainer, loop and bundle
-writer as ``fpc-ray train``) with Tune's ``TuneReportCallback``, on data decoded once by the
-driver (one dataset, or several joined as ``fpc-ray train`` joins them). Layout of OUTPUT::
+writer as ``fpc-ray train``) with Tune's ``TuneReportCallback``, on data the driver prepares once
+for all trials (one dataset, or several joined as ``fpc-ray train`` joins them), on the ingest path
+``data.cache`` chooses (fixed per search): the decoded arrays or the materialized Ray Datasets
+shared from the object store, or under ``stream`` rows that each trial's epochs decode. Layout of
+OUTPUT::
 
     search.json        the resolved search (spec + data URI or URIs), read back by --resume
     tune/              Ray Tune's experiment state (Tuner.restore reads it)
@@ -188,7 +191,8 @@ def _tuner(spec: TuneSpec, data_uri: str | list[str], out: Location, resume: boo
 
     from fpc_ray.train.driver import prepare_data
 
-    # Every dataset read, split and decoded once for all trials (each trial checks its own batch size).
+    # Every dataset read and split once for all trials, and (but under stream) decoded once: the
+    # trials share the arrays or the Ray Datasets' blocks (each trial checks its own batch size).
     prepared = prepare_data(spec.base, data_uri, batch_size=_smallest_batch(spec))
     trainable = tune.with_parameters(_trial, spec_json=spec.model_dump_json(), output_uri=out.uri,
                                      data_uri=data_uri, prepared=prepared)

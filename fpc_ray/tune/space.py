@@ -26,7 +26,7 @@ from fpc_ray.config import Config, StrictModel, _set_path, format_validation_err
 from fpc_ray.errors import UserError
 
 # Decoded once per search and shared by every trial, so a search cannot vary them.
-FIXED_PER_SEARCH = ("data.image_size", "data.val_fraction", "data.split_seed", "data.decode_threads")
+FIXED_PER_SEARCH = ("data.image_size", "data.val_fraction", "data.split_seed", "data.decode_threads", "data.cache")
 
 
 class Dimension(StrictModel):
