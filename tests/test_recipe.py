@@ -107,8 +107,8 @@ def _worker(*overrides: str):
     cfg = load_config(None, ["model.backbone=test_efficientnet", "model.pretrained=none", "data.image_size=32",
                              *overrides])
     model = build_model(cfg.model, 6, pretrained=False)
-    return Worker(cfg=cfg, rank=0, world=1, device=torch.device("cpu"), amp=False, train=None, val=None,
-                  mean=None, std=None, model=model, optimizer=None, scheduler=None, loss_fn=None, sampler=None,
+    return Worker(cfg=cfg, rank=0, world=1, device=torch.device("cpu"), amp=False, data=None,
+                  mean=None, std=None, model=model, optimizer=None, scheduler=None, loss_fn=None,
                   progress=Progress(), lines_within_epoch=False)
 
 
