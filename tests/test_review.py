@@ -4,6 +4,7 @@ and the phantoms that a first model confuses (`synth --confuse`)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import xml.etree.ElementTree as ET
@@ -282,6 +283,54 @@ def test_export_reads_runs_from_and_writes_the_batch_to_s3(archive, s3_server):
     assert "3 in earlier batches left out" in second.output  # the batch beside it, found on S3
     csv_rows = client.get_object(Bucket="test", Key="review/batches/b2/tasks.csv")["Body"].read().decode()
     assert len(csv_rows.splitlines()) == 1 + 13 - 3
+
+
+def _export_after(barrier, jobs: list[tuple[str, str]], results) -> None:
+    """A second process's exports (``multiprocessing`` spawn target): each starts the moment the
+    other process is ready to start its own."""
+    from fpc_ray.review.export import ExportOptions, export_batch
+
+    for labels, output in jobs:
+        barrier.wait(timeout=120)
+        results.put((output, export_batch([labels], output, ExportOptions(n=6, formats=("csv",)),
+                                          echo=lambda _: None)["already_exported"]))
+
+
+def test_two_exports_started_together_into_sibling_batches_share_no_frame(archive, tmp_path, s3_server):
+    """Two processes at once, locally and on S3 (the issue: 8 of 8 frames shared, 3 tries of 3):
+    the parent's commit lock makes them take turns, so the second leaves out what the first chose."""
+    import multiprocessing
+
+    client = s3_server.client()
+    prefix = f"race/{tmp_path.name}"
+    for path in archive["labels"].rglob("*"):
+        if path.is_file():
+            client.put_object(Bucket="test", Key=f"{prefix}/labels/{path.relative_to(archive['labels'])}",
+                              Body=path.read_bytes())
+    parents = {"local": str(tmp_path / "batches"), "s3": f"s3://test/{prefix}/batches"}
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_export_after, args=(barrier, [
+        (str(archive["labels"]), f"{parents['local']}/{name}"),
+        (f"s3://test/{prefix}/labels", f"{parents['s3']}/{name}")], results)) for name in ("one", "two")]
+    for proc in procs:
+        proc.start()
+    left_out = [results.get(timeout=180) for _ in range(4)]
+    for proc in procs:
+        proc.join(timeout=60)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+
+    def chosen(batch: str) -> set[str]:
+        if batch.startswith("s3://"):
+            data = client.get_object(Bucket="test", Key=f"{batch.removeprefix('s3://test/')}/manifest.parquet")
+            return set(pq.read_table(io.BytesIO(data["Body"].read())).column("frame_id").to_pylist())
+        return {m["frame_id"] for m in _manifest(Path(batch))}
+
+    for parent in parents.values():
+        one, two = chosen(f"{parent}/one"), chosen(f"{parent}/two")
+        assert len(one) == len(two) == 6 and not one & two, (parent, one & two)
+        # The one that took the lock second read the first one's manifest: its 6 frames left out.
+        assert sorted(n for out, n in left_out if out.startswith(parent)) == [0, 6], left_out
 
 
 # --- import -------------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ A batch under PREFIX::
 ``manifest.parquet`` and ``batch.json`` are written last: a folder without them is not a batch.
 Frames in the manifest of any batch beside PREFIX (every ``<parent of PREFIX>/*/manifest.parquet``)
 were exported before and are not chosen again, so keep a project's batches side by side under
-one parent.
+one parent. Exports into one parent take turns: the parent's commit lock (the one labelling
+takes on its output, :class:`fpc_ray.label.lock.CommitLock`) is held from the already-exported
+check to the manifest write, so two exports started together never share a frame.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import pyarrow.parquet as pq
 from fpc_ray.config import StorageConfig
 from fpc_ray.errors import UserError
 from fpc_ray.label.decode import DecodeError, decode_object
+from fpc_ray.label.lock import CommitLock
 from fpc_ray.label.runs import reading_runs
 from fpc_ray.review import Format, Strategy, labelstudio
 from fpc_ray.review.select import input_runs, ranked, read_candidates
@@ -80,6 +83,13 @@ def image_url(out: Location, frame_id: str, image_root: str | None) -> str:
     if image_root:
         return f"{image_root.rstrip('/')}/{rel}"
     return out.join("images", f"{frame_id}.png").uri if is_remote(out.uri) else rel
+
+
+def batches_parent(out: Location) -> Location:
+    """The folder whose batches are ``out``'s siblings: the one :func:`exported_frames` reads
+    and the one whose commit lock an export holds."""
+    return resolve(posixpath.dirname(out.uri) if is_remote(out.uri) else os.path.dirname(out.path),
+                   filesystem=out.fs)
 
 
 def exported_frames(out: Location) -> set[str]:
@@ -133,12 +143,15 @@ def _next_rows(order: Iterator[dict], need: int, cap: int | None, per_class: Cou
 
 
 def write_frames(order: Iterator[dict], cap: int | None, n: int, out: Location,
-                 storage: StorageConfig | None) -> tuple[list[dict], Counter]:
+                 storage: StorageConfig | None, between: Callable[[], None] = lambda: None,
+                 ) -> tuple[list[dict], Counter]:
     """Decode and write up to ``n`` frames in ``order`` (a class at most ``cap`` times); a frame
     whose source vanished, changed or no longer decodes is skipped, counted, and replaced by
-    the next in order. Returns the rows written (with width and height) and the skips by reason."""
+    the next in order. ``between`` runs before each round of reads (the lock's renewal).
+    Returns the rows written (with width and height) and the skips by reason."""
     chosen, skipped, per_class = [], Counter(), Counter()
     while len(chosen) < n:
+        between()
         batch = _next_rows(order, n - len(chosen), cap, per_class)
         if not batch:
             break
@@ -208,6 +221,11 @@ def _write_outputs(chosen: list[dict], out: Location, opts: ExportOptions, runs:
     }, indent=2))
 
 
+def _refuse_a_batch(out: Location) -> None:
+    if out.join(MANIFEST).exists():
+        raise UserError(f"{out.uri}: already holds a review batch; give a new --output")
+
+
 def export_batch(inputs: list[str], output: str, opts: ExportOptions, storage: StorageConfig | None = None,
                  echo: Callable[[str], None] = print) -> dict:
     """Choose frames from the committed runs ``inputs`` names and write a review batch at ``output``.
@@ -215,28 +233,35 @@ def export_batch(inputs: list[str], output: str, opts: ExportOptions, storage: S
     Raises:
         UserError: ``output`` already holds a batch, an input holds no committed run, or no
             frame is left to export.
+        RunFailed: another export into the same parent held its lock too long, or (on S3) took
+            over this export's expired lease.
     """
     if opts.per_class is not None and opts.strategy != Strategy.per_class:
         raise UserError(f"--per-class applies to --strategy {Strategy.per_class} only, not {opts.strategy}")
     out = resolve(output, storage)
     if is_remote(out.uri) and "/" not in out.path:
         raise UserError(f"--output {out.uri}: give a prefix inside the bucket (batches sit side by side under one)")
-    if out.join(MANIFEST).exists():
-        raise UserError(f"{out.uri}: already holds a review batch; give a new --output")
+    _refuse_a_batch(out)  # early, before reading runs; checked again under the lock, where it counts
     runs = {r.uri: r for uri in inputs for r in input_runs(uri, storage)}
     with reading_runs(list(runs.values())):  # a damaged run part: one line naming it
         candidates = read_candidates(list(runs.values())).to_pylist()
-    done = exported_frames(out)
-    rows = [r for r in candidates if r["frame_id"] not in done]
-    order, cap = ranked(rows, opts.strategy, opts.n, opts.per_class, opts.seed)
-    chosen, skipped = write_frames(order, cap, opts.n, out, storage)
-    if not chosen:
-        raise UserError(f"no frame left to export from {len(runs)} run(s): {len(candidates)} labelled frame(s), "
-                        f"{len(candidates) - len(rows)} exported in earlier batches, {sum(skipped.values())} "
-                        f"whose source vanished or changed")
-    with reading_runs(list(runs.values())):
-        cams = write_cams(chosen, out, storage)
-    _write_outputs(chosen, out, opts, sorted(runs))
+    # Sibling exports take turns from the already-exported check to the manifest write: the frames
+    # one chooses are in its manifest before the next reads the manifests.
+    with CommitLock(batches_parent(out), f"review export to {out.uri}", storage) as lock:
+        _refuse_a_batch(out)
+        done = exported_frames(out)
+        rows = [r for r in candidates if r["frame_id"] not in done]
+        order, cap = ranked(rows, opts.strategy, opts.n, opts.per_class, opts.seed)
+        chosen, skipped = write_frames(order, cap, opts.n, out, storage, between=lock.renew)
+        if not chosen:
+            raise UserError(f"no frame left to export from {len(runs)} run(s): {len(candidates)} labelled frame(s), "
+                            f"{len(candidates) - len(rows)} exported in earlier batches, {sum(skipped.values())} "
+                            f"whose source vanished or changed")
+        lock.renew()
+        with reading_runs(list(runs.values())):
+            cams = write_cams(chosen, out, storage)
+        lock.renew(force=True)  # the lease is still ours, and fresh for the manifest write
+        _write_outputs(chosen, out, opts, sorted(runs))
     if skipped:
         echo(f"warning: skipped {sum(skipped.values())} frame(s) whose source is no longer what the run "
              f"labelled: {', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))}")
