@@ -435,32 +435,62 @@ def _filled_rows(batch: Path, truth: dict) -> list[list[str]]:
     return [rows[0]] + [[*r[:6], truth[r[0]]] for r in rows[1:]]
 
 
-@pytest.mark.parametrize("case", ["comma", "semicolon cp1252", "tab", "numeric frame_id"])
+ALL_DIGITS = "1234567890123456"  # a frame id a spreadsheet reads as a number: hashes are hex, 1 in ~1700 is so
+
+
+def _with_an_all_digit_frame_id(batch: Path, truth: dict, tmp_path: Path) -> tuple[Path, dict]:
+    """A copy of the batch whose second frame's id is all digits, and the truth for it."""
+    copy = tmp_path / "digits-batch"
+    shutil.copytree(batch, copy)
+    manifest = _manifest(copy)
+    old = manifest[1]["frame_id"]
+    manifest[1]["frame_id"] = ALL_DIGITS
+    pq.write_table(pa.Table.from_pylist(manifest, schema=pq.read_schema(copy / "manifest.parquet")),
+                   copy / "manifest.parquet")
+    (copy / "images" / f"{old}.png").rename(copy / "images" / f"{ALL_DIGITS}.png")
+    (copy / "tasks.csv").write_text((copy / "tasks.csv").read_text().replace(old, ALL_DIGITS))
+    return copy, {**truth, ALL_DIGITS: truth[old]}
+
+
+@pytest.mark.parametrize("case", ["comma", "semicolon cp1252", "tab", "numeric frame_id",
+                                  "numeric frame_id, 15 digits"])
 def test_import_reads_the_csv_as_spreadsheets_save_it(archive, batch, tmp_path, case):
-    rows = _filled_rows(batch, archive["truth"])
+    truth = archive["truth"]
+    if case.startswith("numeric"):
+        batch, truth = _with_an_all_digit_frame_id(batch, truth, tmp_path)
+    rows = _filled_rows(batch, truth)
     delimiter, encoding = {"semicolon cp1252": (";", "cp1252"), "tab": ("\t", "utf-8")}.get(case, (",", "utf-8"))
     if case == "semicolon cp1252":
         rows[0].append("Bemerkung")  # a reviewer's notes column, with non-ASCII text
         rows[1] = [*rows[1], "", "Schädel unscharf, Ø 3 cm"]
-    if case == "numeric frame_id":
-        rows[2][0] = "1.23457E+15"  # what Excel shows of an all-digit frame_id
+    if case.startswith("numeric"):
+        assert rows[2][0] == ALL_DIGITS
+        # What Excel shows of it in a narrow column, or writes in a wide one (15 significant digits).
+        rows[2][0] = "1.23457E+15" if case == "numeric frame_id" else "1234567890123460"
     answers = tmp_path / "answers.csv"
     answers.write_bytes("\n".join(delimiter.join(r) for r in rows).encode(encoding) + b"\n")
     result = invoke("review", "import", answers, "--batch", batch, "--output", tmp_path / "ds")
     assert result.exit_code == 0, result.output
     db = read_fetal_planes(str(tmp_path / "ds"))
-    assert sorted(r.image_name for r in db.records) == sorted(f"review_{r[0]}" for r in
-                                                              _filled_rows(batch, archive["truth"])[1:])
-    assert all(r.plane == archive["truth"][r.image_name.removeprefix("review_")] for r in db.records)
+    assert sorted(r.image_name for r in db.records) == sorted(f"review_{r[0]}" for r in _filled_rows(batch, truth)[1:])
+    assert all(r.plane == truth[r.image_name.removeprefix("review_")] for r in db.records)
 
 
-def test_a_numeric_frame_id_whose_frame_is_not_one_of_the_batch_is_refused(archive, batch, tmp_path):
-    rows = _filled_rows(batch, archive["truth"])
-    rows[2][0], rows[2][2] = "1.23457E+15", "7"  # no frame 7 of that object in the batch
+@pytest.mark.parametrize("case", ["frame not in the batch", "not its id's number", "another batch's frame id"])
+def test_a_frame_id_not_in_the_batch_is_refused_whatever_its_source_and_frame(archive, batch, tmp_path, case):
+    """Only a spreadsheet's rendering of a frame's own all-digit id is named by (source_uri, frame)."""
+    digits_batch, truth = _with_an_all_digit_frame_id(batch, archive["truth"], tmp_path)
+    rows = _filled_rows(digits_batch, truth)
+    shown = {"frame not in the batch": "1.23457E+15", "not its id's number": "9.87654E+15",
+             "another batch's frame id": "0123456789abcdef"}[case]
+    rows[2][0] = shown
+    if case == "frame not in the batch":
+        rows[2][2] = "7"  # no frame 7 of that object in the batch
     answers = tmp_path / "answers.csv"
     answers.write_text("\n".join(",".join(r) for r in rows) + "\n")
-    result = invoke("review", "import", answers, "--batch", batch, "--output", tmp_path / "ds")
-    assert result.exit_code == 2 and "line 3 (frame 1.23457E+15): frame not in batch" in one_error_line(result)
+    result = invoke("review", "import", answers, "--batch", digits_batch, "--output", tmp_path / "ds")
+    assert result.exit_code == 2 and f"line 3 (frame {shown}): frame not in batch" in one_error_line(result)
+    assert not (tmp_path / "ds").exists()
 
 
 def test_import_of_label_studio_json_min(archive, batch, tmp_path):
@@ -504,12 +534,15 @@ def _bad_json(batch: Path, truth: dict, case: str) -> tuple[str, str]:
                 t["annotations"] = [_annotation("Fetal femur", "Trans-cerebellum")]
         return json.dumps(tasks), "contradicts the plane 'Fetal femur'"
     if case == "nested":
-        return "[" * 100_000 + "]" * 100_000, "nested too deeply"
+        return "[" * 100_000 + "]" * 100_000, "nested deeper than"
+    if case == "forged line":  # a frame id that would print a second error line and recolour the terminal
+        tasks[4]["data"]["frame_id"] = "x\nerror: \x1b[31mall good"
+        return json.dumps(tasks), "entry 5 (frame x\\nerror: \\x1b[31mall good): frame not in batch"
     return json.dumps(tasks)[:-20], "not valid JSON"
 
 
 @pytest.mark.parametrize("case", ["unknown class", "not in batch", "conflict", "reviewers disagree",
-                                  "brain contradiction", "malformed", "nested"])
+                                  "brain contradiction", "malformed", "nested", "forged line"])
 def test_a_bad_label_studio_export_is_refused_with_one_line_and_nothing_written(archive, batch, tmp_path, case):
     text, needle = _bad_json(batch, archive["truth"], case)
     exported = tmp_path / "export.json"
