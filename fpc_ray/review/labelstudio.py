@@ -41,7 +41,8 @@ def shown(value: object) -> str:
 def frame_named(where: str, frame_id: str) -> str:
     """``where`` naming its frame, as every message about an answer does; the id escaped, since it
     is whatever the export says (a newline in it would forge a second line)."""
-    return f"{where} (frame {printable(frame_id)[:SHOWN_CHARS]})"
+    text = printable(frame_id)
+    return f"{where} (frame {text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + '...'})"
 
 
 @dataclass(frozen=True)
