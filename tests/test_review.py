@@ -254,6 +254,13 @@ def test_per_class_with_another_strategy_is_refused(archive, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_export_beside_a_file_is_one_line(archive, tmp_path):
+    (tmp_path / "batches").write_text("not a folder")  # the parent whose commit lock export takes
+    result = invoke("review", "export", archive["labels"], "--output", tmp_path / "batches" / "b", "--n", 2)
+    assert result.exit_code == 2 and "_commit.lock" in one_error_line(result)
+    assert (tmp_path / "batches").read_text() == "not a folder"
+
+
 def test_export_refuses_uncommitted_runs_and_empty_prefixes(archive, tmp_path):
     result = invoke("review", "export", archive["labels"] / "run=20260103T000000Z", "--output", tmp_path / "b",
                     "--n", 2)
