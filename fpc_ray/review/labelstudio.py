@@ -32,17 +32,19 @@ MAX_FRAME_DIGITS = 9  # a frame index; a cine has at most thousands of frames
 SHOWN_CHARS = 120     # of a value quoted in an error: enough to recognise it, never a page
 
 
+def _cut(text: str) -> str:
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}..."
+
+
 def shown(value: object) -> str:
     """``value`` quoted for an error line: its ``repr`` with control characters escaped, cut short."""
-    text = printable(repr(value))
-    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}..."
+    return _cut(printable(repr(value)))
 
 
 def frame_named(where: str, frame_id: str) -> str:
     """``where`` naming its frame, as every message about an answer does; the id escaped, since it
-    is whatever the export says (a newline in it would forge a second line)."""
-    text = printable(frame_id)
-    return f"{where} (frame {text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + '...'})"
+    is whatever the export says (a newline in it would forge a second line), and cut short."""
+    return f"{where} (frame {_cut(printable(frame_id))})"
 
 
 @dataclass(frozen=True)
