@@ -80,8 +80,11 @@ class CommitLock:
         """None once locked; else a description of the holder."""
         import fcntl
 
-        os.makedirs(os.path.dirname(self.loc.path), exist_ok=True)
-        fd = os.open(self.loc.path, os.O_RDWR | os.O_CREAT, 0o644)
+        def open_lock() -> int:  # an output under a file, or not writable: one line, not a traceback
+            os.makedirs(os.path.dirname(self.loc.path), exist_ok=True)
+            return os.open(self.loc.path, os.O_RDWR | os.O_CREAT, 0o644)
+
+        fd = guard(self.loc.uri, open_lock)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

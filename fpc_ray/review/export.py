@@ -13,7 +13,9 @@ A batch under PREFIX::
 ``manifest.parquet`` and ``batch.json`` are written last: a folder without them is not a batch.
 Frames in the manifest of any batch beside PREFIX (every ``<parent of PREFIX>/*/manifest.parquet``)
 were exported before and are not chosen again, so keep a project's batches side by side under
-one parent.
+one parent. Exports into one parent take turns: the parent's commit lock (the one labelling
+takes on its output, :class:`fpc_ray.label.lock.CommitLock`) is held from the already-exported
+check to the manifest write, so two exports started together never share a frame.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import json
 import math
 import os
 import posixpath
-import secrets
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -95,15 +96,16 @@ def read_manifest(loc: Location, columns: list[str] | None = None) -> pa.Table:
         raise DamagedFile(f"{loc.uri}: damaged review manifest: not its columns ({printable(str(e))[:200]})") from None
 
 
-def batches_folder(out: Location) -> Location:
-    """The folder a batch sits in beside the others (``out``'s parent): the one export lock."""
+def batches_parent(out: Location) -> Location:
+    """The folder whose batches are ``out``'s siblings: the one :func:`exported_frames` reads
+    and the one whose commit lock an export holds."""
     return resolve(posixpath.dirname(out.uri) if is_remote(out.uri) else os.path.dirname(out.path),
                    filesystem=out.fs)
 
 
 def exported_frames(out: Location) -> set[str]:
     """The frame ids in the manifests of the batches beside ``out`` (under its parent)."""
-    parent = batches_folder(out)
+    parent = batches_parent(out)
     done: set[str] = set()
     for entry in parent.entries():
         manifest = parent.join(entry.base_name, MANIFEST)
@@ -150,12 +152,15 @@ def _next_rows(order: Iterator[dict], need: int, cap: int | None, per_class: Cou
 
 
 def write_frames(order: Iterator[dict], cap: int | None, n: int, out: Location,
-                 storage: StorageConfig | None) -> tuple[list[dict], Counter]:
+                 storage: StorageConfig | None, between: Callable[[], None] = lambda: None,
+                 ) -> tuple[list[dict], Counter]:
     """Decode and write up to ``n`` frames in ``order`` (a class at most ``cap`` times); a frame
     whose source vanished, changed or no longer decodes is skipped, counted, and replaced by
-    the next in order. Returns the rows written (with width and height) and the skips by reason."""
+    the next in order. ``between`` runs before each round of reads (the lock's renewal).
+    Returns the rows written (with width and height) and the skips by reason."""
     chosen, skipped, per_class = [], Counter(), Counter()
     while len(chosen) < n:
+        between()
         batch = _next_rows(order, n - len(chosen), cap, per_class)
         if not batch:
             break
@@ -224,6 +229,11 @@ def _write_outputs(chosen: list[dict], out: Location, opts: ExportOptions, runs:
     }, indent=2).encode())
 
 
+def _refuse_a_batch(out: Location) -> None:
+    if out.join(MANIFEST).exists():
+        raise UserError(f"{out.uri}: already holds a review batch; give a new --output")
+
+
 def export_batch(inputs: list[str], output: str, opts: ExportOptions, storage: StorageConfig | None = None,
                  echo: Callable[[str], None] = print) -> dict:
     """Choose frames from the committed runs ``inputs`` names and write a review batch at ``output``.
@@ -231,37 +241,35 @@ def export_batch(inputs: list[str], output: str, opts: ExportOptions, storage: S
     Raises:
         UserError: ``output`` already holds a batch, an input holds no committed run, or no
             frame is left to export.
+        RunFailed: another export into the same parent held its lock too long, or (on S3) took
+            over this export's expired lease.
     """
     if opts.per_class is not None and opts.strategy != Strategy.per_class:
         raise UserError(f"--per-class applies to --strategy {Strategy.per_class} only, not {opts.strategy}")
     out = resolve(output, storage)
     if is_remote(out.uri) and "/" not in out.path:
         raise UserError(f"--output {out.uri}: give a prefix inside the bucket (batches sit side by side under one)")
+    _refuse_a_batch(out)  # early, before reading runs; checked again under the lock, where it counts
     runs = {r.uri: r for uri in inputs for r in input_runs(uri, storage)}
     with reading_runs(list(runs.values())):  # a damaged run part: one line naming it
         candidates = read_candidates(list(runs.values())).to_pylist()
-    # Exports beside one another take the batches folder's commit lock (labelling's lock, on the
-    # folder): what earlier batches hold is read, frames chosen and the manifest written by one
-    # export at a time, so two started together never hand reviewers the same frame.
-    with CommitLock(batches_folder(out), f"review export {secrets.token_hex(4)}", storage):
-        return _export_locked(runs, candidates, out, opts, storage, echo)
-
-
-def _export_locked(runs: dict[str, Location], candidates: list[dict], out: Location, opts: ExportOptions,
-                   storage: StorageConfig | None, echo: Callable[[str], None]) -> dict:
-    if out.join(MANIFEST).exists():
-        raise UserError(f"{out.uri}: already holds a review batch; give a new --output")
-    done = exported_frames(out)
-    rows = [r for r in candidates if r["frame_id"] not in done]
-    order, cap = ranked(rows, opts.strategy, opts.n, opts.per_class, opts.seed)
-    chosen, skipped = write_frames(order, cap, opts.n, out, storage)
-    if not chosen:
-        raise UserError(f"no frame left to export from {len(runs)} run(s): {len(candidates)} labelled frame(s), "
-                        f"{len(candidates) - len(rows)} exported in earlier batches, {sum(skipped.values())} "
-                        f"whose source vanished or changed")
-    with reading_runs(list(runs.values())):
-        cams = write_cams(chosen, out, storage)
-    _write_outputs(chosen, out, opts, sorted(runs))
+    # Sibling exports take turns from the already-exported check to the manifest write: the frames
+    # one chooses are in its manifest before the next reads the manifests.
+    with CommitLock(batches_parent(out), f"review export to {out.uri}", storage) as lock:
+        _refuse_a_batch(out)
+        done = exported_frames(out)
+        rows = [r for r in candidates if r["frame_id"] not in done]
+        order, cap = ranked(rows, opts.strategy, opts.n, opts.per_class, opts.seed)
+        chosen, skipped = write_frames(order, cap, opts.n, out, storage, between=lock.renew)
+        if not chosen:
+            raise UserError(f"no frame left to export from {len(runs)} run(s): {len(candidates)} labelled frame(s), "
+                            f"{len(candidates) - len(rows)} exported in earlier batches, {sum(skipped.values())} "
+                            f"whose source vanished or changed")
+        lock.renew()
+        with reading_runs(list(runs.values())):
+            cams = write_cams(chosen, out, storage)
+        lock.renew(force=True)  # the lease is still ours, and fresh for the manifest write
+        _write_outputs(chosen, out, opts, sorted(runs))
     if skipped:
         echo(f"warning: skipped {sum(skipped.values())} frame(s) whose source is no longer what the run "
              f"labelled: {', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import decimal
 import hashlib
 import json
 from collections import Counter
@@ -29,10 +30,10 @@ import pyarrow.fs as pafs
 
 from fpc_ray.config import StorageConfig
 from fpc_ray.data.fetal_planes import BRAIN_PLANES, CLASS_NAMES, CSV_NAME, IMAGE_EXT, IMAGES_DIR, Record, write_csv
-from fpc_ray.errors import UserError
+from fpc_ray.errors import UserError, printable
+from fpc_ray.files import read_bounded
 from fpc_ray.review.export import MANIFEST, read_manifest
-from fpc_ray.review.labelstudio import UNSURE, Answer, parse_export, parse_filled_csv
-from fpc_ray.review.select import FRAME_ID
+from fpc_ray.review.labelstudio import UNSURE, Answer, parse_export, parse_filled_csv, shown
 from fpc_ray.storage import Location, resolve
 
 AGREEMENT = "agreement.json"
@@ -60,10 +61,11 @@ def read_batch(uri: str, storage: StorageConfig | None = None) -> Batch:
 
 def read_answers(uri: str, storage: StorageConfig | None = None) -> list[Answer]:
     """The answers in a Label Studio JSON export or a filled ``tasks.csv`` (by the name's suffix,
-    else by whether the text starts like JSON); UTF-8, else Windows-1252."""
+    else by whether the text starts like JSON); UTF-8, else Windows-1252; at most
+    :data:`fpc_ray.files.MAX_JSON_BYTES` (thousands of times a batch's answers)."""
     loc = resolve(uri, storage)
-    name = loc.uri.rstrip("/").rsplit("/", 1)[-1]
-    data = loc.read_bytes()
+    name = printable(loc.uri.rstrip("/").rsplit("/", 1)[-1])  # named in every message about an entry
+    data = read_bounded(loc, "annotation export")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -77,27 +79,45 @@ def read_answers(uri: str, storage: StorageConfig | None = None) -> list[Answer]
 
 
 def _frame_of(answer: Answer, batch: Batch) -> Answer:
-    """The answer, naming its batch frame by the CSV's (source_uri, frame) when its frame_id is
-    not one of the batch's but the pair names exactly one frame (a spreadsheet turned an
-    all-digit frame_id into a number). A well-formed frame id (16 hex digits) is never re-mapped:
-    one that is not in this batch is another batch's, and refused."""
-    if (answer.frame_id in batch.frames or FRAME_ID.fullmatch(answer.frame_id)
-            or answer.source_uri is None or answer.frame is None):
+    """The answer, naming its batch frame by the CSV's (source_uri, frame) when a spreadsheet
+    turned that frame's all-digit frame_id into a number (``1.23457E+15``): the pair names
+    exactly one frame, and the answer's frame_id is what a spreadsheet shows of that frame's id.
+    Any other frame_id not in the batch stays as it is, and is refused: a frame id of another
+    batch is not this batch's frame, even where its object and index match one."""
+    if answer.frame_id in batch.frames or answer.source_uri is None or answer.frame is None:
         return answer
     same = [fid for fid, m in batch.frames.items()
-            if (m["source_uri"], str(m["frame"])) == (answer.source_uri, answer.frame)]
-    return dataclasses.replace(answer, frame_id=same[0]) if len(same) == 1 else answer
+            if (m["source_uri"], m["frame"]) == (answer.source_uri, int(answer.frame))]
+    if len(same) == 1 and _spreadsheet_number_of(answer.frame_id, same[0]):
+        return dataclasses.replace(answer, frame_id=same[0])
+    return answer
+
+
+def _spreadsheet_number_of(shown_id: str, frame_id: str) -> bool:
+    """Whether ``shown_id`` is how a spreadsheet writes the all-digit ``frame_id`` as a number:
+    rounded to the digits it shows (``1.23457E+15``, ``1234567890123460``), leading zeros gone."""
+    if not frame_id.isdigit() or len(shown_id) > 32:
+        return False
+    try:
+        number = decimal.Decimal(shown_id).normalize()
+        if not number.is_finite() or number.as_tuple().exponent < 0:
+            return False
+        digits = decimal.Decimal(1).scaleb(number.as_tuple().exponent)
+        return decimal.Decimal(frame_id).quantize(digits, rounding=decimal.ROUND_HALF_UP) == number
+    except decimal.DecimalException:  # not a number at all
+        return False
 
 
 def _check(answer: Answer, batch: Batch) -> None:
     if answer.frame_id not in batch.frames:
-        raise UserError(f"{answer.where}: frame not in batch {batch.uri}")
+        raise UserError(f"{answer.where}: frame not in batch {printable(batch.uri)}")
     plane, brain = answer.plane, answer.brain_plane
     if plane is not None and plane != UNSURE and plane not in CLASS_NAMES:
-        raise UserError(f"{answer.where}: unknown class {plane!r} (expected one of {', '.join(CLASS_NAMES)} "
+        raise UserError(f"{answer.where}: unknown class {shown(plane)} (expected one of {', '.join(CLASS_NAMES)} "
                         f"or {UNSURE})")
     if brain is not None and brain not in BRAIN_PLANES:
-        raise UserError(f"{answer.where}: unknown brain plane {brain!r} (expected one of {', '.join(BRAIN_PLANES)})")
+        raise UserError(f"{answer.where}: unknown brain plane {shown(brain)} (expected one of "
+                        f"{', '.join(BRAIN_PLANES)})")
     if brain is not None and plane in CLASS_NAMES and (plane == BRAIN) == (brain == NOT_A_BRAIN):
         raise UserError(f"{answer.where}: brain plane {brain!r} contradicts the plane {plane!r}")
 
@@ -189,7 +209,7 @@ def _refuse_non_empty(out: Location) -> None:
     """Refuse an output holding a file. Empty folders hold nothing to lose: some S3 servers
     (SeaweedFS) keep a folder a failed import emptied, and the import must run again."""
     if any(e.type == pafs.FileType.File for e in out.entries(recursive=True)) or out.info().type == pafs.FileType.File:
-        raise UserError(f"{out.uri}: exists and is not empty; give a new --output for the dataset")
+        raise UserError(f"{printable(out.uri)}: exists and is not empty; give a new --output for the dataset")
 
 
 def import_answers(annotations: str, batch_uri: str, output: str, test_fraction: float = 0.2, seed: int = 0,
@@ -208,13 +228,13 @@ def import_answers(annotations: str, batch_uri: str, output: str, test_fraction:
     _refuse_non_empty(out)
     labelled, counts = validate(read_answers(annotations, storage), batch)
     if not labelled:
-        raise UserError(f"{annotations}: no frame of the batch has a class ({counts['unsure']} unsure, "
+        raise UserError(f"{printable(annotations)}: no frame of the batch has a class ({counts['unsure']} unsure, "
                         f"{counts['skipped']} skipped); nothing to write")
     images = {f"review_{fid}": batch.location.join("images", f"{fid}.png") for fid in labelled}
     missing = [loc.uri for loc in images.values() if not loc.exists()]
     if missing:
-        raise UserError(f"{batch.uri}: {len(missing)} answered frame(s) have no image in the batch, "
-                        f"e.g. {missing[0]}; nothing written")
+        raise UserError(f"{printable(batch.uri)}: {len(missing)} answered frame(s) have no image in the batch, "
+                        f"e.g. {printable(missing[0])}; nothing written")
     records = _records(batch, labelled, test_fraction, seed, echo)
     summary = agreement(batch, labelled, counts)
     summary["test_studies"] = len({r.patient for r in records if not r.official_train})

@@ -28,6 +28,23 @@ BRAIN_PLANE = "brain_plane"  # the optional brain sub-plane
 UNSURE = "Unsure"
 CSV_COLUMNS = ("frame_id", "source_uri", "frame", "study_uid", "predicted", "confidence", "label",
                "brain_plane")
+MAX_FRAME_DIGITS = 9  # a frame index; a cine has at most thousands of frames
+SHOWN_CHARS = 120     # of a value quoted in an error: enough to recognise it, never a page
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}..."
+
+
+def shown(value: object) -> str:
+    """``value`` quoted for an error line: its ``repr`` with control characters escaped, cut short."""
+    return _cut(printable(repr(value)))
+
+
+def frame_named(where: str, frame_id: str) -> str:
+    """``where`` naming its frame, as every message about an answer does; the id escaped, since it
+    is whatever the export says (a newline in it would forge a second line), and cut short."""
+    return f"{where} (frame {_cut(printable(frame_id))})"
 
 
 @dataclass(frozen=True)
@@ -86,36 +103,36 @@ def tasks_csv(rows: list[dict]) -> str:
 
 
 def _choice(result: list, name: str, where: str) -> str | None:
-    """The single choice of control ``name`` in an annotation's result, or None."""
-    picked = [item for item in result if isinstance(item, dict) and item.get("from_name") == name]
-    if not picked:
-        return None
-    chosen = set()
-    for item in picked:  # several results of one control must agree: none silently wins
-        values = item["value"].get("choices") if isinstance(item.get("value"), dict) else None
+    """The single choice of control ``name`` in an annotation's result, or None. Two results for
+    one control that differ are refused: neither is the reviewer's answer more than the other."""
+    if not all(isinstance(item, dict) for item in result):
+        bad = next(item for item in result if not isinstance(item, dict))
+        raise UserError(f"{where}: an item of the annotation's 'result' is not an object, got {shown(bad)}")
+    found = set()
+    for item in result:
+        if item.get("from_name") != name:
+            continue
+        value = item.get("value")
+        values = value.get("choices") if isinstance(value, dict) else None
         if not isinstance(values, list) or len(values) != 1 or not isinstance(values[0], str):
-            raise UserError(f"{where}: '{name}' must hold exactly one choice, got {_shown(values)}")
-        chosen.add(values[0])
-    if len(chosen) > 1:
-        raise UserError(f"{where}: one annotation holds {len(chosen)} different '{name}' results "
-                        f"({', '.join(sorted(map(_shown, chosen)))}); answer it once")
-    return chosen.pop()
+            raise UserError(f"{where}: '{name}' must hold exactly one choice, got {shown(values)}")
+        found.add(values[0])
+    if len(found) > 1:
+        raise UserError(f"{where}: one annotation holds {len(found)} different '{name}' results: "
+                        f"{', '.join(shown(v) for v in sorted(found))}")
+    return found.pop() if found else None
 
 
-def _shown(value: object) -> str:
-    """A value from an export, for a message: repr (control characters escaped), cut short."""
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:80]}..."
-
-
-def _answered(annotations: list, where: str) -> list[dict]:
-    """The annotations not cancelled (skipped). Each is an answer of its own: reviewers who
-    disagree on a task are a conflict for import to name, never settled by who answered last."""
+def _answered(annotations: object, where: str) -> list[dict]:
+    """The annotations not cancelled (skipped): ``was_cancelled`` is a JSON boolean, or absent
+    (not cancelled); anything else (``"false"``, a string, is true to Python) is refused. Each
+    answer is one of its own: reviewers who disagree on a task are a conflict for import to
+    name, never settled by who answered last."""
     if not isinstance(annotations, list) or not all(isinstance(a, dict) for a in annotations):
         raise UserError(f"{where}: 'annotations' is not a list of objects")
-    for a in annotations:  # "false" is truthy: only Label Studio's own booleans are read
+    for a in annotations:
         if not isinstance(a.get("was_cancelled", False), bool):
-            raise UserError(f"{where}: 'was_cancelled' must be true or false, got {_shown(a['was_cancelled'])}")
+            raise UserError(f"{where}: 'was_cancelled' must be true or false, got {shown(a['was_cancelled'])}")
     return [a for a in annotations if not a.get("was_cancelled", False)]
 
 
@@ -126,7 +143,7 @@ def _min_choice(entry: dict, name: str, where: str) -> str | None:
         value = value.get("choices")
         value = value[0] if isinstance(value, list) and len(value) == 1 else value
     if value is not None and not isinstance(value, str):
-        raise UserError(f"{where}: '{name}' must hold exactly one choice, got {_shown(value)}")
+        raise UserError(f"{where}: '{name}' must hold exactly one choice, got {shown(value)}")
     return value or None
 
 
@@ -134,12 +151,12 @@ def _task_answers(t: object, where: str) -> list[Answer]:
     """The answers of one exported task: one per annotation not cancelled (one empty answer when
     none is left), or the one a JSON-MIN entry (flat: ``frame_id``, ``plane``) holds."""
     if isinstance(t, dict) and "data" not in t and isinstance(t.get("frame_id"), str):
-        where = f"{where} (frame {printable(t['frame_id'])})"
+        where = frame_named(where, t["frame_id"])
         return [Answer(where, t["frame_id"], _min_choice(t, PLANE, where), _min_choice(t, BRAIN_PLANE, where))]
     data = t.get("data") if isinstance(t, dict) else None
     if not isinstance(data, dict) or not isinstance(data.get("frame_id"), str):
         raise UserError(f"{where}: no data.frame_id (not a task of a review batch)")
-    where = f"{where} (frame {printable(data['frame_id'])})"
+    where = frame_named(where, data["frame_id"])
     answers = []
     for annotation in _answered(t.get("annotations", []), where) or [{"result": []}]:
         result = annotation.get("result")
@@ -155,9 +172,10 @@ def parse_export(text: str, name: str) -> list[Answer]:
     JSON-MIN export (a list of flat entries).
 
     Raises:
-        UserError: malformed JSON, or an entry that is not a task of a review batch.
+        UserError: malformed JSON (nested too deep or with a number too long included), or an
+            entry that is not a task of a review batch.
     """
-    tasks = parse_json(text, name, "Label Studio export")  # depth and digit limits: one line, never a traceback
+    tasks = parse_json(text, name, "Label Studio export")
     if not isinstance(tasks, list):
         raise UserError(f"{name}: expected Label Studio's JSON export, a list of tasks")
     return [a for i, t in enumerate(tasks, start=1) for a in _task_answers(t, f"{name} entry {i}")]
@@ -201,8 +219,17 @@ def parse_filled_csv(text: str, name: str) -> list[Answer]:
             raise UserError(f"{name} line {lineno}: expected {len(header)} fields, got {len(row)}")
         row = row + [""] * (len(header) - len(row))
         fid = row[col["frame_id"]].strip()
+        where = frame_named(f"{name} line {lineno}", fid)
         brain = row[col["brain_plane"]].strip() if "brain_plane" in col else ""
-        source = {c: row[col[c]].strip() for c in ("source_uri", "frame") if c in col}
-        answers.append(Answer(f"{name} line {lineno} (frame {printable(fid)})", fid, row[col["label"]].strip() or None,
-                              brain or None, source.get("source_uri"), source.get("frame")))
+        source = {c: row[col[c]].strip() or None for c in ("source_uri", "frame") if c in col}
+        answers.append(Answer(where, fid, row[col["label"]].strip() or None, brain or None,
+                              source.get("source_uri"), _frame_index(source.get("frame"), where)))
     return answers
+
+
+def _frame_index(cell: str | None, where: str) -> str | None:
+    """The CSV's ``frame`` cell: a frame index (digits, as the batch wrote it), or None when empty."""
+    if cell is not None and not (cell.isascii() and cell.isdigit() and len(cell) <= MAX_FRAME_DIGITS):
+        raise UserError(f"{where}: 'frame' must be a frame index (at most {MAX_FRAME_DIGITS} digits), "
+                        f"got {shown(cell)}")
+    return cell

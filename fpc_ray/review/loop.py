@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 from fpc_ray.config import Config, StorageConfig
 from fpc_ray.data.fetal_planes import CSV_NAME
-from fpc_ray.errors import UserError
+from fpc_ray.errors import UserError, printable
 from fpc_ray.review.export import ExportOptions, export_batch
 from fpc_ray.review.importer import import_answers
 from fpc_ray.storage import resolve
@@ -34,8 +34,8 @@ def export_night(labels: str, batches: str, opts: ExportOptions, storage: Storag
     """A new review batch ``BATCHES/<timestamp>/`` from every committed run under ``labels``."""
     output = resolve(batches, storage).join(batch_name()).uri
     summary = export_batch([labels], output, opts, storage, echo)
-    echo(f"review batch {summary['batch']}: {summary['frames']} frames from {summary['runs']} run(s) "
-         f"({summary['already_exported']} exported before); by class {summary['by_class']}")
+    echo(printable(f"review batch {summary['batch']}: {summary['frames']} frames from {summary['runs']} run(s) "
+                   f"({summary['already_exported']} exported before); by class {summary['by_class']}"))
     return summary
 
 
@@ -63,12 +63,12 @@ def ingest_answers(annotations: str, batch: str, datasets: str, base_data: Seque
     name = resolve(batch, storage).uri.rstrip("/").rsplit("/", 1)[-1]
     target = resolve(datasets, storage).join(name)
     if target.join(CSV_NAME).exists():
-        raise UserError(f"{batch}: already imported as {target.uri}; nothing to do")
+        raise UserError(f"{printable(batch)}: already imported as {printable(target.uri)}; nothing to do")
     agreement = import_answers(annotations, batch, target.uri, test_fraction, storage=storage, echo=echo)
-    echo(f"imported {agreement['reviewed']} reviewed frames into {target.uri}; the model agreed on "
-         f"{agreement['agreement']:.1%} of them")
+    echo(printable(f"imported {agreement['reviewed']} reviewed frames into {target.uri}; the model agreed on "
+                   f"{agreement['agreement']:.1%} of them"))
     data = [*base_data, *imported_datasets(datasets, storage)]
-    echo(f"retraining from {pointer} on {len(data)} datasets: {', '.join(data)}")
+    echo(printable(f"retraining from {pointer} on {len(data)} datasets: {', '.join(data)}"))
     decision = retrain(cfg, data, pointer, candidates, margin, echo=echo)
-    echo(decision.line)
+    echo(printable(decision.line))
     return decision

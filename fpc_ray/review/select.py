@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-import re
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -26,9 +25,6 @@ from fpc_ray.storage import Location, resolve
 # What a choice and a batch need from a run's rows.
 COLUMNS = ("source_uri", "frame", "study_uid", "content_sha256", "label", "confidence", "top2_label",
            "top2_confidence", "model_version", "run_id", "error")
-
-
-FRAME_ID = re.compile(r"[0-9a-f]{16}")  # what frame_id makes
 
 
 def frame_id(content_sha256: str, frame: int) -> str:
