@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fpc_ray.errors import UserError
+from fpc_ray.errors import UserError, shorten
 
 AttentionType = Literal["none", "se", "eca", "cbam", "mhsa"]
 Activation = Literal["relu", "gelu", "silu"]
@@ -201,7 +201,7 @@ def format_validation_error(err: ValidationError) -> str:
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "config"
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{where}: {_cut(msg)}")
+        lines.append(f"{where}: {shorten(msg, 200)}")
     return "; ".join(lines)
 
 
@@ -255,13 +255,8 @@ class _ConfigLoader(yaml.SafeLoader):
 _ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
 
 
-def _cut(text: str, most: int = 200) -> str:
-    """``text`` cut to ``most`` characters: a line quotes what it refuses, not all of it."""
-    return text if len(text) <= most else f"{text[:most]}... ({len(text)} characters)"
-
-
 def _shown(value: Any) -> str:
-    return _cut(repr(value), 80)
+    return shorten(repr(value), 80)
 
 
 def _check_tree(value: Any, where: str) -> None:
@@ -299,7 +294,7 @@ def parse_yaml(text: str, where: str) -> Any:
     except _Limit as e:
         raise UserError(f"{where}: {_yaml_problem(e)}") from None
     except yaml.YAMLError as e:
-        raise UserError(f"{where}: not valid YAML ({_cut(_yaml_problem(e))})") from None
+        raise UserError(f"{where}: not valid YAML ({shorten(_yaml_problem(e), 200)})") from None
     except (RecursionError, MemoryError):  # a merge-key (<<) chain thousands long
         raise UserError(f"{where}: YAML nested too deeply to be a config") from None
     _check_tree(value, where)
@@ -386,7 +381,7 @@ def read_yaml(path: str | Path, _overlaid: tuple[Path, ...] = ()) -> dict:
     target = path.parent / base
     if not target.is_file():  # also a name holding a NUL byte, which no file has
         what = "a directory, not a config file" if target.is_dir() else "no such config file"
-        raise UserError(f"{path}: base: {_cut(repr(str(target)), 400)}: {what}")
+        raise UserError(f"{path}: base: {shorten(repr(str(target)), 400)}: {what}")
     chain = (*_overlaid, path.resolve())
     if target.resolve() in chain:
         raise UserError(f"{path}: base: {base} loops back to {target} (a file cannot overlay itself)")

@@ -24,6 +24,12 @@ def printable(text: str) -> str:
     return _CONTROL.sub(lambda m: repr(m.group(0))[1:-1], text)
 
 
+def shorten(text: str, most: int) -> str:
+    """``text`` cut to ``most`` characters, marked ``...``: a line quotes what it refuses (a value,
+    a key, a frame id), enough to recognise it, never all of a hostile one."""
+    return text if len(text) <= most else f"{text[:most]}..."
+
+
 class UserError(Exception):
     """A problem the user can fix: bad config, missing file, unreadable data, bad credentials."""
 

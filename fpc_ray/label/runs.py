@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from fpc_ray.config import DriftConfig, StorageConfig
-from fpc_ray.errors import ConcurrentChange, UserError
+from fpc_ray.errors import ConcurrentChange, UserError, shorten
 from fpc_ray.files import (
     DamagedFile,
     damaged_parquet,
@@ -186,9 +186,8 @@ def check_run_id(run_id: str, what: str = "--run-id") -> str:
         UserError: an empty id, one over 128 characters, or one with another character.
     """
     if not RUN_ID.fullmatch(run_id):
-        shown = run_id if len(run_id) <= 80 else f"{run_id[:80]}..."
-        raise UserError(f"{what} {shown!r}: use 1 to 128 letters, digits, '.', '_' or '-', starting with a "
-                        "letter or digit (it names a folder and S3 keys)")
+        raise UserError(f"{what} {shorten(run_id, 80)!r}: use 1 to 128 letters, digits, '.', '_' or '-', "
+                        "starting with a letter or digit (it names a folder and S3 keys)")
     return run_id
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from xml.sax.saxutils import quoteattr
 
 from fpc_ray.data.fetal_planes import BRAIN_PLANES, CLASS_NAMES
-from fpc_ray.errors import UserError, printable
+from fpc_ray.errors import UserError, printable, shorten
 from fpc_ray.files import parse_json
 
 IMAGE = "image"          # the <Image> tag's name, and the task data key it shows ($image)
@@ -32,19 +32,15 @@ MAX_FRAME_DIGITS = 9  # a frame index; a cine has at most thousands of frames
 SHOWN_CHARS = 120     # of a value quoted in an error: enough to recognise it, never a page
 
 
-def _cut(text: str) -> str:
-    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}..."
-
-
 def shown(value: object) -> str:
     """``value`` quoted for an error line: its ``repr`` with control characters escaped, cut short."""
-    return _cut(printable(repr(value)))
+    return shorten(printable(repr(value)), SHOWN_CHARS)
 
 
 def frame_named(where: str, frame_id: str) -> str:
     """``where`` naming its frame, as every message about an answer does; the id escaped, since it
     is whatever the export says (a newline in it would forge a second line), and cut short."""
-    return f"{where} (frame {_cut(printable(frame_id))})"
+    return f"{where} (frame {shorten(printable(frame_id), SHOWN_CHARS)})"
 
 
 @dataclass(frozen=True)
